@@ -1,0 +1,231 @@
+"""RigLCallback: the Lightning adapter that drives :class:`~lightning_rigl.core.SparseTraining`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_rigl.core import DISTRIBUTIONS, METHODS, SparseTraining, UpdateSchedule, select_parameters
+from lightning_rigl.core.distribution import _check_fraction
+
+
+@contextmanager
+def _misconfiguration() -> Iterator[None]:
+    """Re-raise the core's ValueErrors as Lightning's MisconfigurationException."""
+    try:
+        yield
+    except MisconfigurationException:
+        raise
+    except ValueError as error:
+        raise MisconfigurationException(str(error)) from error
+
+
+def _check_type(argument: str, value: Any, types: tuple[type, ...], allowed: str) -> None:
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise TypeError(f"`{argument}` must be {allowed}, got {value!r} of type {type(value).__name__}.")
+
+
+def _check_patterns(argument: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value)):
+        raise TypeError(f"`{argument}` must be None or a list of fnmatch patterns (str), got {value!r}.")
+
+
+class RigLCallback(Callback):
+    """Train a sparse network from scratch with RigL (Evci et al., 2020) or SET, SNFS or a static mask.
+
+    At fit start the callback picks the weights to mask, spreads ``sparsity`` over them with
+    ``distribution`` and draws a random mask with an exact number of active weights per layer. Before
+    each optimizer step it reads the dense gradient it needs and zeroes the gradients of inactive
+    weights; right after each step it zeroes inactive weights, and every ``delta_t`` steps until
+    ``t_end`` it drops the smallest active weights and grows as many new ones (see README).
+
+    Args:
+        sparsity: Fraction of zeros over all masked weights, in [0, 1).
+        distribution: Per-layer sparsity: ``"erk"``, ``"er"`` or ``"uniform"``.
+        method: Grow criterion: ``"rigl"`` (|dense gradient|), ``"set"`` (random), ``"snfs"``
+            (|moving average of dense gradients|) or ``"static"`` (no topology updates).
+        delta_t: Optimizer steps between topology updates, >= 1.
+        t_end: Last step (exclusive) with updates: an int counts optimizer steps, a float in (0, 1] is
+            a fraction of ``trainer.estimated_stepping_batches``.
+        alpha: Initial drop fraction, in [0, 1].
+        decay: How the drop fraction decays to ``t_end``: ``"cosine"``, ``"linear"`` or ``"constant"``.
+        include: fnmatch patterns of parameter names (``pl_module.named_parameters()``) to mask,
+            replacing the default selection (weights of Linear, Conv, ConvTranspose, attention).
+        exclude: fnmatch patterns of parameter names to leave dense.
+        dense_first_layer: Keep the first masked weight dense; None means True for ``"uniform"`` and
+            False for ``"er"``/``"erk"``, as in the paper.
+        custom_sparsity: Parameter name (or pattern) to sparsity, outside the distribution's budget.
+        erk_power_scale: Exponent on ERK's raw densities (0 = uniform, 1 = ERK).
+        seed: Seed of the masks and of SET's random growth; None derives it from torch's seed (so
+            ``seed_everything`` fixes it) and shares rank 0's with every rank.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[RigLCallback(sparsity=0.9, delta_t=100)])  # doctest: +SKIP
+
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        distribution: Literal["erk", "er", "uniform"] = "erk",
+        method: Literal["rigl", "set", "snfs", "static"] = "rigl",
+        delta_t: int = 100,
+        t_end: int | float = 0.75,
+        alpha: float = 0.3,
+        decay: Literal["cosine", "linear", "constant"] = "cosine",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        dense_first_layer: bool | None = None,
+        custom_sparsity: dict[str, float] | None = None,
+        erk_power_scale: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        with _misconfiguration():
+            _check_fraction("sparsity", sparsity)
+            if distribution not in DISTRIBUTIONS:
+                raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+            if method not in METHODS:
+                raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+            _check_type("t_end", t_end, (int, float), "an int >= 0 (optimizer steps) or a float in (0, 1]")
+            if isinstance(t_end, float) and not 0.0 < t_end <= 1.0:
+                raise ValueError(
+                    f"`t_end` as a float is a fraction of the run and must be in (0, 1], got {t_end!r}; "
+                    "pass an int for an absolute optimizer step."
+                )
+            UpdateSchedule(delta_t, t_end if isinstance(t_end, int) else 0, alpha, decay)  # checks all four
+            _check_patterns("include", include)
+            _check_patterns("exclude", exclude)
+            if dense_first_layer is not None:
+                _check_type("dense_first_layer", dense_first_layer, (bool,), "None or a bool")
+            if custom_sparsity is not None:
+                _check_type("custom_sparsity", custom_sparsity, (dict,), "None or a dict of name to sparsity")
+                for name, value in custom_sparsity.items():
+                    _check_type("custom_sparsity", name, (str,), "keyed by parameter names (str)")
+                    _check_fraction(f"custom_sparsity[{name!r}]", value)
+            _check_type("erk_power_scale", erk_power_scale, (int, float), "a number >= 0")
+            if not erk_power_scale >= 0:
+                raise ValueError(f"`erk_power_scale` must be >= 0, got {erk_power_scale!r}.")
+            if seed is not None:
+                _check_type("seed", seed, (int,), "None or an int")
+        self.sparsity = sparsity
+        self.distribution = distribution
+        self.method = method
+        self.delta_t = delta_t
+        self.t_end = t_end
+        self.alpha = alpha
+        self.decay = decay
+        self.include = include
+        self.exclude = exclude
+        self.dense_first_layer = dense_first_layer
+        self.custom_sparsity = custom_sparsity
+        self.erk_power_scale = erk_power_scale
+        self.seed = seed
+        self.sparse: SparseTraining | None = None
+        self._trainer: pl.Trainer | None = None
+        self._step_hooks: list[Any] = []
+        self._loaded_state: dict[str, Any] | None = None
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Parameter name to bool mask of the weight's shape (True = active); empty before fit."""
+        return self.sparse.masks if self.sparse is not None else {}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_fit_start is the first hook where layers from configure_model exist, DDP has synced the
+        # weights and the optimizers are built; no optimizer step has run yet.
+        with _misconfiguration():
+            schedule = UpdateSchedule(self.delta_t, self._t_end_steps(trainer), self.alpha, self.decay)
+            params = select_parameters(pl_module, self.include, self.exclude)
+            if self._loaded_state is None and self.sparse is not None and self._same_parameters(params):
+                self.sparse.schedule = schedule  # fit again with the same model: go on from these masks
+            else:
+                if self._loaded_state is None and trainer.ckpt_path is not None:
+                    rank_zero_warn(
+                        f"Resuming from {trainer.ckpt_path}, which holds no RigLCallback state (a dense or "
+                        "weights-only checkpoint?): drawing fresh masks, which zero part of the loaded weights."
+                    )
+                self.sparse = SparseTraining.from_model(
+                    pl_module,
+                    self.sparsity,
+                    self.distribution,
+                    include=self.include,
+                    exclude=self.exclude,
+                    dense_first_layer=self.dense_first_layer,
+                    custom_sparsity=self.custom_sparsity,
+                    erk_power_scale=self.erk_power_scale,
+                    method=self.method,
+                    schedule=schedule,
+                    seed=self._shared_seed(trainer),
+                    state=self._loaded_state,
+                )
+                self._loaded_state = None
+        self._trainer = trainer
+        # The optimizer's step post-hook fires exactly once after every optimizer step that really ran
+        # (not after accumulation micro-batches, nor after a step skipped by an AMP GradScaler), also in
+        # manual optimization with several steps per batch: the exact place to re-zero weights.
+        self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Gradients here are accumulated, all-reduced and unscaled, and not clipped yet.
+        if self.sparse is not None:
+            self.sparse.before_step(trainer.global_step, optimizer)
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.sparse is not None and self._trainer is not None:
+            self.sparse.after_step(self._trainer.optimizers, optimizer)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.sparse.state_dict() if self.sparse is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Weights are loaded but optimizers are not built yet: the masks are restored in on_fit_start.
+        self._loaded_state = dict(state_dict)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+        self._trainer = None
+
+    def _t_end_steps(self, trainer: pl.Trainer) -> int:
+        if isinstance(self.t_end, int):
+            return self.t_end
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError(
+                f"`t_end={self.t_end}` is a fraction of the run, but the run's number of optimizer steps is "
+                f"unknown (trainer.estimated_stepping_batches = {total}). Pass `t_end` as an int (an optimizer "
+                "step), or set `max_steps` or `max_epochs` with a sized dataloader."
+            )
+        return int(self.t_end * total)
+
+    def _shared_seed(self, trainer: pl.Trainer) -> int:
+        if self.seed is not None:
+            return self.seed
+        # Derived from torch's seed (fixed by seed_everything), offset so the mask draws are not the
+        # weight-init draws; rank 0's wins so every rank starts from the same masks.
+        seed = (torch.initial_seed() + 0x5EED) % 2**63
+        return int(trainer.strategy.broadcast(seed, src=0))
+
+    def _same_parameters(self, params: dict[str, torch.nn.Parameter]) -> bool:
+        assert self.sparse is not None
+        current = self.sparse.params
+        return list(current) == list(params) and all(current[name] is params[name] for name in params)

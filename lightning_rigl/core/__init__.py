@@ -1,0 +1,26 @@
+"""The torch-only core: nothing here imports Lightning, so a plain PyTorch loop can drive it."""
+
+from lightning_rigl.core.distribution import DISTRIBUTIONS, layer_sparsities
+from lightning_rigl.core.grow import GROW_CRITERIA, METHODS, GrowCriterion
+from lightning_rigl.core.optim_state import reset_optimizer_state
+from lightning_rigl.core.schedule import DECAYS, UpdateSchedule
+from lightning_rigl.core.selection import default_parameter_names, select_parameters
+from lightning_rigl.core.sparse_training import SparseTraining
+from lightning_rigl.core.topology import drop_and_grow, num_active, random_mask
+
+__all__ = [
+    "DECAYS",
+    "DISTRIBUTIONS",
+    "GROW_CRITERIA",
+    "METHODS",
+    "GrowCriterion",
+    "SparseTraining",
+    "UpdateSchedule",
+    "default_parameter_names",
+    "drop_and_grow",
+    "layer_sparsities",
+    "num_active",
+    "random_mask",
+    "reset_optimizer_state",
+    "select_parameters",
+]

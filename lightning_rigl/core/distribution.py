@@ -1,0 +1,135 @@
+"""Per-layer sparsity distributions: uniform, Erdős-Rényi (ER) and Erdős-Rényi-Kernel (ERK)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+DISTRIBUTIONS = ("erk", "er", "uniform")
+
+
+def _check_fraction(argument: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{argument}` must be a float in [0, 1), got {value!r} of type {type(value).__name__}.")
+    if not 0.0 <= value < 1.0 or math.isnan(value):
+        raise ValueError(f"`{argument}` must be in [0, 1), got {value!r}.")
+    return float(value)
+
+
+def raw_density(shape: Sequence[int], distribution: str, erk_power_scale: float = 1.0) -> float:
+    """The unnormalised density of a layer under ER or ERK; the solver scales it by one epsilon.
+
+    ER reads ``(n_out, n_in)`` from dims 0 and 1 of a PyTorch weight ``(out, in, *kernel)``; ERK uses
+    every dimension, so the kernel size counts.
+
+    Example:
+        >>> raw_density((10, 20), "er")
+        0.15
+
+    """
+    if distribution == "er":
+        if len(shape) < 2:
+            raise ValueError(f"ER needs a weight with at least 2 dims (out, in), got shape {tuple(shape)}.")
+        n_out, n_in = shape[0], shape[1]
+        return (n_out + n_in) / (n_out * n_in)
+    return (sum(shape) / math.prod(shape)) ** erk_power_scale
+
+
+def layer_sparsities(
+    shapes: Mapping[str, Sequence[int]],
+    sparsity: float,
+    distribution: str = "erk",
+    *,
+    dense: Iterable[str] = (),
+    custom: Mapping[str, float] | None = None,
+    erk_power_scale: float = 1.0,
+) -> dict[str, float]:
+    """Distribute a global sparsity over layers, as in the RigL paper.
+
+    Layers named in ``custom`` get their own sparsity and layers in ``dense`` get 0; both are left out
+    of the budget, so ``sparsity`` is the fraction of zeros over the remaining layers (up to the
+    floors of ``floor(s_l * N_l)``). For ER and ERK, layers whose density would exceed 1 are made dense
+    and the others re-solved, until every density fits.
+
+    Args:
+        shapes: Parameter name to weight shape, PyTorch layout ``(out, in, *kernel)``.
+        sparsity: Target fraction of zeros over the layers in the budget, in [0, 1).
+        distribution: ``"erk"``, ``"er"`` or ``"uniform"``.
+        dense: Names to keep fully dense (outside the budget).
+        custom: Name to sparsity in [0, 1), outside the budget.
+        erk_power_scale: Exponent on ERK's raw density (0 gives uniform, 1 gives ERK).
+
+    Returns:
+        Parameter name to fraction of zeros, in the order of ``shapes``.
+
+    Raises:
+        ValueError: On an unknown distribution or name, a value out of range, or a target the
+            distribution cannot reach.
+
+    Example:
+        >>> shapes = {"conv": (16, 3, 3, 3), "fc1": (300, 784), "fc2": (10, 300)}
+        >>> {name: round(s, 3) for name, s in layer_sparsities(shapes, 0.9).items()}
+        {'conv': 0.0, 'fc1': 0.913, 'fc2': 0.0}
+        >>> layer_sparsities(shapes, 0.9, "uniform", dense=["conv"])
+        {'conv': 0.0, 'fc1': 0.9, 'fc2': 0.9}
+
+    """
+    sparsity = _check_fraction("sparsity", sparsity)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    if isinstance(erk_power_scale, bool) or not isinstance(erk_power_scale, (int, float)) or not erk_power_scale >= 0:
+        raise ValueError(f"`erk_power_scale` must be a number >= 0, got {erk_power_scale!r}.")
+    shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+    for name, shape in shapes.items():
+        if not shape or min(shape) < 1:
+            raise ValueError(f"Layer {name!r} has shape {shape}: every dimension must be >= 1.")
+    fixed = {name: _check_fraction(f"custom[{name!r}]", value) for name, value in (custom or {}).items()}
+    for name in dense:
+        if name in fixed and fixed[name] != 0.0:
+            raise ValueError(f"Layer {name!r} is both in `dense` and in `custom` with sparsity {fixed[name]}.")
+        fixed[name] = 0.0
+    unknown = sorted(set(fixed) - set(shapes))
+    if unknown:
+        raise ValueError(f"Names {unknown} are not among the layers {list(shapes)}.")
+
+    budget_layers = [name for name in shapes if name not in fixed]
+    if sparsity > 0.0 and not budget_layers:
+        raise ValueError(
+            f"Sparsity {sparsity} cannot be reached: every layer ({list(shapes)}) is dense or has a custom "
+            "sparsity, so none is left to carry the budget."
+        )
+    if distribution == "uniform" or sparsity == 0.0 or not budget_layers:
+        solved = {name: sparsity for name in budget_layers}
+    else:
+        solved = _solve_scaled({name: shapes[name] for name in budget_layers}, sparsity, distribution, erk_power_scale)
+    return {name: fixed[name] if name in fixed else solved[name] for name in shapes}
+
+
+def _solve_scaled(
+    shapes: Mapping[str, tuple[int, ...]], sparsity: float, distribution: str, erk_power_scale: float
+) -> dict[str, float]:
+    """ER/ERK: find epsilon so that density_l = epsilon * raw_l meets the budget, densifying as needed."""
+    raw = {name: raw_density(shape, distribution, erk_power_scale) for name, shape in shapes.items()}
+    numel = {name: math.prod(shape) for name, shape in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        budget, divisor = 0.0, 0.0
+        for name in shapes:
+            zeros = math.floor(sparsity * numel[name])
+            if name in dense:
+                budget -= zeros  # a dense layer's zeros must be absorbed by the others
+            else:
+                budget += numel[name] - zeros
+                divisor += raw[name] * numel[name]
+        if divisor == 0.0 or budget <= 0.0:
+            raise ValueError(
+                f"The {distribution!r} distribution cannot reach sparsity {sparsity}: every layer would have to "
+                "be dense. Lower `sparsity`, use 'uniform', or mask more layers."
+            )
+        epsilon = budget / divisor
+        max_raw = max(raw[name] for name in shapes if name not in dense)
+        if max_raw * epsilon > 1.0:
+            dense.update(name for name in shapes if name not in dense and raw[name] == max_raw)
+            continue
+        break
+    return {name: 0.0 if name in dense else max(0.0, 1.0 - epsilon * raw[name]) for name in shapes}

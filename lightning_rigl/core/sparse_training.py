@@ -1,0 +1,265 @@
+"""The state of a sparse training run: masks, the schedule, and the update loop shared by all methods."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_rigl.core.distribution import layer_sparsities
+from lightning_rigl.core.grow import GROW_CRITERIA, METHODS
+from lightning_rigl.core.optim_state import reset_optimizer_state
+from lightning_rigl.core.packing import pack_bits, unpack_bits
+from lightning_rigl.core.schedule import UpdateSchedule
+from lightning_rigl.core.selection import resolve_custom_sparsity, select_parameters
+from lightning_rigl.core.topology import drop_and_grow, num_active, random_mask
+
+ParamsLike = torch.optim.Optimizer | Iterable[Tensor] | None
+
+
+class SparseTraining:
+    """Masks a set of parameters and runs RigL, SET or SNFS topology updates; knows no training loop.
+
+    Drive it from any loop: call :meth:`before_step` once the gradients of a step are final (after
+    accumulation, all-reduce and unscaling) and :meth:`after_step` right after ``optimizer.step()``.
+    ``before_step`` reads the dense gradient it needs for growth and then zeroes the gradient at
+    inactive positions; ``after_step`` zeroes inactive weights and, at update steps, drops and grows.
+
+    Args:
+        params: Parameter name to parameter, the weights to mask (one entry per Parameter object).
+        sparsities: Parameter name to fraction of zeros in [0, 1).
+        method: ``"rigl"``, ``"set"``, ``"snfs"`` or ``"static"`` (no updates).
+        schedule: When and how much to update; ``None`` for no updates.
+        seed: Seed of the generator behind the initial masks and SET's random growth.
+        ema_decay: SNFS's moving-average factor for dense gradients.
+        state: A :meth:`state_dict` to resume from instead of drawing fresh masks.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> sparse = SparseTraining.from_model(model, 0.5, schedule=UpdateSchedule(delta_t=2, t_end=10))
+        >>> for step in range(4):
+        ...     model(torch.randn(4, 8)).sum().backward()
+        ...     sparse.before_step(step)
+        ...     opt.step()
+        ...     sparse.after_step([opt])
+        ...     opt.zero_grad()
+        >>> sparse.updates, int(sparse.masks["0.weight"].sum())
+        (2, 48)
+
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, nn.Parameter],
+        sparsities: Mapping[str, float],
+        *,
+        method: str = "rigl",
+        schedule: UpdateSchedule | None = None,
+        seed: int = 0,
+        ema_decay: float = 0.9,
+        state: Mapping[str, Any] | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+        if set(sparsities) != set(params):
+            raise ValueError(f"`sparsities` must name exactly the parameters {list(params)}, got {list(sparsities)}.")
+        self.params = dict(params)
+        self.sparsities = {name: float(sparsities[name]) for name in self.params}
+        self.method = method
+        self.criterion = GROW_CRITERIA.get(method)
+        self.schedule = schedule
+        self.ema_decay = ema_decay
+        self.generator = torch.Generator().manual_seed(seed)
+        self._name_of = {id(p): name for name, p in self.params.items()}
+        self._pending: dict[str, tuple[int, float]] = {}  # layer -> (update step, drop fraction)
+        self._scores: dict[str, Tensor] = {}
+        self._ema: dict[str, Tensor] = {}
+        self.history: list[dict[str, float]] = []
+        self.nonfinite_steps = 0
+        if state is not None:
+            self.load_state_dict(state)  # no fresh draw: it would zero weights the saved masks keep
+        else:
+            masks = {
+                name: random_mask(p.shape, num_active(p.numel(), self.sparsities[name]), self.generator)
+                for name, p in self.params.items()
+            }
+            self._set_masks(masks)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        sparsity: float = 0.9,
+        distribution: str = "erk",
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        dense_first_layer: bool | None = None,
+        custom_sparsity: dict[str, float] | None = None,
+        erk_power_scale: float = 1.0,
+        **kwargs: Any,
+    ) -> SparseTraining:
+        """Select a model's weights, distribute ``sparsity`` over them and mask them.
+
+        ``dense_first_layer=None`` keeps the first masked weight dense for ``"uniform"`` only, as the
+        paper does. Other keyword arguments go to the constructor.
+        """
+        params = select_parameters(model, include, exclude)
+        if dense_first_layer is None:
+            dense_first_layer = distribution == "uniform"
+        custom = resolve_custom_sparsity(custom_sparsity, list(params))
+        first = next(iter(params))
+        dense = [first] if dense_first_layer and first not in custom else []
+        shapes = {name: tuple(p.shape) for name, p in params.items()}
+        sparsities = layer_sparsities(
+            shapes, sparsity, distribution, dense=dense, custom=custom, erk_power_scale=erk_power_scale
+        )
+        return cls(params, sparsities, **kwargs)
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Parameter name to bool mask (True = active); a fresh copy."""
+        return {name: mask.bool() for name, mask in self._masks.items()}
+
+    @property
+    def updates(self) -> int:
+        """Number of topology updates made so far."""
+        return len(self.history)
+
+    def names(self, params: ParamsLike = None) -> list[str]:
+        """Masked parameter names among ``params`` (an optimizer, some tensors, or None for all)."""
+        if params is None:
+            return list(self.params)
+        if isinstance(params, torch.optim.Optimizer):
+            params = (p for group in params.param_groups for p in group["params"])
+        return [self._name_of[id(p)] for p in params if id(p) in self._name_of]
+
+    @torch.no_grad()
+    def apply_masks(self, params: ParamsLike = None) -> None:
+        """Zero the inactive weights."""
+        for name in self.names(params):
+            self.params[name].mul_(self._masks[name])
+
+    @torch.no_grad()
+    def before_step(self, step: int, params: ParamsLike = None) -> None:
+        """Read the dense gradients this step needs, then zero gradients at inactive positions.
+
+        Args:
+            step: 0-based index of the optimizer step about to run (``trainer.global_step``).
+            params: The parameters this optimizer step updates (an optimizer); None for all.
+
+        """
+        names = [name for name in self.names(params) if self.params[name].grad is not None]
+        if self.criterion is not None and self.schedule is not None and self.schedule.is_update_step(step + 1):
+            fraction = self.schedule.drop_fraction(step + 1)
+            self._pending.update(dict.fromkeys(self.params, (step + 1, fraction)))
+        due = [name for name in names if name in self._pending]
+        needs_ema = self.criterion is not None and self.criterion.signal == "gradient_ema"
+        if due or (needs_ema and names):
+            finite = self._all_finite(names if needs_ema else due)
+            if needs_ema and finite:
+                for name in names:
+                    self._update_ema(name)
+            for name in due:
+                self._scores.pop(name, None)
+                if finite:
+                    self._scores[name] = self._grow_scores(name)
+            if due and not finite:
+                # No update from this step; the layers stay due and retry at their next finite step.
+                self.nonfinite_steps += 1
+        for name in names:
+            self.params[name].grad.mul_(self._masks[name])
+
+    @torch.no_grad()
+    def after_step(self, optimizers: Iterable[torch.optim.Optimizer], params: ParamsLike = None) -> None:
+        """Zero inactive weights after ``optimizer.step()`` and make any topology update that is due.
+
+        Args:
+            optimizers: Every optimizer of the run; state of grown connections is reset in all of them.
+            params: The parameters the step updated (an optimizer); None for all.
+
+        """
+        optimizers = list(optimizers)
+        for name in self.names(params):
+            param, scores = self.params[name], self._scores.pop(name, None)
+            if scores is not None:
+                step, fraction = self._pending.pop(name)
+                old = self._masks[name].bool()
+                new, grown = drop_and_grow(old, param, scores, fraction)
+                self._masks[name] = new.to(param.dtype)
+                param.masked_fill_(grown, 0.0)  # the paper's grow init; regrown weights keep their value
+                reset_optimizer_state(optimizers, param, grown)
+                self._record(step, fraction, int(grown.sum()), int(new.sum()))
+            param.mul_(self._masks[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: tensors and Python primitives only, masks at 1 bit a weight."""
+        return {
+            "version": 1,
+            "method": self.method,
+            "shapes": {name: list(p.shape) for name, p in self.params.items()},
+            "sparsities": dict(self.sparsities),
+            "masks": {name: pack_bits(mask.bool()) for name, mask in self._masks.items()},
+            "generator": self.generator.get_state(),
+            "pending": {name: [step, fraction] for name, (step, fraction) in self._pending.items()},
+            "ema": {name: ema.detach().cpu() for name, ema in self._ema.items()},
+            "history": [dict(record) for record in self.history],
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; the masked parameters' names and shapes must match.
+
+        Raises:
+            ValueError: Names or shapes that differ from this run's masked parameters.
+
+        """
+        saved = {name: tuple(shape) for name, shape in state["shapes"].items()}
+        current = {name: tuple(p.shape) for name, p in self.params.items()}
+        if saved != current:
+            missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+            reshaped = sorted(
+                f"{n}: saved {saved[n]} vs model {current[n]}"
+                for n in set(saved) & set(current)
+                if saved[n] != current[n]
+            )
+            raise ValueError(
+                "The saved RigL state does not match the masked parameters: "
+                f"not in the checkpoint {missing}, not in the model {extra}, different shapes {reshaped}."
+            )
+        self._set_masks({name: unpack_bits(state["masks"][name], current[name]) for name in self.params})
+        self.sparsities = {name: float(state["sparsities"][name]) for name in self.params}
+        self.generator.set_state(state["generator"])
+        self._pending = {name: (int(step), float(fraction)) for name, (step, fraction) in state["pending"].items()}
+        self._scores = {}
+        self._ema = {name: ema.to(self.params[name].device) for name, ema in state["ema"].items()}
+        self.history = [dict(record) for record in state["history"]]
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+
+    def _set_masks(self, masks: Mapping[str, Tensor]) -> None:
+        # Masks are kept in the weight's dtype: multiplying by a float mask is several times faster on
+        # CPU than by a bool one, and it is the operation run on every step.
+        self._masks = {name: masks[name].to(p.device, p.dtype) for name, p in self.params.items()}
+        self.apply_masks()
+
+    def _all_finite(self, names: Sequence[str]) -> bool:
+        checks = [torch.isfinite(self.params[name].grad).all() for name in names]
+        return bool(torch.stack(checks).all()) if checks else True
+
+    def _update_ema(self, name: str) -> None:
+        grad = self.params[name].grad
+        ema = self._ema.setdefault(name, torch.zeros_like(grad))
+        ema.mul_(self.ema_decay).add_(grad, alpha=1 - self.ema_decay)
+
+    def _grow_scores(self, name: str) -> Tensor:
+        signal = {"gradient": self.params[name].grad, "gradient_ema": self._ema.get(name), None: None}
+        return self.criterion.score(self.params[name], signal[self.criterion.signal], self.generator)
+
+    def _record(self, step: int, fraction: float, changed: int, active: int) -> None:
+        if not self.history or self.history[-1]["step"] != step:
+            self.history.append({"step": step, "drop_fraction": fraction, "changed": 0, "active": 0})
+        self.history[-1]["changed"] += changed
+        self.history[-1]["active"] += active
