@@ -1,7 +1,7 @@
 """Train a 90 %-sparse MLP with RigL on scikit-learn's digits (ships with scikit-learn, no download).
 
-    python examples/digits.py                      # RigL, 90 % ERK sparsity
-    python examples/digits.py --method static      # the same sparsity with a fixed random mask
+python examples/digits.py                      # RigL, 90 % ERK sparsity
+python examples/digits.py --method static      # the same sparsity with a fixed random mask
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     pl.seed_everything(args.seed, verbose=False)
     train, test = digits_loaders(seed=args.seed)
-    rigl = RigLCallback(sparsity=args.sparsity, distribution=args.distribution, method=args.method, delta_t=args.delta_t)
+    rigl = RigLCallback(
+        sparsity=args.sparsity, distribution=args.distribution, method=args.method, delta_t=args.delta_t
+    )
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         callbacks=[rigl],

@@ -86,7 +86,7 @@ class SparseTraining:
                 name: random_mask(p.shape, num_active(p.numel(), self.sparsities[name]), self.generator)
                 for name, p in self.params.items()
             }
-            self._set_masks(masks)
+            self.set_masks(masks)
 
     @classmethod
     def from_model(
@@ -230,7 +230,7 @@ class SparseTraining:
                 "The saved RigL state does not match the masked parameters: "
                 f"not in the checkpoint {missing}, not in the model {extra}, different shapes {reshaped}."
             )
-        self._set_masks({name: unpack_bits(state["masks"][name], current[name]) for name in self.params})
+        self.set_masks({name: unpack_bits(state["masks"][name], current[name]) for name in self.params})
         self.sparsities = {name: float(state["sparsities"][name]) for name in self.params}
         self.generator.set_state(state["generator"])
         self._pending = {name: (int(step), float(fraction)) for name, (step, fraction) in state["pending"].items()}
@@ -239,7 +239,15 @@ class SparseTraining:
         self.history = [dict(record) for record in state["history"]]
         self.nonfinite_steps = int(state["nonfinite_steps"])
 
-    def _set_masks(self, masks: Mapping[str, Tensor]) -> None:
+    def set_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """Replace the masks (bool or 0/1 tensors by name) and zero the weights they make inactive.
+
+        The active counts become those of the given masks and are kept from then on.
+        """
+        for name, p in self.params.items():
+            if name not in masks or tuple(masks[name].shape) != tuple(p.shape):
+                got = tuple(masks[name].shape) if name in masks else "no mask"
+                raise ValueError(f"`masks[{name!r}]` must have the weight's shape {tuple(p.shape)}, got {got}.")
         # Masks are kept in the weight's dtype: multiplying by a float mask is several times faster on
         # CPU than by a bool one, and it is the operation run on every step.
         self._masks = {name: masks[name].to(p.device, p.dtype) for name, p in self.params.items()}

@@ -1,0 +1,136 @@
+"""Bad input: every argument is checked in __init__, every model-dependent one at fit start."""
+
+import pytest
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_rigl import RigLCallback
+from tests.conftest import MLP, make_loader, make_trainer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"sparsity": 1.0}, ["sparsity", "1.0", "[0, 1)"]),
+        ({"sparsity": -0.5}, ["sparsity", "-0.5", "[0, 1)"]),
+        ({"sparsity": float("nan")}, ["sparsity", "nan"]),
+        ({"delta_t": 0}, ["delta_t", "0", ">= 1"]),
+        ({"t_end": 1.5}, ["t_end", "1.5", "(0, 1]"]),
+        ({"t_end": 0.0}, ["t_end", "0.0", "(0, 1]"]),
+        ({"t_end": -3}, ["t_end", "-3", ">= 0"]),
+        ({"alpha": 1.2}, ["alpha", "1.2", "[0, 1]"]),
+        ({"alpha": -0.1}, ["alpha", "-0.1", "[0, 1]"]),
+        ({"distribution": "gauss"}, ["distribution", "gauss", "erk"]),
+        ({"method": "prune"}, ["method", "prune", "rigl"]),
+        ({"decay": "step"}, ["decay", "step", "cosine"]),
+        ({"custom_sparsity": {"net.0.weight": 1.0}}, ["custom_sparsity", "net.0.weight", "1.0", "[0, 1)"]),
+        ({"erk_power_scale": -1.0}, ["erk_power_scale", "-1.0", ">= 0"]),
+    ],
+)
+def test_bad_values_raise_misconfiguration_naming_argument_value_and_allowed(kwargs, words):
+    with pytest.raises(MisconfigurationException) as error:
+        RigLCallback(**kwargs)
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"sparsity": "0.9"}, "sparsity"),
+        ({"delta_t": 10.0}, "delta_t"),
+        ({"t_end": True}, "t_end"),
+        ({"t_end": "0.5"}, "t_end"),
+        ({"include": "net.*"}, "include"),
+        ({"exclude": [1]}, "exclude"),
+        ({"dense_first_layer": "yes"}, "dense_first_layer"),
+        ({"custom_sparsity": [("a", 0.5)]}, "custom_sparsity"),
+        ({"seed": 1.5}, "seed"),
+        ({"erk_power_scale": "1"}, "erk_power_scale"),
+    ],
+)
+def test_wrong_types_raise_naming_the_argument(kwargs, argument):
+    with pytest.raises((TypeError, MisconfigurationException), match=argument):
+        RigLCallback(**kwargs)
+
+
+class Embedder(MLP):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[1]).sum()
+
+
+@pytest.mark.parametrize(
+    ("callback", "module", "words"),
+    [
+        (RigLCallback(custom_sparsity={"net.9.weight": 0.5}), MLP, ["custom_sparsity", "net.9.weight"]),
+        (RigLCallback(include=["encoder.*"]), MLP, ["include", "encoder.*", "net.0.weight"]),
+        (RigLCallback(exclude=["decoder.*"]), MLP, ["exclude", "decoder.*"]),
+        (RigLCallback(), Embedder, ["nothing to mask"]),
+        (RigLCallback(distribution="uniform", include=["net.0.weight"]), MLP, ["cannot be reached"]),
+    ],
+)
+def test_setup_errors_name_the_culprit(callback, module, words):
+    with pytest.raises(MisconfigurationException) as error:
+        make_trainer([callback], max_steps=1).fit(module(), make_loader())
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+
+
+def test_include_exclude_and_custom_sparsity_select_and_override():
+    rigl = RigLCallback(
+        0.5,
+        include=["net.*.weight"],
+        exclude=["net.3.*"],  # the LayerNorm weight matched by include
+        custom_sparsity={"net.5.*": 0.25},
+    )
+    model = MLP()
+    make_trainer([rigl], max_steps=1).fit(model, make_loader())
+    assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]
+    assert rigl.sparse.sparsities["net.5.weight"] == 0.25
+
+
+def test_frozen_parameters_are_skipped():
+    model = MLP()
+    model.net[0].weight.requires_grad_(False)
+    rigl = RigLCallback(0.5)
+    make_trainer([rigl], max_steps=1).fit(model, make_loader())
+    assert "net.0.weight" not in rigl.masks
+
+
+def test_default_selection_covers_conv_transpose_and_attention():
+    from lightning_rigl.core import default_parameter_names
+
+    model = nn.ModuleDict(
+        {
+            "conv": nn.Conv2d(3, 4, 3),
+            "deconv": nn.ConvTranspose1d(4, 2, 3),
+            "attn": nn.MultiheadAttention(8, 2),
+            "emb": nn.Embedding(5, 8),
+            "bn": nn.BatchNorm2d(4),
+        }
+    )
+    assert default_parameter_names(model) == [
+        "conv.weight",
+        "deconv.weight",
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+    ]
+
+
+def test_shared_weights_get_one_mask():
+    class Tied(MLP):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(32, 32)
+            self.net[2].weight = self.head.weight
+
+    rigl = RigLCallback(0.5)
+    model = Tied()
+    make_trainer([rigl], max_steps=2).fit(model, make_loader())
+    assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]  # "head.weight" is the same
+    assert rigl.sparse.params["net.2.weight"] is model.head.weight
+    assert model.head.weight[~rigl.masks["net.2.weight"]].eq(0).all()

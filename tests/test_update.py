@@ -1,0 +1,126 @@
+"""One topology update: rigl-reference.md section 4, on the pure function and on SparseTraining."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_rigl import SparseTraining, UpdateSchedule
+from lightning_rigl.core import drop_and_grow, reset_optimizer_state
+
+MASK = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0], dtype=torch.bool)
+WEIGHT = torch.tensor([-9.0, 1, 4, -1, 5, 8, -2, 3])
+GRAD = torch.tensor([0.1, 5, 0.3, 0.2, 0.9, 0.05, 0.4, 0.6])
+NEW_MASK = [0, 1, 0, 0, 1, 1, 1, 0]
+
+
+def test_worked_example_of_the_reference():
+    new_mask, grown = drop_and_grow(MASK, WEIGHT, GRAD.abs(), 0.5)
+    assert new_mask.int().tolist() == NEW_MASK
+    assert grown.nonzero().flatten().tolist() == [4]  # index 1 was dropped and regrown: not new
+
+
+def test_active_weight_at_zero_is_dropped_before_any_inactive_position():
+    mask = torch.tensor([True, True, False, False])
+    new_mask, _ = drop_and_grow(mask, torch.tensor([0.0, 3.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0]), 0.5)
+    assert new_mask.tolist() == [False, True, True, False]
+
+
+def test_grow_never_picks_a_kept_position_even_with_negative_scores():
+    mask = torch.tensor([True, True, False, False])
+    scores = torch.tensor([5.0, 5.0, -1.0, -2.0])  # a "multiply by 0" exclusion would regrow index 0 or 1
+    new_mask, grown = drop_and_grow(mask, torch.tensor([1.0, 2.0, 0.0, 0.0]), scores, 0.5)
+    assert new_mask.tolist() == [True, True, False, False]  # index 0 dropped, then regrown: best score
+    scores = torch.tensor([-5.0, 5.0, -1.0, -2.0])
+    new_mask, grown = drop_and_grow(mask, torch.tensor([1.0, 2.0, 0.0, 0.0]), scores, 0.5)
+    assert new_mask.tolist() == [False, True, True, False] and grown.tolist() == [False, False, True, False]
+
+
+def test_drop_fraction_zero_changes_nothing():
+    new_mask, grown = drop_and_grow(MASK, WEIGHT, GRAD, 0.0)
+    assert torch.equal(new_mask, MASK) and not grown.any()
+
+
+def _layer(values, mask):
+    """A one-layer SparseTraining on a Parameter holding `values` under `mask`, updating at step 1."""
+    layer = nn.Linear(8, 1, bias=False)
+    sparse = SparseTraining(
+        {"weight": layer.weight},
+        {"weight": 0.5},
+        schedule=UpdateSchedule(delta_t=1, t_end=10, alpha=0.5, decay="constant"),
+    )
+    sparse.set_masks({"weight": mask.view(1, 8)})
+    with torch.no_grad():
+        layer.weight.copy_(values.view(1, 8))
+    return layer.weight, sparse
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_update_resets_state_of_new_connections_only(optimizer):
+    weight, sparse = _layer(WEIGHT, MASK)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.Adam([weight], lr=0.1)
+    weight.grad = torch.ones_like(weight)
+    opt.step()  # creates the state
+    with torch.no_grad():
+        weight.copy_(WEIGHT.view(1, 8))
+    state_values = {k: v for k, v in opt.state[weight].items() if v.shape == weight.shape}
+    for i, value in enumerate(state_values.values()):
+        value.copy_(torch.arange(8.0).view(1, 8) + 10 * (i + 1))
+    before = {k: v.clone() for k, v in state_values.items()}
+    kept_weights = weight.detach().clone()
+
+    weight.grad = GRAD.view(1, 8).clone()
+    sparse.before_step(0, opt)
+    sparse.after_step([opt], opt)  # the optimizer step itself is left out so that values are known
+
+    assert sparse.masks["weight"].int().flatten().tolist() == NEW_MASK
+    assert weight[0, 4] == 0  # new: grow init 0
+    assert weight[0, 1] == kept_weights[0, 1] == 1  # dropped and regrown: keeps its value
+    assert weight[0, 3] == 0  # dropped
+    for key, value in opt.state[weight].items():
+        if key in before:
+            expected = before[key].clone()
+            expected[0, 4] = 0
+            assert torch.equal(value, expected), key
+
+
+def test_state_reset_with_several_param_groups_and_optimizers():
+    a, b, c = (nn.Parameter(torch.zeros(4)) for _ in range(3))
+    first = torch.optim.Adam([{"params": [a]}, {"params": [b], "lr": 0.01}])
+    second = torch.optim.SGD([c], lr=0.1, momentum=0.9)
+    for p in (a, b, c):
+        p.grad = torch.ones(4)
+    first.step()
+    second.step()
+    positions = torch.tensor([False, True, False, True])
+    for p in (a, b, c):
+        assert reset_optimizer_state([first, second], p, positions) == (2 if p is not c else 1)
+    for opt, p in ((first, a), (first, b), (second, c)):
+        for key, value in opt.state[p].items():
+            if value.shape == p.shape:
+                assert value[positions].eq(0).all() and value[~positions].ne(0).all(), key
+    assert first.state[a]["step"] == 1  # scalars are left alone
+
+
+def test_scores_use_the_dense_gradient_before_masking():
+    weight, sparse = _layer(WEIGHT, MASK)
+    weight.grad = GRAD.view(1, 8).clone()
+    sparse.before_step(0)
+    assert torch.equal(sparse._scores["weight"], GRAD.view(1, 8))  # inactive positions too
+    assert torch.equal(weight.grad, (GRAD * MASK).view(1, 8))  # then the gradient is masked
+
+
+def test_non_finite_gradients_defer_the_update_to_the_next_finite_step():
+    weight, sparse = _layer(WEIGHT, MASK)
+    sparse.schedule = UpdateSchedule(delta_t=2, t_end=10, alpha=0.5, decay="constant")
+    weight.grad = torch.full((1, 8), float("nan"))
+    sparse.before_step(1)  # step 2 is an update step
+    sparse.after_step([])
+    assert sparse.updates == 0 and sparse.nonfinite_steps == 1
+    weight.grad = GRAD.view(1, 8).clone()
+    sparse.before_step(2)
+    sparse.after_step([])
+    assert sparse.updates == 1 and sparse.history[0]["step"] == 2
+    assert sparse.masks["weight"].int().flatten().tolist() == NEW_MASK
