@@ -73,3 +73,17 @@ def test_pack_bits_round_trip_odd_sizes():
     for numel in (1, 7, 8, 9, 1001):
         mask = torch.rand(numel) > 0.5
         assert torch.equal(unpack_bits(pack_bits(mask), (numel,)), mask)
+
+
+def test_itop_rate_counts_weights_ever_active():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparse = SparseTraining.from_model(model, 0.9, method="set", schedule=UpdateSchedule(1, 100, 0.5, "constant"))
+    assert sparse.itop_rate == sparse.masks["0.weight"].float().mean().item()
+    for step in range(5):
+        model(torch.randn(4, 32)).sum().backward()
+        sparse.before_step(step)
+        opt.step()
+        sparse.after_step([opt])
+    assert sparse.masks["0.weight"].float().mean().item() < sparse.itop_rate <= 5 * 0.1 + 0.1

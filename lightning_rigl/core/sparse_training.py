@@ -79,6 +79,7 @@ class SparseTraining:
         self._ema: dict[str, Tensor] = {}
         self.history: list[dict[str, float]] = []
         self.nonfinite_steps = 0
+        self._ever_active: dict[str, Tensor] = {}
         if state is not None:
             self.load_state_dict(state)  # no fresh draw: it would zero weights the saved masks keep
         else:
@@ -123,6 +124,12 @@ class SparseTraining:
     def masks(self) -> dict[str, Tensor]:
         """Parameter name to bool mask (True = active); a fresh copy."""
         return {name: mask.bool() for name, mask in self._masks.items()}
+
+    @property
+    def itop_rate(self) -> float:
+        """In-time over-parameterization: the fraction of masked weights that have ever been active."""
+        total = sum(mask.numel() for mask in self._ever_active.values())
+        return sum(int(mask.sum()) for mask in self._ever_active.values()) / max(total, 1)
 
     @property
     def updates(self) -> int:
@@ -190,6 +197,7 @@ class SparseTraining:
                 old = self._masks[name].bool()
                 new, grown = drop_and_grow(old, param, scores, fraction)
                 self._masks[name] = new.to(param.dtype)
+                self._ever_active[name] |= new
                 param.masked_fill_(grown, 0.0)  # the paper's grow init; regrown weights keep their value
                 reset_optimizer_state(optimizers, param, grown)
                 self._record(step, fraction, int(grown.sum()), int(new.sum()))
@@ -203,6 +211,7 @@ class SparseTraining:
             "shapes": {name: list(p.shape) for name, p in self.params.items()},
             "sparsities": dict(self.sparsities),
             "masks": {name: pack_bits(mask.bool()) for name, mask in self._masks.items()},
+            "ever_active": {name: pack_bits(mask) for name, mask in self._ever_active.items()},
             "generator": self.generator.get_state(),
             "pending": {name: [step, fraction] for name, (step, fraction) in self._pending.items()},
             "ema": {name: ema.detach().cpu() for name, ema in self._ema.items()},
@@ -231,6 +240,10 @@ class SparseTraining:
                 f"not in the checkpoint {missing}, not in the model {extra}, different shapes {reshaped}."
             )
         self.set_masks({name: unpack_bits(state["masks"][name], current[name]) for name in self.params})
+        self._ever_active = {
+            name: unpack_bits(state["ever_active"][name], current[name]).to(self.params[name].device)
+            for name in self.params
+        }
         self.sparsities = {name: float(state["sparsities"][name]) for name in self.params}
         self.generator.set_state(state["generator"])
         self._pending = {name: (int(step), float(fraction)) for name, (step, fraction) in state["pending"].items()}
@@ -251,6 +264,9 @@ class SparseTraining:
         # Masks are kept in the weight's dtype: multiplying by a float mask is several times faster on
         # CPU than by a bool one, and it is the operation run on every step.
         self._masks = {name: masks[name].to(p.device, p.dtype) for name, p in self.params.items()}
+        for name, mask in self._masks.items():
+            ever = self._ever_active.get(name)
+            self._ever_active[name] = mask.bool() if ever is None else ever | mask.bool()
         self.apply_masks()
 
     def _all_finite(self, names: Sequence[str]) -> bool:
