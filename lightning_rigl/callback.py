@@ -68,6 +68,9 @@ class RigLCallback(Callback):
         erk_power_scale: Exponent on ERK's raw densities (0 = uniform, 1 = ERK).
         seed: Seed of the masks and of SET's random growth; None derives it from torch's seed (so
             ``seed_everything`` fixes it) and shares rank 0's with every rank.
+        consistency_checks: Under data parallelism, compare a fingerprint of every mask across ranks
+            at fit start and after this many first updates (-1: after every update, 0: never); a
+            difference raises an error naming the layers.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -90,6 +93,7 @@ class RigLCallback(Callback):
         custom_sparsity: dict[str, float] | None = None,
         erk_power_scale: float = 1.0,
         seed: int | None = None,
+        consistency_checks: int = 3,
     ) -> None:
         with _misconfiguration():
             _check_fraction("sparsity", sparsity)
@@ -118,6 +122,9 @@ class RigLCallback(Callback):
                 raise ValueError(f"`erk_power_scale` must be >= 0, got {erk_power_scale!r}.")
             if seed is not None:
                 _check_type("seed", seed, (int,), "None or an int")
+            _check_type("consistency_checks", consistency_checks, (int,), "an int >= -1")
+            if consistency_checks < -1:
+                raise ValueError(f"`consistency_checks` must be an int >= -1, got {consistency_checks!r}.")
         self.sparsity = sparsity
         self.distribution = distribution
         self.method = method
@@ -131,9 +138,12 @@ class RigLCallback(Callback):
         self.custom_sparsity = custom_sparsity
         self.erk_power_scale = erk_power_scale
         self.seed = seed
+        self.consistency_checks = consistency_checks
         self.sparse: SparseTraining | None = None
         self._trainer: pl.Trainer | None = None
         self._step_hooks: list[Any] = []
+        self._seen_updates = 0
+        self._checks_left = 0
         self._loaded_state: dict[str, Any] | None = None
 
     @property
@@ -172,6 +182,10 @@ class RigLCallback(Callback):
                 )
                 self._loaded_state = None
         self._trainer = trainer
+        self._seen_updates = self.sparse.updates
+        self._checks_left = self.consistency_checks  # counted per fit, so a resumed run checks too
+        if self._checks_left:
+            self.sparse.check_masks_agree_across_ranks()
         # The optimizer's step post-hook fires exactly once after every optimizer step that really ran
         # (not after accumulation micro-batches, nor after a step skipped by an AMP GradScaler), also in
         # manual optimization with several steps per batch: the exact place to re-zero weights.
@@ -186,8 +200,13 @@ class RigLCallback(Callback):
             self.sparse.before_step(trainer.global_step, optimizer)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.sparse is not None and self._trainer is not None:
-            self.sparse.after_step(self._trainer.optimizers, optimizer)
+        if self.sparse is None or self._trainer is None:
+            return
+        self.sparse.after_step(self._trainer.optimizers, optimizer)
+        if self.sparse.updates > self._seen_updates and self._checks_left:
+            self._seen_updates = self.sparse.updates
+            self._checks_left -= self._checks_left > 0
+            self.sparse.check_masks_agree_across_ranks()
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from lightning_rigl.core.sharding import local
+
 
 @torch.no_grad()
 def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Tensor, positions: Tensor) -> int:
@@ -19,7 +21,8 @@ def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Te
     Args:
         optimizers: Optimizers to search.
         param: The parameter whose state to reset.
-        positions: Bool tensor of ``param``'s shape, True where to reset.
+        positions: Bool tensor of ``param``'s shape, True where to reset (for a sharded ``param``,
+            this rank's shard of it).
 
     Returns:
         The number of state tensors touched.
@@ -38,6 +41,7 @@ def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Te
     for optimizer in optimizers:
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:
+                value = local(value)
                 value.masked_fill_(positions.to(value.device), 0)
                 touched += 1
     return touched

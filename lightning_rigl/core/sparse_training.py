@@ -14,6 +14,15 @@ from lightning_rigl.core.optim_state import reset_optimizer_state
 from lightning_rigl.core.packing import pack_bits, unpack_bits
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import resolve_custom_sparsity, select_parameters
+from lightning_rigl.core.sharding import (
+    all_ranks_true,
+    distribute_like_param,
+    full,
+    full_like_param,
+    is_sharded,
+    local,
+    wrap_like_param,
+)
 from lightning_rigl.core.topology import drop_and_grow, num_active, random_mask
 
 ParamsLike = torch.optim.Optimizer | Iterable[Tensor] | None
@@ -122,12 +131,19 @@ class SparseTraining:
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """Parameter name to bool mask (True = active); a fresh copy."""
-        return {name: mask.bool() for name, mask in self._masks.items()}
+        """Parameter name to bool mask of the weight's shape (True = active); a fresh copy.
+
+        For a weight sharded by FSDP2 the mask is a DTensor like the weight (``.full_tensor()``
+        gathers it); no communication happens here.
+        """
+        return {name: wrap_like_param(mask.bool(), self.params[name]) for name, mask in self._masks.items()}
 
     @property
     def itop_rate(self) -> float:
-        """In-time over-parameterization: the fraction of masked weights that have ever been active."""
+        """In-time over-parameterization: the fraction of masked weights that have ever been active.
+
+        For sharded weights, over this rank's shards.
+        """
         total = sum(mask.numel() for mask in self._ever_active.values())
         return sum(int(mask.sum()) for mask in self._ever_active.values()) / max(total, 1)
 
@@ -148,7 +164,7 @@ class SparseTraining:
     def apply_masks(self, params: ParamsLike = None) -> None:
         """Zero the inactive weights."""
         for name in self.names(params):
-            self.params[name].mul_(self._masks[name])
+            local(self.params[name]).mul_(self._masks[name])
 
     @torch.no_grad()
     def before_step(self, step: int, params: ParamsLike = None) -> None:
@@ -178,7 +194,7 @@ class SparseTraining:
                 # No update from this step; the layers stay due and retry at their next finite step.
                 self.nonfinite_steps += 1
         for name in names:
-            self.params[name].grad.mul_(self._masks[name])
+            local(self.params[name].grad).mul_(self._masks[name])
 
     @torch.no_grad()
     def after_step(self, optimizers: Iterable[torch.optim.Optimizer], params: ParamsLike = None) -> None:
@@ -194,14 +210,16 @@ class SparseTraining:
             param, scores = self.params[name], self._scores.pop(name, None)
             if scores is not None:
                 step, fraction = self._pending.pop(name)
-                old = self._masks[name].bool()
-                new, grown = drop_and_grow(old, param, scores, fraction)
+                # Sharded weights: gather this one layer, decide on every rank alike, keep our shard.
+                old = full_like_param(self._masks[name], param).bool()
+                new, grown = drop_and_grow(old, full(param), full(scores), fraction)
+                self._record(step, fraction, int(grown.sum()), int(new.sum()))
+                new, grown = local(distribute_like_param(new, param)), local(distribute_like_param(grown, param))
                 self._masks[name] = new.to(param.dtype)
                 self._ever_active[name] |= new
-                param.masked_fill_(grown, 0.0)  # the paper's grow init; regrown weights keep their value
+                local(param).masked_fill_(grown, 0.0)  # the paper's grow init; regrown weights keep their value
                 reset_optimizer_state(optimizers, param, grown)
-                self._record(step, fraction, int(grown.sum()), int(new.sum()))
-            param.mul_(self._masks[name])
+            local(param).mul_(self._masks[name])
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: tensors and Python primitives only, masks at 1 bit a weight."""
@@ -210,11 +228,11 @@ class SparseTraining:
             "method": self.method,
             "shapes": {name: list(p.shape) for name, p in self.params.items()},
             "sparsities": dict(self.sparsities),
-            "masks": {name: pack_bits(mask.bool()) for name, mask in self._masks.items()},
-            "ever_active": {name: pack_bits(mask) for name, mask in self._ever_active.items()},
+            "masks": {name: pack_bits(self._full_mask(name, self._masks)) for name in self.params},
+            "ever_active": {name: pack_bits(self._full_mask(name, self._ever_active)) for name in self.params},
             "generator": self.generator.get_state(),
             "pending": {name: [step, fraction] for name, (step, fraction) in self._pending.items()},
-            "ema": {name: ema.detach().cpu() for name, ema in self._ema.items()},
+            "ema": {name: full(ema).detach().cpu() for name, ema in self._ema.items()},
             "history": [dict(record) for record in self.history],
             "nonfinite_steps": self.nonfinite_steps,
         }
@@ -241,21 +259,22 @@ class SparseTraining:
             )
         self.set_masks({name: unpack_bits(state["masks"][name], current[name]) for name in self.params})
         self._ever_active = {
-            name: unpack_bits(state["ever_active"][name], current[name]).to(self.params[name].device)
-            for name in self.params
+            name: local(distribute_like_param(unpack_bits(state["ever_active"][name], current[name]), p))
+            for name, p in self.params.items()
         }
         self.sparsities = {name: float(state["sparsities"][name]) for name in self.params}
         self.generator.set_state(state["generator"])
         self._pending = {name: (int(step), float(fraction)) for name, (step, fraction) in state["pending"].items()}
         self._scores = {}
-        self._ema = {name: ema.to(self.params[name].device) for name, ema in state["ema"].items()}
+        self._ema = {name: distribute_like_param(ema, self.params[name]) for name, ema in state["ema"].items()}
         self.history = [dict(record) for record in state["history"]]
         self.nonfinite_steps = int(state["nonfinite_steps"])
 
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
         """Replace the masks (bool or 0/1 tensors by name) and zero the weights they make inactive.
 
-        The active counts become those of the given masks and are kept from then on.
+        The active counts become those of the given masks and are kept from then on. Masks have the
+        weight's full shape, also for sharded weights (each rank keeps its shard).
         """
         for name, p in self.params.items():
             if name not in masks or tuple(masks[name].shape) != tuple(p.shape):
@@ -263,15 +282,53 @@ class SparseTraining:
                 raise ValueError(f"`masks[{name!r}]` must have the weight's shape {tuple(p.shape)}, got {got}.")
         # Masks are kept in the weight's dtype: multiplying by a float mask is several times faster on
         # CPU than by a bool one, and it is the operation run on every step.
-        self._masks = {name: masks[name].to(p.device, p.dtype) for name, p in self.params.items()}
+        self._masks = {
+            name: local(distribute_like_param(masks[name].to(local(p).device, p.dtype), p))
+            for name, p in self.params.items()
+        }
         for name, mask in self._masks.items():
             ever = self._ever_active.get(name)
             self._ever_active[name] = mask.bool() if ever is None else ever | mask.bool()
         self.apply_masks()
 
+    def check_masks_agree_across_ranks(self) -> None:
+        """Compare a fingerprint of every replicated mask across data-parallel ranks (one all-reduce).
+
+        A no-op outside ``torch.distributed``. Sharded (FSDP2) masks are skipped: ranks hold different
+        shards by design. Every rank must call it (it is a collective).
+
+        Raises:
+            RuntimeError: Naming the layers whose masks differ between ranks.
+        """
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        names = [name for name, p in self.params.items() if not is_sharded(p)]
+        if not names or torch.distributed.get_world_size() == 1:
+            return
+        prints = []
+        for name in names:
+            # Two sums over the active positions: equal masks give equal sums; a moved connection
+            # changes at least one of them unless a swap is tuned to cancel both.
+            index = self._masks[name].reshape(-1).nonzero().flatten()
+            prints += [index.sum(), (index * 2654435761 % 4294967291).sum()]
+        local_prints = torch.stack(prints)
+        extremes = torch.cat([local_prints, -local_prints])
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+        differs = (extremes[: len(prints)] != -extremes[len(prints) :]).view(-1, 2).any(dim=1)
+        if differs.any():
+            bad = [name for name, flag in zip(names, differs.tolist(), strict=True) if flag]
+            raise RuntimeError(
+                f"RigL masks differ across ranks for {bad} (rank {torch.distributed.get_rank()}). Every rank must "
+                "start from the same seed and see the same (all-reduced) gradients at update steps."
+            )
+
+    def _full_mask(self, name: str, masks: Mapping[str, Tensor]) -> Tensor:
+        return full_like_param(masks[name], self.params[name]).bool()
+
     def _all_finite(self, names: Sequence[str]) -> bool:
-        checks = [torch.isfinite(self.params[name].grad).all() for name in names]
-        return bool(torch.stack(checks).all()) if checks else True
+        grads = [self.params[name].grad for name in names]
+        checks = [torch.isfinite(local(grad)).all() for grad in grads]
+        return all_ranks_true(bool(torch.stack(checks).all()) if checks else True, grads)
 
     def _update_ema(self, name: str) -> None:
         grad = self.params[name].grad
