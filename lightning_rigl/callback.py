@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -38,6 +39,29 @@ def _check_type(argument: str, value: Any, types: tuple[type, ...], allowed: str
 def _check_patterns(argument: str, value: Any) -> None:
     if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value)):
         raise TypeError(f"`{argument}` must be None or a list of fnmatch patterns (str), got {value!r}.")
+
+
+SUPPORTED_STRATEGIES = (
+    "single device ('auto' on one device)",
+    "DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook', multi-node)",
+    "FSDP2 (ModelParallelStrategy with tensor_parallel_size=1 and fully_shard in configure_model)",
+)
+
+
+def _check_strategy(strategy: Any) -> None:
+    """Refuse the strategies where RigL's masks could not be kept exact (see README's strategy table)."""
+    tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)
+    if isinstance(strategy, ModelParallelStrategy) and tensor_parallel != 1:
+        raise MisconfigurationException(
+            f"RigLCallback does not support tensor parallelism (ModelParallelStrategy with tensor_parallel_size="
+            f"{tensor_parallel}). Supported: {'; '.join(SUPPORTED_STRATEGIES)}."
+        )
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)):
+        raise MisconfigurationException(
+            f"RigLCallback does not support the strategy {type(strategy).__name__}: its masks could not be kept "
+            "exact there (FSDP1 flattens parameters; DeepSpeed hides gradients). "
+            f"Supported: {'; '.join(SUPPORTED_STRATEGIES)}."
+        )
 
 
 class RigLCallback(Callback):
@@ -145,11 +169,17 @@ class RigLCallback(Callback):
         self._seen_updates = 0
         self._checks_left = 0
         self._loaded_state: dict[str, Any] | None = None
+        self._restored = False
 
     @property
     def masks(self) -> dict[str, Tensor]:
         """Parameter name to bool mask of the weight's shape (True = active); empty before fit."""
         return self.sparse.masks if self.sparse is not None else {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _check_strategy(trainer.strategy)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -161,11 +191,6 @@ class RigLCallback(Callback):
             if self._loaded_state is None and self.sparse is not None and self._same_parameters(params):
                 self.sparse.schedule = schedule  # fit again with the same model: go on from these masks
             else:
-                if self._loaded_state is None and trainer.ckpt_path is not None:
-                    rank_zero_warn(
-                        f"Resuming from {trainer.ckpt_path}, which holds no RigLCallback state (a dense or "
-                        "weights-only checkpoint?): drawing fresh masks, which zero part of the loaded weights."
-                    )
                 self.sparse = SparseTraining.from_model(
                     pl_module,
                     self.sparsity,
@@ -192,6 +217,16 @@ class RigLCallback(Callback):
         self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every strategy has restored its checkpoint by now (FSDP and ModelParallel only after on_fit_start).
+        if trainer.ckpt_path is not None and not self._restored:
+            rank_zero_warn(
+                f"Resumed from {trainer.ckpt_path}, which holds no RigLCallback state (a dense or weights-only "
+                "checkpoint?): training goes on with fresh random masks, which zeroed part of the loaded weights."
+            )
+        self._restored = False
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -214,8 +249,16 @@ class RigLCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Weights are loaded but optimizers are not built yet: the masks are restored in on_fit_start.
-        self._loaded_state = dict(state_dict)
+        if not state_dict:
+            return
+        self._restored = True
+        if self.sparse is not None and self._trainer is not None:
+            # FSDP / ModelParallel restore callback state after on_fit_start built the masks.
+            with _misconfiguration():
+                self.sparse.load_state_dict(state_dict)
+        else:
+            # Single device and DDP restore it before on_fit_start, which builds the masks from it.
+            self._loaded_state = dict(state_dict)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

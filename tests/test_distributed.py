@@ -4,9 +4,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_rigl import RigLCallback
+from lightning_rigl.callback import _check_strategy
 from lightning_rigl.core import num_active
 from tests.conftest import MLP, make_loader, make_trainer
 
@@ -17,6 +20,14 @@ class PlainSGD(MLP):
     Rank r of W gets samples r, r + W, ... in order, 8 a batch, so that the W batches of one step
     together are the 8 * W consecutive samples a single process takes as one batch.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.double()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return super().training_step((x.double(), y), batch_idx)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -40,7 +51,9 @@ class SaveMasks(Callback):
 
     def on_train_end(self, trainer, pl_module):
         masks = self.rigl.masks
-        torch.save({"masks": masks, "updates": self.rigl.sparse.updates}, self.directory / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {"masks": masks, "updates": self.rigl.sparse.updates}, self.directory / f"rank{trainer.global_rank}.pt"
+        )
 
 
 class PlantDivergence(Callback):
@@ -63,7 +76,7 @@ def _rigl(method):
 def _fit(callbacks, **kwargs):
     pl.seed_everything(0, verbose=False)
     model = PlainSGD()
-    make_trainer(callbacks, max_steps=8, precision="64-true", use_distributed_sampler=False, **kwargs).fit(model)
+    make_trainer(callbacks, max_steps=8, use_distributed_sampler=False, **kwargs).fit(model)
 
 
 @pytest.mark.parametrize("method", ["rigl", "set", "snfs"])
@@ -85,3 +98,23 @@ def test_planted_divergence_raises_naming_the_layer(tmp_path):
     rigl = _rigl("rigl")
     with pytest.raises(Exception, match=r"masks differ across ranks for \['net.2.weight'\]"):
         _fit([rigl, PlantDivergence(rigl)], strategy="ddp_spawn", devices=2)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "words"),
+    [
+        (FSDPStrategy(), ["FSDPStrategy", "Supported", "DDP", "FSDP2"]),
+        (ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2), ["tensor_parallel_size=2", "Supported"]),
+    ],
+)
+def test_unsupported_strategies_are_refused_naming_them(strategy, words):
+    with pytest.raises(MisconfigurationException) as error:
+        _check_strategy(strategy)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_supported_strategies_pass():
+    _check_strategy(SingleDeviceStrategy("cpu"))
+    _check_strategy(DDPStrategy())
+    _check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
