@@ -1,0 +1,135 @@
+"""Masks survive checkpoints: bit-exact resume, and clear behaviour for foreign checkpoints."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_rigl import RigLCallback
+from lightning_rigl.core import num_active
+from tests.conftest import MLP, make_loader, make_trainer
+
+STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
+
+
+def _run(tmp_path, method, optimizer, epochs, accumulate=1, ckpt_path=None, strategy="auto", devices=1):
+    """Fit to `epochs` with a last-checkpoint saver; return the callback and the model."""
+    pl.seed_everything(0, verbose=False)
+    rigl = RigLCallback(0.8, method=method, delta_t=3, t_end=100, alpha=0.5, seed=1)
+    saver = SaveFinal(rigl, tmp_path)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    model = MLP(optimizer=optimizer)
+    trainer = make_trainer(
+        [rigl, saver, checkpoint],
+        max_steps=-1,
+        max_epochs=epochs,
+        accumulate_grad_batches=accumulate,
+        enable_checkpointing=True,
+        strategy=strategy,
+        devices=devices,
+    )
+    trainer.fit(model, make_loader(64, 16), ckpt_path=ckpt_path)
+    return rigl, model
+
+
+class SaveFinal(Callback):
+    """Saves every rank's masks, weights and update count at the end (DDP returns only rank 0's model)."""
+
+    def __init__(self, rigl, directory):
+        self.rigl, self.directory = rigl, directory
+
+    def on_train_end(self, trainer, pl_module):
+        state = {"masks": self.rigl.masks, "updates": self.rigl.sparse.updates, "weights": pl_module.state_dict()}
+        torch.save(state, self.directory / f"final-rank{trainer.global_rank}.pt")
+
+
+def _assert_same_run(straight_dir, resumed_dir, ranks=1):
+    for rank in range(ranks):
+        straight = torch.load(straight_dir / f"final-rank{rank}.pt")
+        resumed = torch.load(resumed_dir / f"final-rank{rank}.pt")
+        assert straight["updates"] == resumed["updates"] > 0
+        for name, mask in straight["masks"].items():
+            assert torch.equal(resumed["masks"][name], mask), name
+        for name, value in straight["weights"].items():
+            assert torch.equal(resumed["weights"][name], value), name
+
+
+@pytest.mark.parametrize(
+    ("method", "optimizer", "accumulate", "first_epochs"),
+    [
+        ("rigl", "sgd", 1, 2),  # resume after step 8: not an update step
+        ("rigl", "adam", 1, 2),
+        ("set", "sgd", 1, 2),
+        ("set", "adam", 1, 2),
+        ("rigl", "adam", 2, 4),  # 2 steps an epoch: resume after step 8
+        ("set", "sgd", 2, 4),
+        ("rigl", "sgd", 1, 3),  # resume after step 12: an update step
+    ],
+)
+def test_resume_is_bit_exact(tmp_path, method, optimizer, accumulate, first_epochs):
+    epochs = 5 * accumulate
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    _run(straight, method, optimizer, epochs, accumulate)
+    _run(resumed, method, optimizer, first_epochs, accumulate)
+    _run(resumed, method, optimizer, epochs, accumulate, ckpt_path=resumed / "last.ckpt")
+    _assert_same_run(straight, resumed)
+
+
+def test_resume_is_bit_exact_under_ddp(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    ddp = dict(strategy="ddp_spawn", devices=2)
+    # 2 ranks: 2 steps an epoch; resume after step 4 (updates follow steps 3, 6, 9).
+    _run(straight, "rigl", "adam", 5, **ddp)
+    _run(resumed, "rigl", "adam", 2, **ddp)
+    _run(resumed, "rigl", "adam", 5, ckpt_path=resumed / "last.ckpt", **ddp)
+    _assert_same_run(straight, resumed, ranks=2)
+
+
+def test_callback_state_is_compact_and_loads_weights_only(tmp_path):
+    rigl, model = _run(tmp_path, "rigl", "sgd", 1)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    state = checkpoint["callbacks"][rigl.state_key]
+    for name, packed in state["masks"].items():
+        numel = dict(model.named_parameters())[name].numel()
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-numel // 8)  # 1 bit a weight
+
+
+def test_dense_checkpoint_starts_fresh_masks_with_one_warning(tmp_path):
+    dense = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    make_trainer([dense], max_steps=4, enable_checkpointing=True).fit(MLP(), make_loader(64, 16))
+    rigl = RigLCallback(0.8, delta_t=3)
+    with pytest.warns(UserWarning, match="holds no RigLCallback state") as record:
+        make_trainer([rigl], max_steps=8).fit(MLP(), make_loader(64, 16), ckpt_path=tmp_path / "last.ckpt")
+    assert len([w for w in record if "RigLCallback" in str(w.message)]) == 1
+    for name, mask in rigl.masks.items():
+        assert int(mask.sum()) == num_active(mask.numel(), rigl.sparse.sparsities[name])
+
+
+def test_rigl_state_for_other_parameters_raises_naming_them(tmp_path):
+    _run(tmp_path, "rigl", "sgd", 1)
+    rigl = RigLCallback(0.8, exclude=["net.5.weight"])
+    with pytest.raises(MisconfigurationException, match=r"not in the model \['net.5.weight'\]"):
+        make_trainer([rigl], max_steps=8).fit(MLP(), make_loader(64, 16), ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_weights_only_checkpoint(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="weights", save_weights_only=True)
+    rigl = RigLCallback(0.8, delta_t=3, t_end=100)
+    model = MLP()
+    make_trainer([rigl, checkpoint], max_steps=4, enable_checkpointing=True).fit(model, make_loader(64, 16))
+    # It holds no callback or optimizer state: Lightning itself refuses to resume from it ...
+    with pytest.raises(KeyError, match="save_weights_only"):
+        make_trainer([RigLCallback(0.8)], max_steps=8).fit(
+            MLP(), make_loader(64, 16), ckpt_path=tmp_path / "weights.ckpt"
+        )
+    # ... and it loads as a plain model, zeros included; a new fit from it draws fresh masks.
+    loaded = MLP.load_from_checkpoint(tmp_path / "weights.ckpt")
+    for name, mask in rigl.masks.items():
+        assert torch.equal(loaded.state_dict()[name], model.state_dict()[name])
+        assert loaded.state_dict()[name][~mask].eq(0).all()
+    fresh = RigLCallback(0.8, seed=123)
+    make_trainer([fresh], max_steps=2).fit(loaded, make_loader(64, 16))
+    assert any(not torch.equal(fresh.masks[n], rigl.masks[n]) for n in rigl.masks)
