@@ -261,7 +261,14 @@ class RigLCallback(Callback):
             self._loaded_state = dict(state_dict)
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
         for handle in self._step_hooks:
             handle.remove()
         self._step_hooks = []

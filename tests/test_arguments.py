@@ -1,6 +1,10 @@
 """Bad input: every argument is checked in __init__, every model-dependent one at fit start."""
 
+import inspect
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -134,3 +138,26 @@ def test_shared_weights_get_one_mask():
     assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]  # "head.weight" is the same
     assert rigl.sparse.params["net.2.weight"] is model.head.weight
     assert model.head.weight[~rigl.masks["net.2.weight"]].eq(0).all()
+
+
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.one_of(st.text(max_size=4), st.integers(), st.floats()), max_size=3),
+    st.dictionaries(st.one_of(st.text(max_size=4), st.integers()), st.one_of(st.floats(), st.text(max_size=3))),
+)
+ARGUMENTS = list(inspect.signature(RigLCallback.__init__).parameters)[1:]
+
+
+@settings(max_examples=60, deadline=None)
+@given(argument=st.sampled_from(ARGUMENTS), value=ANY_VALUE)
+def test_fuzzed_arguments_are_accepted_as_given_or_refused_naming_the_argument(argument, value):
+    try:
+        callback = RigLCallback(**{argument: value})
+    except (MisconfigurationException, TypeError) as error:
+        assert f"`{argument}" in str(error), str(error)
+    else:
+        assert getattr(callback, argument) is value  # stored as given, never replaced by a default

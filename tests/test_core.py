@@ -21,16 +21,11 @@ def test_core_does_not_import_lightning():
             else:
                 continue
             for module in modules:
-                assert module.split(".")[0] in {
-                    "torch",
-                    "lightning_rigl",
-                    "__future__",
-                    "math",
-                    "collections",
-                    "dataclasses",
-                    "typing",
-                    "fnmatch",
-                }, (path.name, module)
+                top = module.split(".")[0]
+                assert top == "lightning_rigl" or not top.startswith(("lightning", "pytorch_lightning")), (
+                    path.name,
+                    module,
+                )
 
 
 def test_plain_pytorch_loop():

@@ -1,0 +1,78 @@
+"""Property-based tests of the core (hypothesis)."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_rigl import layer_sparsities
+from lightning_rigl.core import drop_and_grow, num_active, reset_optimizer_state
+
+shape = st.one_of(
+    st.tuples(st.integers(1, 64), st.integers(1, 64)),
+    st.tuples(st.integers(1, 16), st.integers(1, 16), st.integers(1, 3), st.integers(1, 3)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shapes=st.lists(shape, min_size=1, max_size=6),
+    sparsity=st.floats(0.0, 0.99),
+    distribution=st.sampled_from(["erk", "er", "uniform"]),
+    custom_value=st.floats(0.0, 0.99),
+    use_custom=st.booleans(),
+)
+def test_layer_sparsities_fit_the_budget(shapes, sparsity, distribution, custom_value, use_custom):
+    named = {f"l{i}": s for i, s in enumerate(shapes)}
+    custom = {"l0": custom_value} if use_custom and len(named) > 1 else {}
+    result = layer_sparsities(named, sparsity, distribution, custom=custom)
+    assert list(result) == list(named)
+    assert all(0.0 <= s < 1.0 for s in result.values())
+    if custom:
+        assert result["l0"] == custom_value
+    budget = {n: s for n, s in named.items() if n not in custom}
+    target = sum(math.prod(s) - math.floor(sparsity * math.prod(s)) for s in budget.values())
+    active = sum(num_active(math.prod(s), result[n]) for n, s in budget.items())
+    # Equal up to the floors: at most one weight a layer, both ways.
+    assert abs(active - target) <= len(budget) + 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    numel=st.integers(1, 300),
+    density=st.floats(0.01, 1.0),
+    drop_fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    zeros_in_weights=st.booleans(),
+)
+def test_one_update_keeps_counts_values_and_state(numel, density, drop_fraction, seed, zeros_in_weights):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(numel, generator=g) < density
+    weight = torch.randn(numel, generator=g) * mask
+    if zeros_in_weights:
+        weight[torch.rand(numel, generator=g) < 0.3] = 0.0  # active weights at exactly 0 exist
+    scores = torch.randn(numel, generator=g)
+    state = {"momentum": torch.randn(numel, generator=g)}
+
+    new_mask, grown = drop_and_grow(mask, weight, scores, drop_fraction)
+    assert int(new_mask.sum()) == int(mask.sum())  # counts are kept
+    assert torch.equal(grown, new_mask & ~mask)  # only new positions are "grown"
+    k = int(int(mask.sum()) * drop_fraction)
+    assert int(grown.sum()) <= k
+
+    # Apply the update as the core does: grown start at 0, state reset there only.
+    param = torch.nn.Parameter(weight.clone())
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    optimizer.state[param] = {key: value.clone() for key, value in state.items()}
+    with torch.no_grad():
+        param.masked_fill_(grown, 0.0)
+        param.mul_(new_mask)
+    reset_optimizer_state([optimizer], param, grown)
+
+    kept = new_mask & mask
+    assert torch.equal(param[kept], weight[kept])  # kept weights keep their values
+    assert param[grown].eq(0).all()  # new weights are 0
+    after = optimizer.state[param]["momentum"]
+    assert torch.equal(after[~grown], state["momentum"][~grown])  # state changes only where grown
+    assert after[grown].eq(0).all()
