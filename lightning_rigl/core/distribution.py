@@ -121,6 +121,8 @@ def _solve_scaled(
             else:
                 budget += numel[name] - zeros
                 divisor += raw[name] * numel[name]
+        if divisor == 0.0 and budget == 0.0:
+            return dict.fromkeys(shapes, 0.0)  # the floors leave no zero to place: all dense is exact
         if divisor == 0.0 or budget <= 0.0:
             raise ValueError(
                 f"The {distribution!r} distribution cannot reach sparsity {sparsity}: every layer would have to "
@@ -128,7 +130,7 @@ def _solve_scaled(
             )
         epsilon = budget / divisor
         max_raw = max(raw[name] for name in shapes if name not in dense)
-        if max_raw * epsilon > 1.0:
+        if max_raw * epsilon > 1.0 + 1e-12:  # a density of 1 up to rounding is not "too dense"
             dense.update(name for name in shapes if name not in dense and raw[name] == max_raw)
             continue
         break

@@ -212,7 +212,8 @@ class SparseTraining:
                 step, fraction = self._pending.pop(name)
                 # Sharded weights: gather this one layer, decide on every rank alike, keep our shard.
                 old = full_like_param(self._masks[name], param).bool()
-                new, grown = drop_and_grow(old, full(param), full(scores), fraction)
+                # The scores are ours (a fresh |grad|, |EMA| or random draw): overwrite them in place.
+                new, grown = drop_and_grow(old, full(param), full(scores), fraction, overwrite_scores=True)
                 self._record(step, fraction, int(grown.sum()), int(new.sum()))
                 new, grown = local(distribute_like_param(new, param)), local(distribute_like_param(grown, param))
                 self._masks[name] = new.to(param.dtype)

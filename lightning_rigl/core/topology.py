@@ -33,7 +33,9 @@ def random_mask(shape: torch.Size | tuple[int, ...], n_active: int, generator: t
     return mask.view(shape)
 
 
-def drop_and_grow(mask: Tensor, weight: Tensor, grow_scores: Tensor, drop_fraction: float) -> tuple[Tensor, Tensor]:
+def drop_and_grow(
+    mask: Tensor, weight: Tensor, grow_scores: Tensor, drop_fraction: float, *, overwrite_scores: bool = False
+) -> tuple[Tensor, Tensor]:
     """One RigL topology update of one layer.
 
     Drops the ``k = int(n_active * drop_fraction)`` active weights of smallest magnitude, then grows
@@ -45,6 +47,8 @@ def drop_and_grow(mask: Tensor, weight: Tensor, grow_scores: Tensor, drop_fracti
         weight: The layer's weights (same shape).
         grow_scores: Score of each position for growth (same shape, finite).
         drop_fraction: Fraction of active weights to replace, in [0, 1].
+        overwrite_scores: Let the function write into ``grow_scores`` (a float32 tensor the caller
+            owns) instead of allocating a copy: one layer-sized buffer less at an update.
 
     Returns:
         ``(new_mask, grown)``: the new bool mask, and the bool positions that are active now and were
@@ -65,11 +69,16 @@ def drop_and_grow(mask: Tensor, weight: Tensor, grow_scores: Tensor, drop_fracti
     if k == 0:
         return mask.clone(), torch.zeros_like(mask)
     # Inactive positions get +inf so that they never win against an active weight, even one at 0.
-    magnitude = weight.detach().reshape(-1).abs().masked_fill(~flat_mask, math.inf)
+    magnitude = weight.detach().reshape(-1).abs().masked_fill_(~flat_mask, math.inf)
     kept = flat_mask.clone()
     kept[torch.topk(magnitude, k, largest=False, sorted=False).indices] = False
+    del magnitude  # freed before the grow buffer is needed
     # Kept positions get -inf (not 0): a score of 0 could still beat a negative or zero score.
-    candidates = grow_scores.detach().reshape(-1).to(torch.float32).masked_fill(kept, -math.inf)
+    candidates = grow_scores.detach().reshape(-1)
+    if overwrite_scores and candidates.dtype == torch.float32:
+        candidates = candidates.masked_fill_(kept, -math.inf)
+    else:
+        candidates = candidates.to(torch.float32).masked_fill(kept, -math.inf)
     new_mask = kept
     new_mask[torch.topk(candidates, k, sorted=False).indices] = True
     grown = new_mask & ~flat_mask
