@@ -3,6 +3,17 @@
 from lightning_rigl.callback import RigLCallback
 from lightning_rigl.core import SparseTraining, UpdateSchedule, layer_sparsities
 from lightning_rigl.core.export import load_sparse, save_sparse
+from lightning_rigl.core.flops import count_flops
+from lightning_rigl.monitor import SparsityMonitor
 
-__all__ = ["RigLCallback", "SparseTraining", "UpdateSchedule", "layer_sparsities", "load_sparse", "save_sparse"]
+__all__ = [
+    "RigLCallback",
+    "SparseTraining",
+    "SparsityMonitor",
+    "UpdateSchedule",
+    "count_flops",
+    "layer_sparsities",
+    "load_sparse",
+    "save_sparse",
+]
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """The torch-only core: nothing here imports Lightning, so a plain PyTorch loop can drive it."""
 
 from lightning_rigl.core.distribution import DISTRIBUTIONS, layer_sparsities
+from lightning_rigl.core.flops import FlopsCount, LayerFlops, count_active, count_flops, training_flops_per_sample
 from lightning_rigl.core.grow import GROW_CRITERIA, METHODS, GrowCriterion
 from lightning_rigl.core.optim_state import reset_optimizer_state
 from lightning_rigl.core.schedule import DECAYS, UpdateSchedule
@@ -11,11 +12,15 @@ from lightning_rigl.core.topology import drop_and_grow, num_active, random_mask
 __all__ = [
     "DECAYS",
     "DISTRIBUTIONS",
+    "FlopsCount",
     "GROW_CRITERIA",
     "METHODS",
     "GrowCriterion",
+    "LayerFlops",
     "SparseTraining",
     "UpdateSchedule",
+    "count_active",
+    "count_flops",
     "default_parameter_names",
     "drop_and_grow",
     "layer_sparsities",
@@ -23,4 +28,5 @@ __all__ = [
     "random_mask",
     "reset_optimizer_state",
     "select_parameters",
+    "training_flops_per_sample",
 ]

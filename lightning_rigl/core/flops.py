@@ -1,0 +1,271 @@
+"""FLOPs of a sparse network, counted the way the RigL paper counts them.
+
+Forward FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (its per-operation formulas,
+a multiply-add counting 2), attributed to the weight each counted operation multiplies by and
+scaled by that weight's density. Operations that multiply no weight (attention scores) stay dense;
+element-wise work (activations, norms, biases, pooling) is not counted by ``FlopCounterMode``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_rigl.core.grow import METHODS
+from lightning_rigl.core.sharding import full
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """Forward FLOPs per sample of the operations that multiply by one weight.
+
+    Attributes:
+        dense: FLOPs with every connection present.
+        density: Fraction of the weight's connections that are active.
+
+    """
+
+    dense: float
+    density: float
+
+    @property
+    def sparse(self) -> float:
+        """FLOPs with only the active connections: ``dense * density``."""
+        return self.dense * self.density
+
+
+@dataclass(frozen=True)
+class FlopsCount:
+    """Forward FLOPs per sample of a model, dense and sparse (the paper's f_D and f_S).
+
+    Attributes:
+        per_layer: Parameter name to its :class:`LayerFlops`, for every weight a counted operation
+            multiplies by (masked or not).
+        other: FLOPs of counted operations that multiply no weight (attention scores); always dense.
+
+    Example:
+        >>> count = FlopsCount({"fc.weight": LayerFlops(dense=100.0, density=0.25)}, other=20.0)
+        >>> count.dense, count.sparse, count.ratio
+        (120.0, 45.0, 0.375)
+
+    """
+
+    per_layer: dict[str, LayerFlops]
+    other: float = 0.0
+
+    @property
+    def dense(self) -> float:
+        """f_D: forward FLOPs per sample with every weight dense."""
+        return self.other + sum(layer.dense for layer in self.per_layer.values())
+
+    @property
+    def sparse(self) -> float:
+        """f_S: forward FLOPs per sample with each weight's FLOPs scaled by its density."""
+        return self.other + sum(layer.sparse for layer in self.per_layer.values())
+
+    @property
+    def ratio(self) -> float:
+        """f_S / f_D (1.0 for a model without counted FLOPs)."""
+        return self.sparse / self.dense if self.dense else 1.0
+
+    def with_sparsity(self, sparsity: Mapping[str, float]) -> FlopsCount:
+        """The same count with the named layers at new sparsities (fractions of zeros); no forward pass.
+
+        Names without FLOPs (an embedding, a weight outside every counted operation) are ignored.
+        """
+        for name, value in sparsity.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"`sparsity[{name!r}]` must be a fraction of zeros in [0, 1], got {value!r}.")
+        per_layer = {
+            name: replace(layer, density=1.0 - float(sparsity[name])) if name in sparsity else layer
+            for name, layer in self.per_layer.items()
+        }
+        return FlopsCount(per_layer, self.other)
+
+
+def count_flops(
+    model: nn.Module,
+    example_input: Any,
+    sparsity: Mapping[str, float] | None = None,
+    *,
+    batch_size: int | None = None,
+) -> FlopsCount:
+    """Forward FLOPs per sample of ``model`` on ``example_input``, dense and with its zeros.
+
+    Runs one forward pass under ``FlopCounterMode`` (in eval mode and without gradients, so no
+    running statistics change; attention's fused fast path is turned off for the pass because
+    ``FlopCounterMode`` cannot see inside it) and attributes each counted operation to the weight it
+    multiplies by. That weight's FLOPs are then scaled by its density.
+
+    Args:
+        model: Any module.
+        example_input: A tensor (``model(x)``), a tuple or list (``model(*x)``) or a dict (``model(**x)``),
+            as Lightning's ``example_input_array``.
+        sparsity: Parameter name to fraction of zeros, overriding what is in the weights; weights it
+            does not name count the zeros they actually hold (all of them when ``None``).
+        batch_size: Samples in ``example_input``; ``None`` reads dim 0 of its first tensor.
+
+    Returns:
+        Forward FLOPs per sample: ``.dense`` (f_D), ``.sparse`` (f_S) and ``.per_layer``.
+
+    Raises:
+        ValueError: A ``sparsity`` name that is no parameter of ``model``, a value outside [0, 1], or
+            a ``batch_size`` < 1.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> count = count_flops(model, torch.randn(16, 4), sparsity={"0.weight": 0.75})
+        >>> count.dense, count.sparse, count.per_layer["2.weight"]
+        (96.0, 48.0, LayerFlops(dense=32.0, density=1.0))
+
+    """
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for name in sparsity or {}:
+        if name not in names:
+            raise ValueError(f"`sparsity` names {name!r}, which is no parameter of {type(model).__name__}.")
+    if batch_size is None:
+        batch_size = _batch_size(example_input)
+    elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be None or an int >= 1, got {batch_size!r}.")
+
+    by_weight = _count(model, example_input)
+    per_layer = {
+        name: LayerFlops(flops / batch_size, by_weight.density[name]) for name, flops in by_weight.flops.items()
+    }
+    other = by_weight.counter.get_total_flops() - sum(by_weight.flops.values())
+    return FlopsCount(per_layer, other / batch_size).with_sparsity(sparsity or {})
+
+
+def training_flops_per_sample(
+    sparse_forward: float,
+    dense_forward: float,
+    method: str | None = None,
+    delta_t: int = 100,
+    updating: bool = True,
+) -> float:
+    """Training FLOPs per sample and optimizer step, by the paper's accounting (backward = 2 x forward).
+
+    ``"static"``, ``"set"`` and no RigL at all (``None``): ``3 f_S``. ``"snfs"``: ``2 f_S + f_D``
+    (a dense gradient every step). ``"rigl"``: ``(3 f_S delta_t + 2 f_S + f_D) / (delta_t + 1)``
+    while updates run (one dense gradient per update), ``3 f_S`` once they stopped
+    (``updating=False``, from ``t_end`` on). Dense training is ``3 f_D``: pass ``f_D`` twice.
+
+    Raises:
+        ValueError: An unknown ``method`` or a ``delta_t`` < 1.
+
+    Example:
+        >>> training_flops_per_sample(10.0, 100.0, "rigl", delta_t=4)
+        48.0
+        >>> training_flops_per_sample(10.0, 100.0, "rigl", delta_t=4, updating=False)
+        30.0
+
+    """
+    if method is not None and method not in METHODS:
+        raise ValueError(f"`method` must be None or one of {METHODS}, got {method!r}.")
+    if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
+        raise ValueError(f"`delta_t` must be an int >= 1, got {delta_t!r}.")
+    if method == "snfs":
+        return 2 * sparse_forward + dense_forward
+    if method == "rigl" and updating:
+        return (3 * sparse_forward * delta_t + 2 * sparse_forward + dense_forward) / (delta_t + 1)
+    return 3 * sparse_forward
+
+
+@torch.no_grad()
+def count_active(params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> dict[str, int]:
+    """Number of active weights per parameter: non-zero, or True in ``masks`` where one is given.
+
+    A connection RigL has just grown is active at the value 0; the mask keeps it counted. Sharded
+    (FSDP2) weights are counted over all shards: one all-reduce per layer, so call it on every rank.
+
+    Example:
+        >>> weight = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+        >>> count_active({"w": weight}), count_active({"w": weight}, {"w": torch.tensor([[True, False]] * 2)})
+        ({'w': 1}, {'w': 3})
+
+    """
+    counts = {}
+    for name, param in params.items():
+        active = param != 0
+        if masks is not None and name in masks:
+            active = active | masks[name].bool()
+        counts[name] = int(full(active.sum()))
+    return counts
+
+
+def _batch_size(example_input: Any) -> int:
+    tensors = [t for t in tree_flatten(example_input)[0] if isinstance(t, Tensor)]
+    if not tensors:
+        raise ValueError(f"`example_input` holds no tensor: got {type(example_input).__name__}.")
+    return int(tensors[0].shape[0]) if tensors[0].dim() else 1
+
+
+def _density(param: Tensor) -> float:
+    if param.is_meta or not param.numel():
+        return 1.0  # no values to read
+    return float(torch.count_nonzero(param)) / param.numel()
+
+
+def _count(model: nn.Module, example_input: Any) -> _ByWeight:
+    """One forward pass under ``FlopCounterMode``, its FLOPs charged to the weights."""
+    modes = {module: module.training for module in model.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, _ByWeight(counter, model) as by_weight:
+            if isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            elif isinstance(example_input, dict):
+                model(**example_input)
+            else:
+                model(example_input)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for module, training in modes.items():
+            module.train(training)
+    return by_weight
+
+
+class _ByWeight(TorchDispatchMode):
+    """Sits above ``FlopCounterMode`` and charges the FLOPs it counts for each op to the op's weight."""
+
+    def __init__(self, counter: FlopCounterMode, model: nn.Module) -> None:
+        super().__init__()
+        self.counter = counter
+        self.model = model
+        self.flops: dict[str, int] = {}  # parameter name -> FLOPs of the ops that multiply by it
+        self.density: dict[str, float] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        before = self.counter.get_total_flops()
+        out = func(*args, **(kwargs or {}))
+        counted = self.counter.get_total_flops() - before
+        if counted:
+            weight = self._weight_operand(args, kwargs)
+            if weight is not None:
+                name, param = weight
+                self.flops[name] = self.flops.get(name, 0) + counted
+                if name not in self.density:
+                    # Read now: FLOPs of an FSDP2 weight are counted while it is gathered; it is freed after.
+                    self.density[name] = _density(param)
+        return out
+
+    def _weight_operand(self, args: Any, kwargs: Any) -> tuple[str, nn.Parameter] | None:
+        # Looked up per counted op: FSDP2 swaps in unsharded Parameters for the forward pass only.
+        # A weight arrives as itself or as a view of it (a transpose, a q/k/v slice): match the base.
+        # Biases (1-d) are operands of addmm and convolution too; the weight is the >= 2-d one.
+        params = {id(param): (name, param) for name, param in self.model.named_parameters()}
+        for tensor in tree_flatten((args, kwargs))[0]:
+            if isinstance(tensor, Tensor) and tensor.dim() >= 2:
+                base = tensor._base if tensor._base is not None else tensor
+                if id(base) in params:
+                    return params[id(base)]
+        return None

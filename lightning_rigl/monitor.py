@@ -1,0 +1,409 @@
+"""SparsityMonitor: the Lightning callback that shows sparsity, FLOPs and topology changes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_rigl.callback import RigLCallback, _check_patterns, _check_type, _misconfiguration
+from lightning_rigl.core.flops import FlopsCount, count_active, count_flops, training_flops_per_sample
+from lightning_rigl.core.selection import select_parameters
+
+
+class SparsityMonitor(Callback):
+    """Log the sparsity, the FLOPs and the topology changes of a sparse network to the Trainer's loggers.
+
+    Every ``trainer.log_every_n_steps`` optimizer steps and right after each RigL topology update it
+    logs, through ``pl_module.log`` (and straight to the loggers after an update that falls between
+    two logging steps):
+
+    - ``sparsity/global`` and ``sparsity/<parameter name>``: fractions of zeros, read from the
+      weights (a connection grown at 0 by RigL counts as active, its mask says so);
+    - ``flops/dense_forward`` and ``flops/sparse_forward`` (f_D and f_S, forward FLOPs per sample
+      from :func:`~lightning_rigl.core.flops.count_flops`), ``flops/sparse_ratio`` (f_S / f_D),
+      ``flops/train_total`` (training FLOPs of the run so far on all ranks, by the paper's accounting:
+      :func:`~lightning_rigl.core.flops.training_flops_per_sample`) and ``flops/train_ratio``
+      (against dense training of the same samples);
+    - with a :class:`~lightning_rigl.RigLCallback`: ``rigl/drop_fraction`` (the schedule's, at this
+      step), ``rigl/changed`` (fraction of active connections the last update changed),
+      ``rigl/itop`` (fraction of maskable weights ever active) and ``rigl/updates``.
+
+    It sets ``pl_module.flops_per_batch`` (training FLOPs of this device's batch; forward FLOPs during
+    validation) for Lightning's ``ThroughputMonitor``. At fit start and end it prints a per-layer table
+    (with rich when installed), and at fit end it draws the per-layer densities and the drop fraction
+    and ITOP curves: to TensorBoard when a ``TensorBoardLogger`` is active, else as a PNG in the log
+    directory (needs matplotlib: ``pip install lightning-rigl[plot]``).
+
+    Without a RigLCallback it monitors the zeros of any model (a pruned one, a loaded sparse
+    checkpoint). The weights it watches are RigLCallback's, else those ``include`` / ``exclude``
+    select (default: the weights RigLCallback would mask).
+
+    Args:
+        example_input: Input for one forward pass that counts FLOPs: a tensor, a tuple of positional
+            arguments or a dict of keyword arguments. ``None`` uses ``pl_module.example_input_array``;
+            with neither, FLOPs are skipped with one warning.
+        example_batch_size: Samples in ``example_input``; ``None`` reads dim 0 of its first tensor.
+        include: fnmatch patterns of parameter names to watch, replacing the default selection.
+        exclude: fnmatch patterns of parameter names not to watch.
+        table: Print the per-layer table at fit start and end.
+        plot: Draw the densities and the update curves at fit end.
+
+    Raises:
+        TypeError: An argument of the wrong type.
+        MisconfigurationException: ``example_batch_size`` < 1; at train start, an ``include`` or
+            ``exclude`` pattern that matches no parameter.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning.pytorch.callbacks import ThroughputMonitor
+        >>> from lightning_rigl import RigLCallback
+        >>> callbacks = [RigLCallback(sparsity=0.9), SparsityMonitor(), ThroughputMonitor(lambda batch: len(batch[0]))]
+        >>> trainer = Trainer(callbacks=callbacks, log_every_n_steps=50)  # doctest: +SKIP
+
+    """
+
+    def __init__(
+        self,
+        example_input: Any = None,
+        example_batch_size: int | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        table: bool = True,
+        plot: bool = True,
+    ) -> None:
+        if example_input is not None:
+            _check_type(
+                "example_input", example_input, (Tensor, tuple, list, dict), "None, a tensor, a tuple or a dict"
+            )
+        if example_batch_size is not None:
+            _check_type("example_batch_size", example_batch_size, (int,), "None or an int >= 1")
+            if example_batch_size < 1:
+                raise MisconfigurationException(
+                    f"`example_batch_size` must be None (dim 0 of the example input) or an int >= 1, "
+                    f"got {example_batch_size!r}."
+                )
+        _check_patterns("include", include)
+        _check_patterns("exclude", exclude)
+        _check_type("table", table, (bool,), "a bool")
+        _check_type("plot", plot, (bool,), "a bool")
+        self.example_input = example_input
+        self.example_batch_size = example_batch_size
+        self.include = include
+        self.exclude = exclude
+        self.table = table
+        self.plot = plot
+        self.flops: FlopsCount | None = None
+        self.train_flops = 0.0  # training FLOPs so far, all ranks
+        self.dense_train_flops = 0.0  # the same samples trained dense
+        self.itop_curve: list[tuple[int, float]] = []  # (step, ITOP rate) at fit start and after each update
+        self._rigl: RigLCallback | None = None
+        self._params: dict[str, nn.Parameter] = {}
+        self._batch_size: int | None = None
+        self._step = 0
+        self._seen_updates = 0
+        self._warned_plot = False
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # Before any checkpoint is restored: a resumed run's totals come back through load_state_dict.
+        self.train_flops = self.dense_train_flops = 0.0
+        self.itop_curve = []
+        if self.plot and not self._warned_plot and _import("matplotlib") is None:
+            self._warned_plot = True
+            rank_zero_warn(
+                "SparsityMonitor(plot=True) needs matplotlib to draw densities and update curves: "
+                "`pip install lightning-rigl[plot]`. No image will be made."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here every callback's on_fit_start has run (RigLCallback built its masks) and every strategy
+        # has restored its checkpoint.
+        self._rigl = next((cb for cb in trainer.callbacks if isinstance(cb, RigLCallback)), None)
+        with _misconfiguration():
+            if self.include or self.exclude or self._rigl is None or self._rigl.sparse is None:
+                self._params = select_parameters(pl_module, self.include, self.exclude)
+            else:
+                self._params = dict(self._rigl.sparse.params)
+        self.flops = self._count_flops(trainer, pl_module)
+        self._step = trainer.global_step
+        self._seen_updates = self._updates()
+        if self._rigl is not None and self._rigl.sparse is not None:
+            self._record_itop(trainer.global_step)
+        self._report(trainer, "fit start", plot=False)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_size = _batch_size(batch)
+        if self.flops is not None and self._batch_size is not None:
+            pl_module.flops_per_batch = self._train_flops_per_sample(trainer.global_step) * self._batch_size
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.flops is not None and self._batch_size is not None:
+            samples = self._batch_size * trainer.world_size  # as ThroughputMonitor: equal batches on every rank
+            self.train_flops += self._train_flops_per_sample(self._step) * samples
+            self.dense_train_flops += 3 * self.flops.dense * samples
+        if trainer.global_step == self._step:
+            return  # an accumulation micro-batch: no optimizer step yet
+        self._step = trainer.global_step
+        updated = self._updates() > self._seen_updates
+        if updated:
+            self._seen_updates = self._updates()
+            self._record_itop(trainer.global_step)
+        # Lightning's own ThroughputMonitor reads the logger connector's decision the same way.
+        log_step = trainer._logger_connector.should_update_logs
+        if not (log_step or updated):
+            return
+        metrics = self._metrics(trainer)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        if not log_step:
+            # Lightning only hands logged values to the loggers on logging steps: this update's now.
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        batch_size = _batch_size(batch)
+        if self.flops is not None and batch_size is not None:
+            pl_module.flops_per_batch = self.flops.sparse * batch_size
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, "fit end", plot=self.plot)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "train_flops": self.train_flops,
+            "dense_train_flops": self.dense_train_flops,
+            "itop_curve": [list(point) for point in self.itop_curve],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_flops = float(state_dict["train_flops"])
+        self.dense_train_flops = float(state_dict["dense_train_flops"])
+        self.itop_curve = [(int(step), float(itop)) for step, itop in state_dict["itop_curve"]]
+
+    def _record_itop(self, step: int) -> None:
+        if not self.itop_curve or self.itop_curve[-1][0] != step:  # a resumed run starts where it was saved
+            self.itop_curve.append((step, self._rigl.sparse.itop_rate))
+
+    def _count_flops(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> FlopsCount | None:
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        if example is None:
+            rank_zero_warn(
+                "SparsityMonitor has no example input, so it cannot count FLOPs: pass `example_input=` or set "
+                "`example_input_array` on your LightningModule. Sparsity and topology are still logged."
+            )
+            return None
+        example = trainer.precision_plugin.convert_input(move_data_to_device(example, pl_module.device))
+        # Every rank runs the pass: under FSDP2 the forward gathers weights, a collective.
+        with trainer.precision_plugin.forward_context():
+            try:
+                flops = count_flops(pl_module, example, batch_size=self.example_batch_size)
+            except ValueError as error:
+                raise MisconfigurationException(f"SparsityMonitor could not count FLOPs: {error}") from error
+        return flops
+
+    def _active(self) -> dict[str, int]:
+        # RigL's masks keep connections grown at 0 counted as active; a collective under FSDP2.
+        return count_active(self._params, self._rigl.masks if self._rigl is not None else None)
+
+    def _sparsities(self, active: Mapping[str, int]) -> dict[str, float]:
+        return {name: 1.0 - n / self._params[name].numel() for name, n in active.items()}
+
+    def _updates(self) -> int:
+        return self._rigl.sparse.updates if self._rigl is not None and self._rigl.sparse is not None else 0
+
+    def _train_flops_per_sample(self, step: int) -> float:
+        assert self.flops is not None
+        sparse = self._rigl.sparse if self._rigl is not None else None
+        if sparse is None:
+            return training_flops_per_sample(self.flops.sparse, self.flops.dense)
+        schedule = sparse.schedule
+        return training_flops_per_sample(
+            self.flops.sparse,
+            self.flops.dense,
+            sparse.method,
+            schedule.delta_t if schedule is not None else 1,
+            updating=schedule is not None and step < schedule.t_end,
+        )
+
+    def _metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        active = self._active()
+        sparsities = self._sparsities(active)
+        numel = sum(p.numel() for p in self._params.values())
+        metrics = {"sparsity/global": 1.0 - sum(active.values()) / numel}
+        metrics.update({f"sparsity/{name}": s for name, s in sparsities.items()})
+        if self.flops is not None:
+            self.flops = self.flops.with_sparsity(sparsities)  # the zeros may move without RigL (pruning)
+            metrics["flops/dense_forward"] = self.flops.dense
+            metrics["flops/sparse_forward"] = self.flops.sparse
+            metrics["flops/sparse_ratio"] = self.flops.ratio
+            metrics["flops/train_total"] = self.train_flops
+            metrics["flops/train_ratio"] = self.train_flops / self.dense_train_flops if self.dense_train_flops else 0.0
+        sparse = self._rigl.sparse if self._rigl is not None else None
+        if sparse is not None:
+            last = sparse.history[-1] if sparse.history else None
+            updating = sparse.method != "static" and sparse.schedule is not None
+            metrics["rigl/drop_fraction"] = sparse.schedule.drop_fraction(trainer.global_step) if updating else 0.0
+            metrics["rigl/changed"] = last["changed"] / last["active"] if last and last["active"] else 0.0
+            metrics["rigl/itop"] = sparse.itop_rate
+            metrics["rigl/updates"] = float(sparse.updates)
+        return metrics
+
+    def _report(self, trainer: pl.Trainer, when: str, plot: bool) -> None:
+        """Print the table and draw the figure on rank 0; what needs every rank is read on every rank."""
+        active = self._active()
+        sparsities = self._sparsities(active)
+        if self.flops is not None:
+            self.flops = self.flops.with_sparsity(sparsities)
+        log_dir = trainer.log_dir if plot else None  # a broadcast
+        if not trainer.is_global_zero:
+            return
+        if self.table:
+            _print_table(self._table_rows(active), self._summary(when))
+        if plot and _import("matplotlib") is not None:
+            figure = self._figure(sparsities)
+            tensorboards = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+            for logger in tensorboards:
+                logger.experiment.add_figure("sparsity_monitor", figure, global_step=trainer.global_step)
+            if not tensorboards:
+                directory = log_dir or trainer.default_root_dir  # a custom logger may have no directory
+                os.makedirs(directory, exist_ok=True)
+                figure.savefig(os.path.join(directory, f"sparsity_step{trainer.global_step}.png"))
+
+    def _table_rows(self, active: Mapping[str, int]) -> list[list[str]]:
+        """Header, one row per watched weight, totals; FLOPs shares are of the sparse forward FLOPs."""
+        shares = {name: self._flops_share(name) for name in self._params}
+        numel = {name: p.numel() for name, p in self._params.items()}
+        rows = [
+            [name, "x".join(map(str, p.shape)), active[name], numel[name], shares[name]]
+            for name, p in self._params.items()
+        ]
+        rows.append(["total", "", sum(active.values()), sum(numel.values()), sum(shares.values())])
+        header = ["layer", "shape", "density", "active weights"] + (["FLOPs share"] if self.flops is not None else [])
+        return [header] + [
+            [name, shape, f"{n / total:.3f}", f"{n:,} / {total:,}"]
+            + ([f"{share:.1%}"] if self.flops is not None else [])
+            for name, shape, n, total, share in rows
+        ]
+
+    def _flops_share(self, name: str) -> float:
+        if self.flops is None or name not in self.flops.per_layer or not self.flops.sparse:
+            return 0.0
+        return self.flops.per_layer[name].sparse / self.flops.sparse
+
+    def _summary(self, when: str) -> str:
+        lines = [f"SparsityMonitor at {when}"]
+        if self.flops is not None:
+            lines.append(
+                f"forward FLOPs per sample: dense {_si(self.flops.dense)}, sparse {_si(self.flops.sparse)} "
+                f"({self.flops.ratio:.3f}x)"
+            )
+            if self.dense_train_flops:
+                lines.append(
+                    f"training FLOPs so far: {_si(self.train_flops)} "
+                    f"({self.train_flops / self.dense_train_flops:.3f}x dense)"
+                )
+        return "\n".join(lines)
+
+    def _figure(self, sparsities: Mapping[str, float]) -> Any:
+        from matplotlib.figure import Figure
+
+        history = self._rigl.sparse.history if self._rigl is not None and self._rigl.sparse is not None else []
+        figure = Figure(figsize=(11, 0.5 + 0.3 * max(len(sparsities), 8)), layout="constrained")
+        bars, curves = figure.subplots(1, 2, width_ratios=[3, 2])
+        names = list(sparsities)
+        bars.barh(range(len(names)), [1 - sparsities[name] for name in names])
+        bars.set_yticks(range(len(names)), names, fontsize="small")
+        bars.invert_yaxis()
+        total = sum(p.numel() for p in self._params.values())
+        overall = sum((1 - sparsities[name]) * p.numel() for name, p in self._params.items()) / total
+        bars.axvline(overall, color="black", linestyle="--", label=f"all watched weights: {overall:.3f}")
+        bars.legend(loc="lower right")
+        bars.set_xlim(0, 1)
+        bars.set_xlabel("density (fraction of active weights)")
+        bars.set_title("per-layer density")
+        if history:
+            curves.plot(
+                [r["step"] for r in history], [r["drop_fraction"] for r in history], "o-", label="drop fraction"
+            )
+        if self.itop_curve:
+            curves.plot(*zip(*self.itop_curve, strict=True), "s-", label="ITOP rate")
+        curves.set_xlabel("optimizer step")
+        curves.set_ylim(0, 1)
+        curves.set_title("topology updates")
+        if history or self.itop_curve:
+            curves.legend()
+        else:
+            curves.text(0.5, 0.5, "no RigLCallback", ha="center", va="center", transform=curves.transAxes)
+        return figure
+
+
+def _batch_size(batch: Any) -> int | None:
+    try:
+        return extract_batch_size(batch)
+    except MisconfigurationException:  # no tensor in the batch: FLOPs per batch are unknown
+        return None
+
+
+def _import(module: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        return None
+
+
+def _si(value: float) -> str:
+    for threshold, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= threshold:
+            return f"{value / threshold:.2f} {suffix}"
+    return f"{value:.0f}"
+
+
+def _print_table(rows: list[list[str]], title: str) -> None:
+    rich = _import("rich")
+    if rich is not None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title.splitlines()[0], caption="\n".join(title.splitlines()[1:]) or None)
+        for i, header in enumerate(rows[0]):
+            table.add_column(header, justify="left" if i == 0 else "right")
+        for row in rows[1:-1]:
+            table.add_row(*row)
+        table.add_section()
+        table.add_row(*rows[-1], style="bold")
+        Console().print(table)
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        " | ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    rule = "-+-".join("-" * w for w in widths)
+    print("\n".join([title, lines[0], rule, *lines[1:-1], rule, lines[-1]]))
