@@ -20,7 +20,7 @@ def _encode(tensor: Tensor, mask: Tensor | None) -> dict[str, Any]:
     if not tensor.is_floating_point() or tensor.dim() == 0:
         return {"encoding": "dense", "values": tensor.clone()}
     mask = (tensor != 0) if mask is None else mask.detach().cpu().bool()
-    numel, nnz, size = tensor.numel(), int(mask.sum()), tensor.element_size()
+    numel, nnz, size = tensor.numel(), int(mask.count_nonzero()), tensor.element_size()
     index_dtype = torch.int32 if numel < 2**31 else torch.int64
     costs = {
         "dense": numel * size,

@@ -145,7 +145,7 @@ class SparseTraining:
         For sharded weights, over this rank's shards.
         """
         total = sum(mask.numel() for mask in self._ever_active.values())
-        return sum(int(mask.sum()) for mask in self._ever_active.values()) / max(total, 1)
+        return sum(int(mask.count_nonzero()) for mask in self._ever_active.values()) / max(total, 1)
 
     @property
     def updates(self) -> int:
@@ -214,7 +214,7 @@ class SparseTraining:
                 old = full_like_param(self._masks[name], param).bool()
                 # The scores are ours (a fresh |grad|, |EMA| or random draw): overwrite them in place.
                 new, grown = drop_and_grow(old, full(param), full(scores), fraction, overwrite_scores=True)
-                self._record(step, fraction, int(grown.sum()), int(new.sum()))
+                self._record(step, fraction, int(grown.count_nonzero()), int(new.count_nonzero()))
                 new, grown = local(distribute_like_param(new, param)), local(distribute_like_param(grown, param))
                 self._masks[name] = new.to(param.dtype)
                 self._ever_active[name] |= new

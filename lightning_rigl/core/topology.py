@@ -64,7 +64,7 @@ def drop_and_grow(
 
     """
     flat_mask = mask.reshape(-1)
-    n_active = int(flat_mask.sum())
+    n_active = int(flat_mask.count_nonzero())
     k = int(n_active * drop_fraction)
     if k == 0:
         return mask.clone(), torch.zeros_like(mask)
