@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_rigl import RigLCallback
+from lightning_rigl import RigLCallback, SparsityMonitor
 from tests.conftest import MLP, make_loader, make_trainer
 
 
@@ -161,3 +161,17 @@ def test_fuzzed_arguments_are_accepted_as_given_or_refused_naming_the_argument(a
         assert f"`{argument}" in str(error), str(error)
     else:
         assert getattr(callback, argument) is value  # stored as given, never replaced by a default
+
+
+MONITOR_ARGUMENTS = list(inspect.signature(SparsityMonitor.__init__).parameters)[1:]
+
+
+@settings(max_examples=40, deadline=None)
+@given(argument=st.sampled_from(MONITOR_ARGUMENTS), value=ANY_VALUE)
+def test_fuzzed_monitor_arguments_are_accepted_as_given_or_refused_naming_the_argument(argument, value):
+    try:
+        monitor = SparsityMonitor(**{argument: value})
+    except (MisconfigurationException, TypeError) as error:
+        assert f"`{argument}" in str(error), str(error)
+    else:
+        assert getattr(monitor, argument) is value
