@@ -163,8 +163,8 @@ class SparseTraining:
     @torch.no_grad()
     def apply_masks(self, params: ParamsLike = None) -> None:
         """Zero the inactive weights."""
-        for name in self.names(params):
-            local(self.params[name]).mul_(self._masks[name])
+        names = self.names(params)
+        self._multiply_by_masks([local(self.params[name]) for name in names], names)
 
     @torch.no_grad()
     def before_step(self, step: int, params: ParamsLike = None) -> None:
@@ -193,8 +193,7 @@ class SparseTraining:
             if due and not finite:
                 # No update from this step; the layers stay due and retry at their next finite step.
                 self.nonfinite_steps += 1
-        for name in names:
-            local(self.params[name].grad).mul_(self._masks[name])
+        self._multiply_by_masks([local(self.params[name].grad) for name in names], names)
 
     @torch.no_grad()
     def after_step(self, optimizers: Iterable[torch.optim.Optimizer], params: ParamsLike = None) -> None:
@@ -206,7 +205,8 @@ class SparseTraining:
 
         """
         optimizers = list(optimizers)
-        for name in self.names(params):
+        names = self.names(params)
+        for name in names:
             param, scores = self.params[name], self._scores.pop(name, None)
             if scores is not None:
                 step, fraction = self._pending.pop(name)
@@ -220,7 +220,7 @@ class SparseTraining:
                 self._ever_active[name] |= new
                 local(param).masked_fill_(grown, 0.0)  # the paper's grow init; regrown weights keep their value
                 reset_optimizer_state(optimizers, param, grown)
-            local(param).mul_(self._masks[name])
+        self._multiply_by_masks([local(self.params[name]) for name in names], names)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: tensors and Python primitives only, masks at 1 bit a weight."""
@@ -322,6 +322,11 @@ class SparseTraining:
                 f"RigL masks differ across ranks for {bad} (rank {torch.distributed.get_rank()}). Every rank must "
                 "start from the same seed and see the same (all-reduced) gradients at update steps."
             )
+
+    def _multiply_by_masks(self, tensors: list[Tensor], names: list[str]) -> None:
+        # One fused call for all layers: this runs twice on every step.
+        if tensors:
+            torch._foreach_mul_(tensors, [self._masks[name] for name in names])
 
     def _full_mask(self, name: str, masks: Mapping[str, Tensor]) -> Tensor:
         return full_like_param(masks[name], self.params[name]).bool()
