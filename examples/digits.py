@@ -19,9 +19,18 @@ from lightning_rigl import RigLCallback
 
 
 class DigitsMLP(pl.LightningModule):
+    """A 64-hidden-hidden-10 MLP for 8x8 digits, SGD with Nesterov momentum and a cosine learning rate.
+
+    Args:
+        hidden: Width of the two hidden layers.
+        lr: Peak learning rate.
+        weight_decay: SGD weight decay.
+    """
+
     def __init__(self, hidden: int = 256, lr: float = 0.1, weight_decay: float = 5e-4) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.example_input_array = torch.zeros(1, 64)  # for SparsityMonitor's FLOPs count
         self.net = nn.Sequential(
             nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
         )
