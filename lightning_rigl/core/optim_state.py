@@ -11,6 +11,27 @@ from lightning_rigl.core.sharding import local
 
 
 @torch.no_grad()
+def fill_positions(tensor: Tensor, positions: Tensor, value: float) -> None:
+    """Set ``tensor`` to ``value`` at ``positions``: a bool tensor of its shape, or flat indices.
+
+    Example:
+        >>> t = torch.ones(2, 3)
+        >>> fill_positions(t, torch.tensor([0, 4]), 0.0)
+        >>> t.tolist()
+        [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
+    """
+    positions = positions.to(tensor.device)
+    if positions.dtype == torch.bool:
+        tensor.masked_fill_(positions, value)
+    elif tensor.is_contiguous():
+        tensor.view(-1).index_fill_(0, positions, value)  # k indices: no pass over the tensor
+    else:
+        flags = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
+        flags[positions] = True
+        tensor.masked_fill_(flags.view(tensor.shape), value)
+
+
+@torch.no_grad()
 def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Tensor, positions: Tensor) -> int:
     """Zero, at ``positions``, every state tensor of ``param``'s shape in every optimizer that holds it.
 
@@ -22,7 +43,7 @@ def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Te
         optimizers: Optimizers to search.
         param: The parameter whose state to reset.
         positions: Bool tensor of ``param``'s shape, True where to reset (for a sharded ``param``,
-            this rank's shard of it).
+            this rank's shard of it), or a 1-D tensor of flat indices into ``param``.
 
     Returns:
         The number of state tensors touched.
@@ -41,7 +62,6 @@ def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Te
     for optimizer in optimizers:
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:
-                value = local(value)
-                value.masked_fill_(positions.to(value.device), 0)
+                fill_positions(local(value), positions, 0.0)
                 touched += 1
     return touched

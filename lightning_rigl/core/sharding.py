@@ -59,3 +59,13 @@ def all_ranks_true(flag: bool, tensors: list[Tensor]) -> bool:
     value = torch.tensor([float(flag)], device=local(sharded).device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
     return bool(value.item())
+
+
+def all_ranks_sum(count: int, tensors: list[Tensor]) -> int:
+    """Sum of ``count`` over the ranks that shard ``tensors`` (no communication if none is sharded)."""
+    sharded = next((t for t in tensors if is_sharded(t)), None)
+    if sharded is None:
+        return count
+    value = torch.tensor([count], dtype=torch.int64, device=local(sharded).device)
+    torch.distributed.all_reduce(value)
+    return int(value.item())

@@ -10,11 +10,12 @@ from torch import Tensor, nn
 
 from lightning_rigl.core.distribution import layer_sparsities
 from lightning_rigl.core.grow import GROW_CRITERIA, METHODS
-from lightning_rigl.core.optim_state import reset_optimizer_state
+from lightning_rigl.core.optim_state import fill_positions, reset_optimizer_state
 from lightning_rigl.core.packing import pack_bits, unpack_bits
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import resolve_custom_sparsity, select_parameters
 from lightning_rigl.core.sharding import (
+    all_ranks_sum,
     all_ranks_true,
     distribute_like_param,
     full,
@@ -23,7 +24,7 @@ from lightning_rigl.core.sharding import (
     local,
     wrap_like_param,
 )
-from lightning_rigl.core.topology import drop_and_grow, num_active, random_mask
+from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices, num_active, random_mask
 
 ParamsLike = torch.optim.Optimizer | Iterable[Tensor] | None
 
@@ -210,16 +211,16 @@ class SparseTraining:
             param, scores = self.params[name], self._scores.pop(name, None)
             if scores is not None:
                 step, fraction = self._pending.pop(name)
-                # Sharded weights: gather this one layer, decide on every rank alike, keep our shard.
-                old = full_like_param(self._masks[name], param).bool()
-                # The scores are ours (a fresh |grad|, |EMA| or random draw): overwrite them in place.
-                new, grown = drop_and_grow(old, full(param), full(scores), fraction, overwrite_scores=True)
-                self._record(step, fraction, int(grown.count_nonzero()), int(new.count_nonzero()))
-                new, grown = local(distribute_like_param(new, param)), local(distribute_like_param(grown, param))
-                self._masks[name] = new.to(param.dtype)
-                self._ever_active[name] |= new
-                local(param).masked_fill_(grown, 0.0)  # the paper's grow init; regrown weights keep their value
+                if is_sharded(param):
+                    grown = self._update_sharded(name, scores, fraction)
+                else:
+                    grown = self._update(name, scores, fraction)
+                # The paper's grow init: new connections start at 0 with fresh optimizer state;
+                # a weight dropped and regrown in this update keeps its value and state.
+                fill_positions(local(param), grown, 0.0)
                 reset_optimizer_state(optimizers, param, grown)
+                changed = grown.numel() if grown.dtype != torch.bool else int(grown.count_nonzero())
+                self._record(step, fraction, all_ranks_sum(changed, [param]), self._active(name))
         self._multiply_by_masks([local(self.params[name]) for name in names], names)
 
     def state_dict(self) -> dict[str, Any]:
@@ -284,7 +285,7 @@ class SparseTraining:
         # Masks are kept in the weight's dtype: multiplying by a float mask is several times faster on
         # CPU than by a bool one, and it is the operation run on every step.
         self._masks = {
-            name: local(distribute_like_param(masks[name].to(local(p).device, p.dtype), p))
+            name: local(distribute_like_param(masks[name].to(local(p).device, p.dtype), p)).contiguous()
             for name, p in self.params.items()
         }
         for name, mask in self._masks.items():
@@ -322,6 +323,30 @@ class SparseTraining:
                 f"RigL masks differ across ranks for {bad} (rank {torch.distributed.get_rank()}). Every rank must "
                 "start from the same seed and see the same (all-reduced) gradients at update steps."
             )
+
+    def _update(self, name: str, scores: Tensor, fraction: float) -> Tensor:
+        """Drop and grow in place with flat indices (no pass over the layer); returns the new ones."""
+        mask = self._masks[name].view(-1)
+        # The scores are ours (a fresh |grad|, |EMA| or random draw): overwrite them in place.
+        dropped, grown = drop_grow_indices(mask, self.params[name], scores, fraction, overwrite_scores=True)
+        new = grown[mask[grown] == 0]
+        mask[dropped] = 0
+        mask[grown] = 1
+        self._ever_active[name].view(-1)[grown] = True
+        return new
+
+    def _update_sharded(self, name: str, scores: Tensor, fraction: float) -> Tensor:
+        """Gather one layer, decide on every rank alike, keep this rank's shard; returns the new ones."""
+        param = self.params[name]
+        old = full_like_param(self._masks[name], param).bool()
+        new, grown = drop_and_grow(old, full(param), full(scores), fraction, overwrite_scores=True)
+        new, grown = local(distribute_like_param(new, param)), local(distribute_like_param(grown, param))
+        self._masks[name] = new.to(param.dtype)
+        self._ever_active[name] |= new
+        return grown
+
+    def _active(self, name: str) -> int:
+        return all_ranks_sum(int(self._masks[name].count_nonzero()), [self.params[name]])
 
     def _multiply_by_masks(self, tensors: list[Tensor], names: list[str]) -> None:
         # One fused call for all layers: this runs twice on every step.

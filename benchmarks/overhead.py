@@ -1,0 +1,152 @@
+"""Per-step cost of RigLCallback against dense training and Lightning's ModelPruning.
+
+    python benchmarks/overhead.py            # both models, prints a table, writes overhead.json
+
+Compared runs, same model, data and optimizer (SGD with momentum):
+  (a) dense: no callback
+  (b) rigl: RigLCallback, 90 % ERK, delta_t=100 (update steps included: amortized)
+  (c) pruning: Lightning's ModelPruning holding 90 % static (l1, per layer), pruned before step 1
+  (d) rigl+monitor: (b) plus SparsityMonitor, when lightning_rigl has it
+The runs alternate inside one process, round after round, so that a noisy machine slows all alike.
+The figure per run is the mean step time of the round (total / steps, so RigL's update steps are
+amortized); the table gives the median over rounds and the ratio of medians against (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelPruning
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_rigl
+from lightning_rigl import RigLCallback
+
+
+class StepTimer(Callback):
+    """Wall time of the training steps after the warm-up ones."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.steps = warmup, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.elapsed = time.perf_counter() - self.start
+        self.steps = trainer.global_step - self.warmup
+
+
+class PruneAtStart(ModelPruning):
+    """ModelPruning applied once before the first step and held (its forward pre-hooks stay)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.apply_pruning(self.amount)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def mlp() -> nn.Module:
+    # 2.9 M weights, batch 32: the optimizer step is a large share of each step.
+    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+
+def cnn() -> nn.Module:
+    # A small CIFAR-shaped CNN: convolutions dominate.
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(128 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 10),
+    )  # fmt: skip
+
+
+MODELS = {
+    "mlp": (mlp, lambda n: torch.randn(n, 784), 32),
+    "cnn": (cnn, lambda n: torch.randn(n, 3, 32, 32), 32),
+}
+
+
+def callbacks_for(run: str) -> list[Callback]:
+    if run == "dense":
+        return []
+    if run == "pruning":
+        return [PruneAtStart("l1_unstructured", amount=0.9, apply_pruning=False, verbose=0)]
+    callbacks: list[Callback] = [RigLCallback(0.9, "erk", "rigl", delta_t=100, t_end=1.0, seed=0)]
+    if run == "rigl+monitor":
+        callbacks.append(lightning_rigl.SparsityMonitor())
+    return callbacks
+
+
+def time_run(model_name: str, run: str, steps: int, warmup: int) -> float:
+    build, make_x, batch = MODELS[model_name]
+    torch.manual_seed(0)
+    x = make_x(batch * 64)
+    y = torch.randint(0, 10, (len(x),))
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+    timer = StepTimer(warmup)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps + warmup,
+        max_epochs=None,
+        callbacks=[*callbacks_for(run), timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=50,
+    )
+    trainer.fit(Classifier(build()), loader)
+    return timer.elapsed / timer.steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--out", default="overhead.json")
+    args = parser.parse_args()
+    runs = ["dense", "rigl", "pruning"] + (["rigl+monitor"] if hasattr(lightning_rigl, "SparsityMonitor") else [])
+
+    results = {}
+    for model_name in args.models:
+        times: dict[str, list[float]] = {run: [] for run in runs}
+        for _ in range(args.rounds):
+            for run in runs:
+                times[run].append(time_run(model_name, run, args.steps, args.warmup))
+        medians = {run: statistics.median(values) for run, values in times.items()}
+        results[model_name] = {
+            run: {"median_ms": medians[run] * 1e3, "ratio": medians[run] / medians["dense"], "all_ms": values}
+            for run, values in ((run, [t * 1e3 for t in v]) for run, v in times.items())
+        }
+    print(f"\n{'model':<6}{'run':<14}{'median ms/step':>16}{'ratio vs dense':>16}")
+    for model_name, rows in results.items():
+        for run, row in rows.items():
+            print(f"{model_name:<6}{run:<14}{row['median_ms']:>16.2f}{row['ratio']:>16.3f}")
+    meta = {"torch": torch.__version__, "lightning": pl.__version__, "threads": torch.get_num_threads(), **vars(args)}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
