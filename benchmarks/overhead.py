@@ -6,7 +6,7 @@ Compared runs, same model, data and optimizer (SGD with momentum):
   (a) dense: no callback
   (b) rigl: RigLCallback, 90 % ERK, delta_t=100 (update steps included: amortized)
   (c) pruning: Lightning's ModelPruning holding 90 % static (l1, per layer), pruned before step 1
-  (d) rigl+monitor: (b) plus SparsityMonitor, when lightning_rigl has it
+  (d) rigl+monitor: (b) plus SparsityMonitor (FLOPs counted, logging every 50 steps, no table or image)
 The runs alternate inside one process, round after round, so that a noisy machine slows all alike.
 The figure per run is the mean step time of the round (total / steps, so RigL's update steps are
 amortized); the table gives the median over rounds and the ratio of medians against (a).
@@ -85,14 +85,14 @@ MODELS = {
 }
 
 
-def callbacks_for(run: str) -> list[Callback]:
+def callbacks_for(run: str, example_input: torch.Tensor) -> list[Callback]:
     if run == "dense":
         return []
     if run == "pruning":
         return [PruneAtStart("l1_unstructured", amount=0.9, apply_pruning=False, verbose=0)]
     callbacks: list[Callback] = [RigLCallback(0.9, "erk", "rigl", delta_t=100, t_end=1.0, seed=0)]
     if run == "rigl+monitor":
-        callbacks.append(lightning_rigl.SparsityMonitor())
+        callbacks.append(lightning_rigl.SparsityMonitor(example_input=example_input, table=False, plot=False))
     return callbacks
 
 
@@ -107,7 +107,7 @@ def time_run(model_name: str, run: str, steps: int, warmup: int) -> float:
         accelerator="cpu",
         max_steps=steps + warmup,
         max_epochs=None,
-        callbacks=[*callbacks_for(run), timer],
+        callbacks=[*callbacks_for(run, x[:1]), timer],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", default="overhead.json")
     args = parser.parse_args()
-    runs = ["dense", "rigl", "pruning"] + (["rigl+monitor"] if hasattr(lightning_rigl, "SparsityMonitor") else [])
+    runs = ["dense", "rigl", "pruning", "rigl+monitor"]
 
     results = {}
     for model_name in args.models:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -16,30 +14,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_rigl._checks import check_patterns, check_type, misconfiguration
 from lightning_rigl.core import DISTRIBUTIONS, METHODS, SparseTraining, UpdateSchedule, select_parameters
 from lightning_rigl.core.distribution import _check_fraction
-
-
-@contextmanager
-def _misconfiguration() -> Iterator[None]:
-    """Re-raise the core's ValueErrors as Lightning's MisconfigurationException."""
-    try:
-        yield
-    except MisconfigurationException:
-        raise
-    except ValueError as error:
-        raise MisconfigurationException(str(error)) from error
-
-
-def _check_type(argument: str, value: Any, types: tuple[type, ...], allowed: str) -> None:
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        raise TypeError(f"`{argument}` must be {allowed}, got {value!r} of type {type(value).__name__}.")
-
-
-def _check_patterns(argument: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value)):
-        raise TypeError(f"`{argument}` must be None or a list of fnmatch patterns (str), got {value!r}.")
-
 
 SUPPORTED_STRATEGIES = (
     "single device ('auto' on one device)",
@@ -119,34 +96,34 @@ class RigLCallback(Callback):
         seed: int | None = None,
         consistency_checks: int = 3,
     ) -> None:
-        with _misconfiguration():
+        with misconfiguration():
             _check_fraction("sparsity", sparsity)
             if distribution not in DISTRIBUTIONS:
                 raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}.")
             if method not in METHODS:
                 raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-            _check_type("t_end", t_end, (int, float), "an int >= 0 (optimizer steps) or a float in (0, 1]")
+            check_type("t_end", t_end, (int, float), "an int >= 0 (optimizer steps) or a float in (0, 1]")
             if isinstance(t_end, float) and not 0.0 < t_end <= 1.0:
                 raise ValueError(
                     f"`t_end` as a float is a fraction of the run and must be in (0, 1], got {t_end!r}; "
                     "pass an int for an absolute optimizer step."
                 )
             UpdateSchedule(delta_t, t_end if isinstance(t_end, int) else 0, alpha, decay)  # checks all four
-            _check_patterns("include", include)
-            _check_patterns("exclude", exclude)
+            check_patterns("include", include)
+            check_patterns("exclude", exclude)
             if dense_first_layer is not None:
-                _check_type("dense_first_layer", dense_first_layer, (bool,), "None or a bool")
+                check_type("dense_first_layer", dense_first_layer, (bool,), "None or a bool")
             if custom_sparsity is not None:
-                _check_type("custom_sparsity", custom_sparsity, (dict,), "None or a dict of name to sparsity")
+                check_type("custom_sparsity", custom_sparsity, (dict,), "None or a dict of name to sparsity")
                 for name, value in custom_sparsity.items():
-                    _check_type("custom_sparsity", name, (str,), "keyed by parameter names (str)")
+                    check_type("custom_sparsity", name, (str,), "keyed by parameter names (str)")
                     _check_fraction(f"custom_sparsity[{name!r}]", value)
-            _check_type("erk_power_scale", erk_power_scale, (int, float), "a number >= 0")
+            check_type("erk_power_scale", erk_power_scale, (int, float), "a number >= 0")
             if not erk_power_scale >= 0:
                 raise ValueError(f"`erk_power_scale` must be >= 0, got {erk_power_scale!r}.")
             if seed is not None:
-                _check_type("seed", seed, (int,), "None or an int")
-            _check_type("consistency_checks", consistency_checks, (int,), "an int >= -1")
+                check_type("seed", seed, (int,), "None or an int")
+            check_type("consistency_checks", consistency_checks, (int,), "an int >= -1")
             if consistency_checks < -1:
                 raise ValueError(f"`consistency_checks` must be an int >= -1, got {consistency_checks!r}.")
         self.sparsity = sparsity
@@ -185,7 +162,7 @@ class RigLCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_fit_start is the first hook where layers from configure_model exist, DDP has synced the
         # weights and the optimizers are built; no optimizer step has run yet.
-        with _misconfiguration():
+        with misconfiguration():
             schedule = UpdateSchedule(self.delta_t, self._t_end_steps(trainer), self.alpha, self.decay)
             params = select_parameters(pl_module, self.include, self.exclude)
             if self._loaded_state is None and self.sparse is not None and self._same_parameters(params):
@@ -254,7 +231,7 @@ class RigLCallback(Callback):
         self._restored = True
         if self.sparse is not None and self._trainer is not None:
             # FSDP / ModelParallel restore callback state after on_fit_start built the masks.
-            with _misconfiguration():
+            with misconfiguration():
                 self.sparse.load_state_dict(state_dict)
         else:
             # Single device and DDP restore it before on_fit_start, which builds the masks from it.

@@ -16,7 +16,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_rigl.callback import RigLCallback, _check_patterns, _check_type, _misconfiguration
+from lightning_rigl._checks import check_patterns, check_type, misconfiguration
+from lightning_rigl.callback import RigLCallback
 from lightning_rigl.core.flops import FlopsCount, count_active, count_flops, training_flops_per_sample
 from lightning_rigl.core.selection import select_parameters
 
@@ -83,20 +84,18 @@ class SparsityMonitor(Callback):
         plot: bool = True,
     ) -> None:
         if example_input is not None:
-            _check_type(
-                "example_input", example_input, (Tensor, tuple, list, dict), "None, a tensor, a tuple or a dict"
-            )
+            check_type("example_input", example_input, (Tensor, tuple, list, dict), "None, a tensor, a tuple or a dict")
         if example_batch_size is not None:
-            _check_type("example_batch_size", example_batch_size, (int,), "None or an int >= 1")
+            check_type("example_batch_size", example_batch_size, (int,), "None or an int >= 1")
             if example_batch_size < 1:
                 raise MisconfigurationException(
                     f"`example_batch_size` must be None (dim 0 of the example input) or an int >= 1, "
                     f"got {example_batch_size!r}."
                 )
-        _check_patterns("include", include)
-        _check_patterns("exclude", exclude)
-        _check_type("table", table, (bool,), "a bool")
-        _check_type("plot", plot, (bool,), "a bool")
+        check_patterns("include", include)
+        check_patterns("exclude", exclude)
+        check_type("table", table, (bool,), "a bool")
+        check_type("plot", plot, (bool,), "a bool")
         self.example_input = example_input
         self.example_batch_size = example_batch_size
         self.include = include
@@ -133,7 +132,7 @@ class SparsityMonitor(Callback):
         # Here every callback's on_fit_start has run (RigLCallback built its masks) and every strategy
         # has restored its checkpoint.
         self._rigl = next((cb for cb in trainer.callbacks if isinstance(cb, RigLCallback)), None)
-        with _misconfiguration():
+        with misconfiguration():
             if self.include or self.exclude or self._rigl is None or self._rigl.sparse is None:
                 self._params = select_parameters(pl_module, self.include, self.exclude)
             else:

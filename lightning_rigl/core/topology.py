@@ -93,17 +93,18 @@ def drop_grow_indices(
         ([1, 3], [1, 4])
 
     """
-    active = mask.reshape(-1)
-    active = active if active.dtype == torch.bool else active != 0
-    k = int(int(active.count_nonzero()) * drop_fraction)
+    flat_mask = mask.reshape(-1)
+    kept = flat_mask.clone() if flat_mask.dtype == torch.bool else flat_mask != 0
+    active_at = kept.nonzero().flatten()
+    k = int(active_at.numel() * drop_fraction)
     if k == 0:
         empty = torch.empty(0, dtype=torch.long, device=mask.device)
         return empty, empty
-    # Inactive positions get +inf so that they never win against an active weight, even one at 0.
-    magnitude = torch.where(active, weight.detach().reshape(-1).abs(), math.inf)
-    dropped = top_k_indices(magnitude, k, largest=False)
-    del magnitude  # freed before the grow buffer is needed
-    kept = active.clone()
+    # Drop among the active weights only (an active weight at exactly 0 goes first): a buffer and a
+    # top-k of n_active entries, not of the whole layer.
+    magnitude = weight.detach().reshape(-1)[active_at].abs()
+    dropped = active_at[top_k_indices(magnitude, k, largest=False)]
+    del magnitude, active_at  # freed before the grow step
     kept[dropped] = False
     # Kept positions get -inf (not 0): a score of 0 could still beat a negative or zero score.
     candidates = grow_scores.detach().reshape(-1)
