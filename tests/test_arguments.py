@@ -149,29 +149,18 @@ ANY_VALUE = st.one_of(
     st.lists(st.one_of(st.text(max_size=4), st.integers(), st.floats()), max_size=3),
     st.dictionaries(st.one_of(st.text(max_size=4), st.integers()), st.one_of(st.floats(), st.text(max_size=3))),
 )
-ARGUMENTS = list(inspect.signature(RigLCallback.__init__).parameters)[1:]
+CALLBACK_ARGUMENTS = [
+    (cls, argument) for cls in (RigLCallback, SparsityMonitor) for argument in list(inspect.signature(cls).parameters)
+]
 
 
-@settings(max_examples=60, deadline=None)
-@given(argument=st.sampled_from(ARGUMENTS), value=ANY_VALUE)
-def test_fuzzed_arguments_are_accepted_as_given_or_refused_naming_the_argument(argument, value):
+@settings(max_examples=100, deadline=None)
+@given(case=st.sampled_from(CALLBACK_ARGUMENTS), value=ANY_VALUE)
+def test_fuzzed_arguments_are_accepted_as_given_or_refused_naming_the_argument(case, value):
+    cls, argument = case
     try:
-        callback = RigLCallback(**{argument: value})
+        callback = cls(**{argument: value})
     except (MisconfigurationException, TypeError) as error:
         assert f"`{argument}" in str(error), str(error)
     else:
         assert getattr(callback, argument) is value  # stored as given, never replaced by a default
-
-
-MONITOR_ARGUMENTS = list(inspect.signature(SparsityMonitor.__init__).parameters)[1:]
-
-
-@settings(max_examples=40, deadline=None)
-@given(argument=st.sampled_from(MONITOR_ARGUMENTS), value=ANY_VALUE)
-def test_fuzzed_monitor_arguments_are_accepted_as_given_or_refused_naming_the_argument(argument, value):
-    try:
-        monitor = SparsityMonitor(**{argument: value})
-    except (MisconfigurationException, TypeError) as error:
-        assert f"`{argument}" in str(error), str(error)
-    else:
-        assert getattr(monitor, argument) is value

@@ -219,8 +219,7 @@ class SparseTraining:
                 # a weight dropped and regrown in this update keeps its value and state.
                 fill_positions(local(param), grown, 0.0)
                 reset_optimizer_state(optimizers, param, grown)
-                changed = grown.numel() if grown.dtype != torch.bool else int(grown.count_nonzero())
-                self._record(step, fraction, all_ranks_sum(changed, [param]), self._active(name))
+                self._record(step, fraction, all_ranks_sum(grown.numel(), [param]), self._active(name))
         self._multiply_by_masks([local(self.params[name]) for name in names], names)
 
     def state_dict(self) -> dict[str, Any]:
@@ -325,7 +324,11 @@ class SparseTraining:
             )
 
     def _update(self, name: str, scores: Tensor, fraction: float) -> Tensor:
-        """Drop and grow in place with flat indices (no pass over the layer); returns the new ones."""
+        """Drop and grow in place with flat indices (no pass over the layer).
+
+        Returns:
+            The flat indices of the new connections.
+        """
         mask = self._masks[name].view(-1)
         # The scores are ours (a fresh |grad|, |EMA| or random draw): overwrite them in place.
         dropped, grown = drop_grow_indices(mask, self.params[name], scores, fraction, overwrite_scores=True)
@@ -336,14 +339,18 @@ class SparseTraining:
         return new
 
     def _update_sharded(self, name: str, scores: Tensor, fraction: float) -> Tensor:
-        """Gather one layer, decide on every rank alike, keep this rank's shard; returns the new ones."""
+        """Gather one layer, decide on every rank alike, keep this rank's shard.
+
+        Returns:
+            The flat indices of the new connections within this rank's shard.
+        """
         param = self.params[name]
         old = full_like_param(self._masks[name], param).bool()
         new, grown = drop_and_grow(old, full(param), full(scores), fraction, overwrite_scores=True)
         new, grown = local(distribute_like_param(new, param)), local(distribute_like_param(grown, param))
-        self._masks[name] = new.to(param.dtype)
+        self._masks[name] = new.to(param.dtype).contiguous()
         self._ever_active[name] |= new
-        return grown
+        return grown.reshape(-1).nonzero().flatten()
 
     def _active(self, name: str) -> int:
         return all_ranks_sum(int(self._masks[name].count_nonzero()), [self.params[name]])
