@@ -47,8 +47,8 @@ class RigLCallback(Callback):
     At fit start the callback picks the weights to mask, spreads ``sparsity`` over them with
     ``distribution`` and draws a random mask with an exact number of active weights per layer. Before
     each optimizer step it reads the dense gradient it needs and zeroes the gradients of inactive
-    weights; right after each step it zeroes inactive weights, and every ``delta_t`` steps until
-    ``t_end`` it drops the smallest active weights and grows as many new ones (see README).
+    weights; right after each step, every ``delta_t`` steps until ``t_end``, it drops the smallest
+    active weights and grows as many new ones, and it keeps inactive weights at exactly 0 (see README).
 
     Args:
         sparsity: Fraction of zeros over all masked weights, in [0, 1).
@@ -190,7 +190,7 @@ class RigLCallback(Callback):
             self.sparse.check_masks_agree_across_ranks()
         # The optimizer's step post-hook fires exactly once after every optimizer step that really ran
         # (not after accumulation micro-batches, nor after a step skipped by an AMP GradScaler), also in
-        # manual optimization with several steps per batch: the exact place to re-zero weights.
+        # manual optimization with several steps per batch: the exact place to update masks.
         self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
 
     @override

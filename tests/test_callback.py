@@ -56,8 +56,9 @@ def test_exact_counts_zero_weights_and_zero_gradients_every_step(optimizer):
     assert rigl.sparse.updates == 7
 
 
-def test_optimizer_state_is_absent_at_inactive_positions():
-    rigl = RigLCallback(0.8, method="static")
+@pytest.mark.parametrize("method", ["static", "rigl"])
+def test_optimizer_state_is_absent_at_inactive_positions(method):
+    rigl = RigLCallback(0.8, method=method, delta_t=3)
     model = MLP(optimizer="adamw")
     trainer = make_trainer([rigl], max_steps=15)
     trainer.fit(model, make_loader())

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_rigl import layer_sparsities
-from lightning_rigl.core import drop_and_grow, num_active, reset_optimizer_state
+from lightning_rigl import SparseTraining, UpdateSchedule, layer_sparsities
+from lightning_rigl.core import drop_and_grow, num_active
 from lightning_rigl.core.topology import top_k_indices
 
 shape = st.one_of(
@@ -54,29 +54,33 @@ def test_one_update_keeps_counts_values_and_state(numel, density, drop_fraction,
     if zeros_in_weights:
         weight[torch.rand(numel, generator=g) < 0.3] = 0.0  # active weights at exactly 0 exist
     scores = torch.randn(numel, generator=g)
-    state = {"momentum": torch.randn(numel, generator=g)}
+    momentum = torch.randn(numel, generator=g)
 
-    new_mask, grown = drop_and_grow(mask, weight, scores, drop_fraction)
+    new_mask, grown = drop_and_grow(mask, weight, scores.abs(), drop_fraction)
     assert int(new_mask.sum()) == int(mask.sum())  # counts are kept
     assert torch.equal(grown, new_mask & ~mask)  # only new positions are "grown"
     k = int(int(mask.sum()) * drop_fraction)
     assert int(grown.sum()) <= k
 
-    # Apply the update as the core does: grown start at 0, state reset there only.
+    # The same update made by the core, with RigL's |gradient| as the grow score.
     param = torch.nn.Parameter(weight.clone())
-    optimizer = torch.optim.SGD([param], lr=0.1)
-    optimizer.state[param] = {key: value.clone() for key, value in state.items()}
-    with torch.no_grad():
-        param.masked_fill_(grown, 0.0)
-        param.mul_(new_mask)
-    reset_optimizer_state([optimizer], param, grown)
+    schedule = UpdateSchedule(delta_t=1, t_end=2, alpha=drop_fraction, decay="constant")
+    sparse = SparseTraining({"w": param}, {"w": 0.0}, schedule=schedule)
+    sparse.set_masks({"w": mask})
+    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    sparse.after_step([optimizer], optimizer)  # an optimizer's first step zeroes its state where inactive
+    optimizer.state[param] = {"momentum_buffer": momentum * mask}
+    param.grad = scores.clone()
+    sparse.before_step(0, optimizer)
+    sparse.after_step([optimizer], optimizer)
 
+    assert torch.equal(sparse.masks["w"], new_mask)
     kept = new_mask & mask
     assert torch.equal(param[kept], weight[kept])  # kept weights keep their values
-    assert param[grown].eq(0).all()  # new weights are 0
-    after = optimizer.state[param]["momentum"]
-    assert torch.equal(after[~grown], state["momentum"][~grown])  # state changes only where grown
-    assert after[grown].eq(0).all()
+    assert param[~new_mask].eq(0).all() and param[grown].eq(0).all()  # inactive and new weights are 0
+    after = optimizer.state[param]["momentum_buffer"]
+    assert torch.equal(after[kept], momentum[kept])  # state of kept connections is untouched
+    assert after[~kept].eq(0).all()  # new connections start from 0; inactive ones hold 0
 
 
 @settings(max_examples=60, deadline=None)

@@ -55,7 +55,7 @@ def _layer(values, mask):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_update_resets_state_of_new_connections_only(optimizer):
+def test_update_resets_state_of_new_connections_and_zeroes_it_where_inactive(optimizer):
     weight, sparse = _layer(WEIGHT, MASK)
     if optimizer == "sgd":
         opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
@@ -81,7 +81,9 @@ def test_update_resets_state_of_new_connections_only(optimizer):
     assert weight[0, 3] == 0  # dropped
     for key, value in opt.state[weight].items():
         if key in before:
-            expected = before[key].clone()
+            # Kept connections (1 was dropped and regrown) keep their state; the new one (4) starts
+            # at 0; inactive positions, 3 dropped for good among them, hold 0, which nothing reads.
+            expected = before[key] * torch.tensor(NEW_MASK).view(1, 8)
             expected[0, 4] = 0
             assert torch.equal(value, expected), key
 

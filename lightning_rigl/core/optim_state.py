@@ -1,4 +1,4 @@
-"""Reset optimizer state at newly grown connections, for any torch optimizer."""
+"""Optimizer state at changed connections, for any torch optimizer, and which optimizers keep zeros at zero."""
 
 from __future__ import annotations
 
@@ -65,3 +65,38 @@ def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Te
                 fill_positions(local(value), positions, 0.0)
                 touched += 1
     return touched
+
+
+# torch.optim optimizers whose update of a weight reads only that weight, its gradient and its own
+# per-element state, and is exactly 0 when all three are 0 (momentum, Adam moments, Adagrad sums,
+# weight decay of either kind, Nesterov, AMSGrad, maximize, foreach and fused kernels alike).
+# Exact types only: a subclass may change `step`. Optimizers that mix positions (LBFGS, or a
+# third-party one with layer-wise norms or preconditioners) are not listed.
+ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+    torch.optim.Rprop,
+    torch.optim.ASGD,
+)
+
+
+def keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` leaves a weight at exactly 0 when its gradient and state are 0 there.
+
+    For such optimizers masked weights need no re-zeroing after each step, once their gradient is
+    masked and their state is 0 at inactive positions.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> keeps_zeros(torch.optim.AdamW([w])), keeps_zeros(torch.optim.LBFGS([w]))
+        (True, False)
+
+    """
+    return type(optimizer) in ZERO_PRESERVING_OPTIMIZERS

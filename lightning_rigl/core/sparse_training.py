@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
 
 from lightning_rigl.core.distribution import layer_sparsities
 from lightning_rigl.core.grow import GROW_CRITERIA, METHODS
-from lightning_rigl.core.optim_state import fill_positions, reset_optimizer_state
+from lightning_rigl.core.optim_state import fill_positions, keeps_zeros, reset_optimizer_state
 from lightning_rigl.core.packing import pack_bits, unpack_bits
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import resolve_custom_sparsity, select_parameters
@@ -35,7 +37,14 @@ class SparseTraining:
     Drive it from any loop: call :meth:`before_step` once the gradients of a step are final (after
     accumulation, all-reduce and unscaling) and :meth:`after_step` right after ``optimizer.step()``.
     ``before_step`` reads the dense gradient it needs for growth and then zeroes the gradient at
-    inactive positions; ``after_step`` zeroes inactive weights and, at update steps, drops and grows.
+    inactive positions; ``after_step`` drops and grows at update steps and keeps inactive weights at 0.
+
+    Inactive weights stay at 0 by themselves when the optimizer is one of
+    :data:`~lightning_rigl.core.optim_state.ZERO_PRESERVING_OPTIMIZERS`: their gradient is masked
+    and their optimizer state is 0 (zeroed when a connection is dropped, and once at an optimizer's
+    first step). Then ``after_step`` skips the pass over the weights, and every
+    ``verify_every`` steps it checks that they are still 0; if something else wrote to them, it
+    warns and re-zeroes them after every step from then on. Other optimizers get that pass always.
 
     Args:
         params: Parameter name to parameter, the weights to mask (one entry per Parameter object).
@@ -45,6 +54,7 @@ class SparseTraining:
         seed: Seed of the generator behind the initial masks and SET's random growth.
         ema_decay: SNFS's moving-average factor for dense gradients.
         state: A :meth:`state_dict` to resume from instead of drawing fresh masks.
+        verify_every: Steps between checks that inactive weights the optimizer keeps at 0 are 0.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -71,9 +81,12 @@ class SparseTraining:
         seed: int = 0,
         ema_decay: float = 0.9,
         state: Mapping[str, Any] | None = None,
+        verify_every: int = 100,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+        if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 1:
+            raise ValueError(f"`verify_every` must be an int >= 1, got {verify_every!r}.")
         if set(sparsities) != set(params):
             raise ValueError(f"`sparsities` must name exactly the parameters {list(params)}, got {list(sparsities)}.")
         self.params = dict(params)
@@ -90,6 +103,13 @@ class SparseTraining:
         self.history: list[dict[str, float]] = []
         self.nonfinite_steps = 0
         self._ever_active: dict[str, Tensor] = {}
+        # Which weights need no re-zeroing pass: gradients masked since the last step, and for each
+        # optimizer that keeps zeros, the names it held when its state was last zeroed at inactive positions.
+        self._masked_grads: set[str] = set()
+        self._clean: WeakKeyDictionary[torch.optim.Optimizer, tuple[str, ...]] = WeakKeyDictionary()
+        self._trust_optimizers = True
+        self.verify_every = verify_every
+        self._steps_to_verify = verify_every
         if state is not None:
             self.load_state_dict(state)  # no fresh draw: it would zero weights the saved masks keep
         else:
@@ -195,32 +215,43 @@ class SparseTraining:
                 # No update from this step; the layers stay due and retry at their next finite step.
                 self.nonfinite_steps += 1
         self._multiply_by_masks([local(self.params[name].grad) for name in names], names)
+        self._masked_grads.update(names)
 
     @torch.no_grad()
     def after_step(self, optimizers: Iterable[torch.optim.Optimizer], params: ParamsLike = None) -> None:
-        """Zero inactive weights after ``optimizer.step()`` and make any topology update that is due.
+        """Make any topology update that is due after ``optimizer.step()``, and keep inactive weights at 0.
 
         Args:
-            optimizers: Every optimizer of the run; state of grown connections is reset in all of them.
+            optimizers: Every optimizer of the run; state of changed connections is reset in all of them.
             params: The parameters the step updated (an optimizer); None for all.
 
         """
         optimizers = list(optimizers)
         names = self.names(params)
+        settled = self._settled(optimizers, names)
+        self._masked_grads.difference_update(names)
+        self._steps_to_verify -= 1
+        if self._steps_to_verify <= 0 and settled:
+            self._steps_to_verify = self.verify_every
+            settled = self._verify_zeros(settled, optimizers)
         for name in names:
             param, scores = self.params[name], self._scores.pop(name, None)
             if scores is not None:
                 step, fraction = self._pending.pop(name)
                 if is_sharded(param):
-                    grown = self._update_sharded(name, scores, fraction)
+                    grown, gone = self._update_sharded(name, scores, fraction)
                 else:
-                    grown = self._update(name, scores, fraction)
-                # The paper's grow init: new connections start at 0 with fresh optimizer state;
-                # a weight dropped and regrown in this update keeps its value and state.
-                fill_positions(local(param), grown, 0.0)
-                reset_optimizer_state(optimizers, param, grown)
+                    grown, gone = self._update(name, scores, fraction)
+                # The paper's grow init: new connections start at 0 with fresh optimizer state; a weight
+                # dropped and regrown in this update keeps its value and state. A dropped weight is
+                # zeroed with its state, which nothing reads again: regrowing it resets it anyway.
+                changed = torch.cat([grown, gone])
+                fill_positions(local(param), changed, 0.0)
+                reset_optimizer_state(optimizers, param, changed)
                 self._record(step, fraction, all_ranks_sum(grown.numel(), [param]), self._active(name))
-        self._multiply_by_masks([local(self.params[name]) for name in names], names)
+        self._zero_state_once(optimizers)
+        unsettled = [name for name in names if name not in settled]
+        self._multiply_by_masks([local(self.params[name]) for name in unsettled], unsettled)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: tensors and Python primitives only, masks at 1 bit a weight."""
@@ -290,6 +321,7 @@ class SparseTraining:
         for name, mask in self._masks.items():
             ever = self._ever_active.get(name)
             self._ever_active[name] = mask.bool() if ever is None else ever | mask.bool()
+        self._clean.clear()  # optimizer state may be nonzero where the new masks are inactive
         self.apply_masks()
 
     def check_masks_agree_across_ranks(self) -> None:
@@ -327,7 +359,7 @@ class SparseTraining:
         """Drop and grow in place with flat indices (no pass over the layer).
 
         Returns:
-            The flat indices of the new connections.
+            The flat indices of the new connections, and those of the connections dropped for good.
         """
         mask = self._masks[name].view(-1)
         # The scores are ours (a fresh |grad|, |EMA| or random draw): overwrite them in place.
@@ -336,27 +368,70 @@ class SparseTraining:
         mask[dropped] = 0
         mask[grown] = 1
         self._ever_active[name].view(-1)[grown] = True
-        return new
+        return new, dropped[mask[dropped] == 0]
 
     def _update_sharded(self, name: str, scores: Tensor, fraction: float) -> Tensor:
         """Gather one layer, decide on every rank alike, keep this rank's shard.
 
         Returns:
-            The flat indices of the new connections within this rank's shard.
+            The flat indices, within this rank's shard, of the new connections and of those dropped for good.
         """
         param = self.params[name]
         old = full_like_param(self._masks[name], param).bool()
         new, grown = drop_and_grow(old, full(param), full(scores), fraction, overwrite_scores=True)
         new, grown = local(distribute_like_param(new, param)), local(distribute_like_param(grown, param))
+        gone = self._masks[name].bool() & ~new
         self._masks[name] = new.to(param.dtype).contiguous()
         self._ever_active[name] |= new
-        return grown.reshape(-1).nonzero().flatten()
+        return grown.reshape(-1).nonzero().flatten(), gone.reshape(-1).nonzero().flatten()
 
     def _active(self, name: str) -> int:
         return all_ranks_sum(int(self._masks[name].count_nonzero()), [self.params[name]])
 
+    def _settled(self, optimizers: list[torch.optim.Optimizer], names: list[str]) -> set[str]:
+        """Names among ``names`` whose weights this step left at 0 by itself: no re-zeroing needed."""
+        if not self._trust_optimizers:
+            return set()
+        trusted: dict[str, bool] = {}
+        for optimizer in optimizers:
+            held = self.names(optimizer)
+            ok = keeps_zeros(optimizer) and self._clean.get(optimizer) == tuple(held)
+            for name in held:
+                trusted[name] = trusted.get(name, True) and ok
+        return {name for name in names if name in self._masked_grads and trusted.get(name, False)}
+
+    def _zero_state_once(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        # State from before the masks (a dense checkpoint, Adagrad's initial sums) would move inactive
+        # weights; zero it there once per optimizer and set of weights, after which drops keep it 0.
+        for optimizer in optimizers:
+            held = tuple(self.names(optimizer))
+            if keeps_zeros(optimizer) and self._clean.get(optimizer) != held:
+                for name in held:
+                    reset_optimizer_state([optimizer], self.params[name], self._masks[name] == 0)
+                self._clean[optimizer] = held
+
+    def _verify_zeros(self, settled: set[str], optimizers: list[torch.optim.Optimizer]) -> set[str]:
+        """Check that the weights left to the optimizer are 0 where inactive; stop trusting it if not."""
+        # NaN is not counted: a non-finite gradient step leaves NaN at inactive positions either way.
+        leaked = [
+            name
+            for name in sorted(settled)
+            if local(self.params[name]).masked_select(self._masks[name] == 0).nan_to_num(0.0).any()
+        ]
+        if not leaked:
+            return settled
+        self._trust_optimizers = False
+        kinds = sorted({type(optimizer).__name__ for optimizer in optimizers})
+        warnings.warn(
+            f"Inactive weights of {leaked} were nonzero after an optimizer step although their gradient was "
+            f"masked and {kinds} keeps zeros at 0: something else writes to them or to their gradient after "
+            "masking. Inactive weights are re-zeroed after every step from now on.",
+            stacklevel=2,
+        )
+        return set()
+
     def _multiply_by_masks(self, tensors: list[Tensor], names: list[str]) -> None:
-        # One fused call for all layers: this runs twice on every step.
+        # One fused call for all layers.
         if tensors:
             torch._foreach_mul_(tensors, [self._masks[name] for name in names])
 
