@@ -94,24 +94,25 @@ def drop_grow_indices(
 
     """
     flat_mask = mask.reshape(-1)
-    kept = flat_mask.clone() if flat_mask.dtype == torch.bool else flat_mask != 0
-    active_at = kept.nonzero().flatten()
+    active_at = (flat_mask if flat_mask.dtype == torch.bool else flat_mask != 0).nonzero().flatten()
     k = int(active_at.numel() * drop_fraction)
     if k == 0:
         empty = torch.empty(0, dtype=torch.long, device=mask.device)
         return empty, empty
     # Drop among the active weights only (an active weight at exactly 0 goes first): a buffer and a
     # top-k of n_active entries, not of the whole layer.
-    magnitude = weight.detach().reshape(-1)[active_at].abs()
-    dropped = active_at[top_k_indices(magnitude, k, largest=False)]
-    del magnitude, active_at  # freed before the grow step
-    kept[dropped] = False
-    # Kept positions get -inf (not 0): a score of 0 could still beat a negative or zero score.
+    order = top_k_indices(weight.detach().reshape(-1)[active_at].abs(), k, largest=False)
+    dropped = active_at[order]
+    kept = torch.ones(active_at.numel(), dtype=torch.bool, device=mask.device)
+    kept[order] = False
+    kept_at = active_at[kept]
+    del active_at, kept  # freed before the grow step
+    # Kept positions get -inf (not 0): a score of 0 could still beat a negative or zero score. Filled
+    # by index: n_active - k positions, no pass over the layer.
     candidates = grow_scores.detach().reshape(-1)
-    if overwrite_scores and candidates.dtype == torch.float32:
-        candidates = candidates.masked_fill_(kept, -math.inf)
-    else:
-        candidates = candidates.to(torch.float32).masked_fill(kept, -math.inf)
+    if not (overwrite_scores and candidates.dtype == torch.float32):
+        candidates = candidates.to(torch.float32, copy=True)
+    candidates.index_fill_(0, kept_at, -math.inf)
     return dropped, top_k_indices(candidates, k)
 
 
