@@ -1,6 +1,6 @@
 """File size of `save_sparse` against `torch.save(state_dict)`, at 80, 90 and 95 % ERK sparsity.
 
-    python benchmarks/export_size.py
+python benchmarks/export_size.py
 """
 
 import json

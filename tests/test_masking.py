@@ -9,24 +9,24 @@ from lightning_rigl import SparseTraining, UpdateSchedule
 from lightning_rigl.core import sparse_training
 from lightning_rigl.core.optim_state import ZERO_PRESERVING_OPTIMIZERS, keeps_zeros
 
-O = torch.optim
+optim = torch.optim
 OPTIMIZERS = {
-    "sgd": lambda p: O.SGD(p, lr=0.1),
-    "sgd-momentum-decay": lambda p: O.SGD(p, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2),
-    "sgd-nesterov-maximize-fused": lambda p: O.SGD(
+    "sgd": lambda p: optim.SGD(p, lr=0.1),
+    "sgd-momentum-decay": lambda p: optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2),
+    "sgd-nesterov-maximize-fused": lambda p: optim.SGD(
         p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, maximize=True, fused=True
     ),
-    "adam": lambda p: O.Adam(p, lr=1e-2, weight_decay=1e-2),
-    "adam-amsgrad-loop": lambda p: O.Adam(p, lr=1e-2, amsgrad=True, foreach=False),
-    "adamw-fused": lambda p: O.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
-    "adamax": lambda p: O.Adamax(p, lr=1e-2, weight_decay=1e-2),
-    "nadam": lambda p: O.NAdam(p, lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
-    "radam": lambda p: O.RAdam(p, lr=1e-2, weight_decay=1e-2),
-    "adagrad": lambda p: O.Adagrad(p, lr=0.1, lr_decay=1e-3, weight_decay=1e-2, initial_accumulator_value=0.5),
-    "adadelta": lambda p: O.Adadelta(p, lr=1.0, weight_decay=1e-2),
-    "rmsprop-centered": lambda p: O.RMSprop(p, lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-2),
-    "rprop": lambda p: O.Rprop(p, lr=1e-2),
-    "asgd": lambda p: O.ASGD(p, lr=1e-2, weight_decay=1e-2, t0=5),
+    "adam": lambda p: optim.Adam(p, lr=1e-2, weight_decay=1e-2),
+    "adam-amsgrad-loop": lambda p: optim.Adam(p, lr=1e-2, amsgrad=True, foreach=False),
+    "adamw-fused": lambda p: optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
+    "adamax": lambda p: optim.Adamax(p, lr=1e-2, weight_decay=1e-2),
+    "nadam": lambda p: optim.NAdam(p, lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
+    "radam": lambda p: optim.RAdam(p, lr=1e-2, weight_decay=1e-2),
+    "adagrad": lambda p: optim.Adagrad(p, lr=0.1, lr_decay=1e-3, weight_decay=1e-2, initial_accumulator_value=0.5),
+    "adadelta": lambda p: optim.Adadelta(p, lr=1.0, weight_decay=1e-2),
+    "rmsprop-centered": lambda p: optim.RMSprop(p, lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-2),
+    "rprop": lambda p: optim.Rprop(p, lr=1e-2),
+    "asgd": lambda p: optim.ASGD(p, lr=1e-2, weight_decay=1e-2, t0=5),
 }
 
 
@@ -35,14 +35,16 @@ def _model(seed=0):
     return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 4))
 
 
-def _train(make_optimizer, steps=40, model=None, sparse_kwargs=None, between=None):
-    """Train with RigL updates every 3 steps; yield after every step, recording weight passes."""
+def _train(make_optimizer, steps=40, model=None, sparse_kwargs=None, between=None, passes=None):
+    """Train with RigL updates every 3 steps; yield after every step. Into ``passes`` go the steps at
+    which weights (not gradients) were multiplied by the masks."""
     model = model or _model()
     optimizer = make_optimizer(model.parameters())
     sparse = SparseTraining.from_model(
         model, 0.7, schedule=UpdateSchedule(delta_t=3, t_end=30), **(sparse_kwargs or {})
     )
-    passes, done = [], []  # the steps at which weights (not gradients) were multiplied by the masks
+    passes = [] if passes is None else passes
+    done = []
     multiply = sparse._multiply_by_masks
 
     def spy(tensors, names):
@@ -62,7 +64,7 @@ def _train(make_optimizer, steps=40, model=None, sparse_kwargs=None, between=Non
         sparse.after_step([optimizer], optimizer)
         optimizer.zero_grad()
         done.append(step)
-        yield model, sparse, passes
+        yield model, sparse
 
 
 def assert_inactive_zero(model, sparse):
@@ -81,8 +83,9 @@ def test_every_listed_optimizer_is_tested():
 def test_optimizers_that_keep_zeros_need_no_weight_pass_and_train_identically(name, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(sparse_training, "keeps_zeros", lambda optimizer: False)
-        reference = [[p.detach().clone() for p in model.parameters()] for model, _, _ in _train(OPTIMIZERS[name])]
-    for step, (model, sparse, passes) in enumerate(_train(OPTIMIZERS[name])):
+        reference = [[p.detach().clone() for p in model.parameters()] for model, _ in _train(OPTIMIZERS[name])]
+    passes = []
+    for step, (model, sparse) in enumerate(_train(OPTIMIZERS[name], passes=passes)):
         assert_inactive_zero(model, sparse)
         for got, expected in zip(model.parameters(), reference[step], strict=True):
             assert torch.equal(got, expected), step  # bit-identical to re-zeroing after every step
@@ -102,19 +105,21 @@ def test_an_unknown_optimizer_gets_the_weight_pass_every_step():
                     p.add_(1e-3)
 
     assert not keeps_zeros(Drifting([nn.Parameter(torch.zeros(1))], lr=0.1))
-    for model, sparse, passes in _train(lambda p: Drifting(p, lr=0.1), steps=10):
+    passes = []
+    for model, sparse in _train(lambda p: Drifting(p, lr=0.1), steps=10, passes=passes):
         assert_inactive_zero(model, sparse)
     assert passes == list(range(10))
 
 
 def test_state_from_before_the_masks_is_zeroed_at_inactive_positions():
-    model = _model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    dense = _model()
+    optimizer = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9)
     for _ in range(5):  # dense training: momentum everywhere
-        model(torch.randn(8, 12)).pow(2).mean().backward()
+        dense(torch.randn(8, 12)).pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    for model, sparse, passes in _train(lambda p: optimizer, steps=20, model=model):
+    passes = []
+    for model, sparse in _train(lambda p: optimizer, steps=20, model=dense, passes=passes):
         assert_inactive_zero(model, sparse)
     assert passes == [0]
     state = optimizer.state
@@ -142,17 +147,19 @@ def test_a_leak_into_inactive_weights_is_found_and_the_weight_pass_takes_over():
         for p in model.parameters():
             p.grad.add_(torch.randn_like(p))
 
+    passes = []
     steps = _train(
         lambda p: torch.optim.SGD(p, lr=0.1),
         steps=12,
         sparse_kwargs={"verify_every": 5},
         between=add_noise_after_masking,
+        passes=passes,
     )
     with pytest.warns(UserWarning, match=r"re-zeroed after every step from now on"):
         for _ in range(5):
-            model, sparse, passes = next(steps)
+            model, sparse = next(steps)
     assert_inactive_zero(model, sparse)
-    for model, sparse, passes in steps:
+    for model, sparse in steps:
         assert_inactive_zero(model, sparse)
     assert passes == [0, 4, 5, 6, 7, 8, 9, 10, 11]
 

@@ -54,7 +54,8 @@ class SparseTraining:
         seed: Seed of the generator behind the initial masks and SET's random growth.
         ema_decay: SNFS's moving-average factor for dense gradients.
         state: A :meth:`state_dict` to resume from instead of drawing fresh masks.
-        verify_every: Steps between checks that inactive weights the optimizer keeps at 0 are 0.
+        verify_every: Optimizer steps between checks that the inactive weights left to the optimizer
+            are still exactly 0.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -357,7 +358,7 @@ class SparseTraining:
                 "start from the same seed and see the same (all-reduced) gradients at update steps."
             )
 
-    def _update(self, name: str, scores: Tensor, fraction: float) -> Tensor:
+    def _update(self, name: str, scores: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
         """Drop and grow in place with flat indices (no pass over the layer).
 
         Returns:
@@ -372,7 +373,7 @@ class SparseTraining:
         self._ever_active[name].view(-1)[grown] = True
         return new, dropped[mask[dropped] == 0]
 
-    def _update_sharded(self, name: str, scores: Tensor, fraction: float) -> Tensor:
+    def _update_sharded(self, name: str, scores: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
         """Gather one layer, decide on every rank alike, keep this rank's shard.
 
         Returns:
@@ -422,9 +423,9 @@ class SparseTraining:
         self._trust_optimizers = False
         kinds = sorted({type(optimizer).__name__ for optimizer in optimizers})
         warnings.warn(
-            f"Inactive weights of {leaked} were nonzero after an optimizer step although their gradient was "
-            f"masked and {kinds} keeps zeros at 0: something else writes to them or to their gradient after "
-            "masking. Inactive weights are re-zeroed after every step from now on.",
+            f"Inactive weights of {leaked} were nonzero after an optimizer step, although their gradients were "
+            f"masked and their optimizer ({', '.join(kinds)}) keeps zeros at 0: something else writes to them or "
+            "to their gradients after masking. Inactive weights are re-zeroed after every step from now on.",
             stacklevel=2,
         )
         return set()

@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end on tiny settings and write their JSON (no timing is asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, out: Path) -> dict:
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)]
+    subprocess.run(command, check=True, cwd=out.parent, timeout=300, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def test_overhead_runs_every_fit_in_turns_and_reports_ratios(tmp_path):
+    args = ("--models", "mlp", "--rounds", "1", "--steps", "4", "--warmup", "1", "--block", "2")
+    result = _run("overhead.py", *args, out=tmp_path / "overhead.json")["results"]["mlp"]
+    assert list(result) == ["dense", "static", "rigl", "pruning", "rigl+monitor"]
+    assert all(row["median_ms"] > 0 and row["ratio"] > 0 for row in result.values())
+    assert result["dense"]["ratio"] == 1.0
+
+
+def test_overhead_a_a_check_names_the_repeated_run(tmp_path):
+    args = ("--models", "mlp", "--runs", "dense", "dense", "--rounds", "1", "--steps", "3", "--warmup", "1")
+    result = _run("overhead.py", *args, out=tmp_path / "aa.json")["results"]["mlp"]
+    assert list(result) == ["dense", "dense#2"]
+
+
+def test_mask_dtype_times_every_variant(tmp_path):
+    result = _run("mask_dtype.py", "--rows", "64", "--cols", "64", "--rounds", "2", out=tmp_path / "m.json")
+    rows = result["results"]
+    assert rows["float32 mask, mul_"]["ratio"] == 1.0
+    assert {row["bytes_per_weight"] for row in rows.values()} == {1, 2, 4}
