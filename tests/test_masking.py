@@ -8,6 +8,7 @@ from torch import nn
 from lightning_rigl import SparseTraining, UpdateSchedule
 from lightning_rigl.core import sparse_training
 from lightning_rigl.core.optim_state import ZERO_PRESERVING_OPTIMIZERS, keeps_zeros
+from lightning_rigl.core.sparse_training import nonzero_where_inactive
 
 optim = torch.optim
 OPTIMIZERS = {
@@ -167,3 +168,13 @@ def test_a_leak_into_inactive_weights_is_found_and_the_weight_pass_takes_over():
 def test_verify_every_must_be_a_positive_int():
     with pytest.raises(ValueError, match=r"`verify_every` must be an int >= 1, got 0"):
         SparseTraining.from_model(_model(), 0.5, verify_every=0)
+
+
+def test_the_zero_check_reads_every_chunk_and_ignores_nan():
+    mask = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    weight = torch.tensor([5.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0])
+    assert not nonzero_where_inactive(weight, mask, chunk=2)
+    weight[6] = 1e-30  # in the last, partial chunk
+    assert nonzero_where_inactive(weight, mask, chunk=2)
+    weight[6] = float("nan")
+    assert not nonzero_where_inactive(weight, mask, chunk=2)

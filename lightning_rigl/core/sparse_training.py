@@ -31,6 +31,22 @@ from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices, num_a
 ParamsLike = torch.optim.Optimizer | Iterable[Tensor] | None
 
 
+def nonzero_where_inactive(weight: Tensor, mask: Tensor, chunk: int = 1 << 20) -> bool:
+    """Whether ``weight`` holds a nonzero where ``mask`` is 0, with buffers of at most ``chunk`` entries.
+
+    NaN does not count: a step on non-finite gradients leaves NaN at inactive positions anyway.
+
+    Example:
+        >>> nonzero_where_inactive(torch.tensor([0.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 0.0]), chunk=2)
+        True
+    """
+    weight, mask = weight.detach().reshape(-1), mask.reshape(-1)
+    return any(
+        bool(weight[start : start + chunk].masked_select(mask[start : start + chunk] == 0).nan_to_num(0.0).any())
+        for start in range(0, weight.numel(), chunk)
+    )
+
+
 class SparseTraining:
     """Masks a set of parameters and runs RigL, SET or SNFS topology updates; knows no training loop.
 
@@ -412,11 +428,8 @@ class SparseTraining:
 
     def _verify_zeros(self, settled: set[str], optimizers: list[torch.optim.Optimizer]) -> set[str]:
         """Check that the weights left to the optimizer are 0 where inactive; stop trusting it if not."""
-        # NaN is not counted: a non-finite gradient step leaves NaN at inactive positions either way.
         leaked = [
-            name
-            for name in sorted(settled)
-            if local(self.params[name]).masked_select(self._masks[name] == 0).nan_to_num(0.0).any()
+            name for name in sorted(settled) if nonzero_where_inactive(local(self.params[name]), self._masks[name])
         ]
         if not leaked:
             return settled
