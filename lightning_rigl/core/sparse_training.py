@@ -245,7 +245,8 @@ class SparseTraining:
         """
         optimizers = list(optimizers)
         names = self.names(params)
-        settled = self._settled(optimizers, names)
+        holdings = {optimizer: tuple(self.names(optimizer)) for optimizer in optimizers}
+        settled = self._settled(holdings, names)
         self._masked_grads.difference_update(names)
         self._steps_to_verify -= 1
         if self._steps_to_verify <= 0 and settled:
@@ -266,7 +267,7 @@ class SparseTraining:
                 fill_positions(local(param), changed, 0.0)
                 reset_optimizer_state(optimizers, param, changed)
                 self._record(step, fraction, all_ranks_sum(grown.numel(), [param]), self._counts[name])
-        self._zero_state_once(optimizers)
+        self._zero_state_once(holdings)
         unsettled = [name for name in names if name not in settled]
         self._multiply_by_masks([local(self.params[name]) for name in unsettled], unsettled)
 
@@ -404,23 +405,24 @@ class SparseTraining:
         self._ever_active[name] |= new
         return grown.reshape(-1).nonzero().flatten(), gone.reshape(-1).nonzero().flatten()
 
-    def _settled(self, optimizers: list[torch.optim.Optimizer], names: list[str]) -> set[str]:
-        """Names among ``names`` whose weights this step left at 0 by itself: no re-zeroing needed."""
+    def _settled(self, holdings: Mapping[torch.optim.Optimizer, tuple[str, ...]], names: list[str]) -> set[str]:
+        """Names among ``names`` whose weights this step left at 0 by itself: no re-zeroing needed.
+
+        ``holdings`` maps every optimizer of the run to the masked names it holds.
+        """
         if not self._trust_optimizers:
             return set()
         trusted: dict[str, bool] = {}
-        for optimizer in optimizers:
-            held = self.names(optimizer)
-            ok = keeps_zeros(optimizer) and self._clean.get(optimizer) == tuple(held)
+        for optimizer, held in holdings.items():
+            ok = keeps_zeros(optimizer) and self._clean.get(optimizer) == held
             for name in held:
                 trusted[name] = trusted.get(name, True) and ok
         return {name for name in names if name in self._masked_grads and trusted.get(name, False)}
 
-    def _zero_state_once(self, optimizers: list[torch.optim.Optimizer]) -> None:
+    def _zero_state_once(self, holdings: Mapping[torch.optim.Optimizer, tuple[str, ...]]) -> None:
         # State from before the masks (a dense checkpoint, Adagrad's initial sums) would move inactive
         # weights; zero it there once per optimizer and set of weights, after which drops keep it 0.
-        for optimizer in optimizers:
-            held = tuple(self.names(optimizer))
+        for optimizer, held in holdings.items():
             if keeps_zeros(optimizer) and self._clean.get(optimizer) != held:
                 for name in held:
                     reset_optimizer_state([optimizer], self.params[name], self._masks[name] == 0)
