@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -63,3 +66,21 @@ def make_trainer(callbacks, **kwargs) -> pl.Trainer:
 @pytest.fixture(autouse=True)
 def _seed():
     pl.seed_everything(0, verbose=False)
+
+
+@pytest.fixture
+def two_threads():
+    """CPU matmuls split their sums by thread: runs compared with recorded digests use 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of the names and exact bytes of some tensors."""
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        sha.update(name.encode())
+        sha.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()[:16]

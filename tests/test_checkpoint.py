@@ -1,5 +1,7 @@
 """Masks survive checkpoints: bit-exact resume, and clear behaviour for foreign checkpoints."""
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -8,7 +10,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_rigl import RigLCallback
 from lightning_rigl.core import num_active
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.conftest import MLP, digest, make_loader, make_trainer
 
 STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
 
@@ -133,3 +135,16 @@ def test_weights_only_checkpoint(tmp_path):
     fresh = RigLCallback(0.8, seed=123)
     make_trainer([fresh], max_steps=2).fit(loaded, make_loader(64, 16))
     assert any(not torch.equal(fresh.masks[n], rigl.masks[n]) for n in rigl.masks)
+
+
+def test_a_checkpoint_of_state_version_1_resumes_exactly(two_threads):
+    # Written by the first release (RigL state version 1): SNFS at step 10, two updates made, with the
+    # moving average of gradients and the update history in its old layout. The digests are those of
+    # the same resumed run under that release.
+    path = Path(__file__).parent / "data" / "state_v1_snfs.ckpt"
+    assert torch.load(path, weights_only=True)["callbacks"]["RigLCallback"]["version"] == 1
+    rigl = RigLCallback(0.8, method="snfs", delta_t=4, t_end=100, alpha=0.5, seed=5)
+    model = MLP(hidden=16)
+    make_trainer([rigl], max_steps=20).fit(model, make_loader(128, 16), ckpt_path=path)
+    assert rigl.sparse.updates == 5
+    assert (digest(model.state_dict()), digest(rigl.masks)) == ("2cb29b824a788e93", "f82680d69486a9df")

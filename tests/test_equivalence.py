@@ -5,13 +5,11 @@ run trains (an extra rounding, another order of operations, another random draw)
 that alters training on purpose records new digests in the same commit and says why.
 """
 
-import hashlib
-
 import pytest
 import torch
 
 from lightning_rigl import RigLCallback
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.conftest import MLP, digest, make_loader, make_trainer
 
 DIGESTS = {
     "sgd_nesterov": ("88c7c9c1051104a2", "db7201049af35eee"),
@@ -24,29 +22,11 @@ class Nesterov(MLP):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
-def digest(tensors: dict[str, torch.Tensor]) -> str:
-    sha = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous()
-        sha.update(name.encode())
-        sha.update(tensor.numpy().tobytes())
-    return sha.hexdigest()[:16]
-
-
 def train(run: str) -> tuple[str, str, int]:
     model = Nesterov() if run == "sgd_nesterov" else MLP(optimizer="adamw", lr=0.01)
     rigl = RigLCallback(0.8, delta_t=7, t_end=1.0, alpha=0.4, seed=3)
     make_trainer([rigl], max_steps=200).fit(model, make_loader(n=512, batch_size=32, seed=1))
-    return digest(dict(model.state_dict())), digest(rigl.masks), rigl.sparse.updates
-
-
-@pytest.fixture
-def two_threads():
-    # CPU matmuls split their sums by thread: the digests were recorded with 2 threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    return digest(model.state_dict()), digest(rigl.masks), rigl.sparse.updates
 
 
 @pytest.mark.parametrize("run", sorted(DIGESTS))
