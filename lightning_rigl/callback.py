@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -14,9 +14,26 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_rigl._checks import check_patterns, check_type, misconfiguration
-from lightning_rigl.core import DISTRIBUTIONS, METHODS, SparseTraining, UpdateSchedule, select_parameters
-from lightning_rigl.core.distribution import _check_fraction
+from lightning_rigl._lightning import misconfiguration
+from lightning_rigl.core import (
+    DISTRIBUTIONS,
+    Decay,
+    Distribution,
+    MethodName,
+    SparseTraining,
+    UpdateSchedule,
+    get_method,
+    select_parameters,
+)
+from lightning_rigl.core.schedule import check_schedule
+from lightning_rigl.core.validation import (
+    check_choice,
+    check_fraction,
+    check_int,
+    check_number,
+    check_patterns,
+    check_type,
+)
 
 SUPPORTED_STRATEGIES = (
     "single device ('auto' on one device)",
@@ -82,12 +99,12 @@ class RigLCallback(Callback):
     def __init__(
         self,
         sparsity: float = 0.9,
-        distribution: Literal["erk", "er", "uniform"] = "erk",
-        method: Literal["rigl", "set", "snfs", "static"] = "rigl",
+        distribution: Distribution = "erk",
+        method: MethodName = "rigl",
         delta_t: int = 100,
         t_end: int | float = 0.75,
         alpha: float = 0.3,
-        decay: Literal["cosine", "linear", "constant"] = "cosine",
+        decay: Decay = "cosine",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         dense_first_layer: bool | None = None,
@@ -97,18 +114,18 @@ class RigLCallback(Callback):
         consistency_checks: int = 3,
     ) -> None:
         with misconfiguration():
-            _check_fraction("sparsity", sparsity)
-            if distribution not in DISTRIBUTIONS:
-                raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}.")
-            if method not in METHODS:
-                raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+            check_fraction("sparsity", sparsity)
+            check_choice("distribution", distribution, DISTRIBUTIONS)
+            get_method(method)
             check_type("t_end", t_end, (int, float), "an int >= 0 (optimizer steps) or a float in (0, 1]")
             if isinstance(t_end, float) and not 0.0 < t_end <= 1.0:
                 raise ValueError(
                     f"`t_end` as a float is a fraction of the run and must be in (0, 1], got {t_end!r}; "
                     "pass an int for an absolute optimizer step."
                 )
-            UpdateSchedule(delta_t, t_end if isinstance(t_end, int) else 0, alpha, decay)  # checks all four
+            if isinstance(t_end, int):
+                check_int("t_end", t_end, 0)
+            check_schedule(delta_t, alpha, decay)
             check_patterns("include", include)
             check_patterns("exclude", exclude)
             if dense_first_layer is not None:
@@ -117,15 +134,11 @@ class RigLCallback(Callback):
                 check_type("custom_sparsity", custom_sparsity, (dict,), "None or a dict of name to sparsity")
                 for name, value in custom_sparsity.items():
                     check_type("custom_sparsity", name, (str,), "keyed by parameter names (str)")
-                    _check_fraction(f"custom_sparsity[{name!r}]", value)
-            check_type("erk_power_scale", erk_power_scale, (int, float), "a number >= 0")
-            if not erk_power_scale >= 0:
-                raise ValueError(f"`erk_power_scale` must be >= 0, got {erk_power_scale!r}.")
+                    check_fraction(f"custom_sparsity[{name!r}]", value)
+            check_number("erk_power_scale", erk_power_scale, 0.0)
             if seed is not None:
                 check_type("seed", seed, (int,), "None or an int")
-            check_type("consistency_checks", consistency_checks, (int,), "an int >= -1")
-            if consistency_checks < -1:
-                raise ValueError(f"`consistency_checks` must be an int >= -1, got {consistency_checks!r}.")
+            check_int("consistency_checks", consistency_checks, -1)
         self.sparsity = sparsity
         self.distribution = distribution
         self.method = method
@@ -142,7 +155,8 @@ class RigLCallback(Callback):
         self.consistency_checks = consistency_checks
         self.sparse: SparseTraining | None = None
         self._trainer: pl.Trainer | None = None
-        self._step_hooks: list[Any] = []
+        self._manual_step_hooks: list[Any] = []
+        self._stepped: list[torch.optim.Optimizer] = []  # optimizers stepped since the last update pass
         self._seen_updates = 0
         self._checks_left = 0
         self._loaded_state: dict[str, Any] | None = None
@@ -184,14 +198,18 @@ class RigLCallback(Callback):
                 )
                 self._loaded_state = None
         self._trainer = trainer
+        self._stepped = []
         self._seen_updates = self.sparse.updates
         self._checks_left = self.consistency_checks  # counted per fit, so a resumed run checks too
         if self._checks_left:
             self.sparse.check_masks_agree_across_ranks()
-        # The optimizer's step post-hook fires exactly once after every optimizer step that really ran
-        # (not after accumulation micro-batches, nor after a step skipped by an AMP GradScaler), also in
-        # manual optimization with several steps per batch: the exact place to update masks.
-        self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+        if not pl_module.automatic_optimization:
+            # Manual optimization may step several times in one batch, with forward passes in between:
+            # each step's update and re-zeroing must come right after it, not at the batch end. The
+            # post-hook fires once after every step that really ran (not after one an AMP scaler skipped).
+            self._manual_step_hooks = [
+                optimizer.register_step_post_hook(lambda *_: self.apply_updates()) for optimizer in trainer.optimizers
+            ]
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -202,19 +220,39 @@ class RigLCallback(Callback):
                 "checkpoint?): training goes on with fresh random masks, which zeroed part of the loaded weights."
             )
         self._restored = False
+        if self.sparse is not None:
+            # A checkpoint saved between a step and its update (by a callback listed before this one)
+            # holds that update's grow scores: make the update now, with the optimizer state restored.
+            self.sparse.update_topology(trainer.optimizers)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Gradients here are accumulated, all-reduced and unscaled, and not clipped yet.
+        # Gradients here are accumulated, all-reduced and unscaled, and not clipped yet: read the dense
+        # gradient the method needs, then mask it, so clipping and the optimizer see inactive ones at 0.
         if self.sparse is not None:
             self.sparse.before_step(trainer.global_step, optimizer)
+            self._stepped.append(optimizer)
 
-    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.apply_updates()
+
+    def apply_updates(self) -> None:
+        """Drop and grow for the optimizer steps that ran since the last call, and keep inactive weights at 0.
+
+        RigLCallback calls it in ``on_train_batch_end`` (and right after each step in manual
+        optimization). Until then, callbacks see the masks before this step's update; one listed
+        before RigLCallback that needs the masks after it (as :class:`~lightning_rigl.SparsityMonitor`
+        does) calls it first. A second call for the same steps does nothing.
+        """
         if self.sparse is None or self._trainer is None:
             return
-        self.sparse.after_step(self._trainer.optimizers, optimizer)
+        while self._stepped:
+            self.sparse.after_step(self._trainer.optimizers, self._stepped.pop(0))
         if self.sparse.updates > self._seen_updates and self._checks_left:
             self._seen_updates = self.sparse.updates
             self._checks_left -= self._checks_left > 0
@@ -239,16 +277,17 @@ class RigLCallback(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()
+        self._detach()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
+        self._detach()
 
-    def _remove_hooks(self) -> None:
-        for handle in self._step_hooks:
+    def _detach(self) -> None:
+        for handle in self._manual_step_hooks:
             handle.remove()
-        self._step_hooks = []
+        self._manual_step_hooks = []
+        self._stepped = []
         self._trainer = None
 
     def _t_end_steps(self, trainer: pl.Trainer) -> int:

@@ -16,10 +16,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_rigl._checks import check_patterns, check_type, misconfiguration
+from lightning_rigl._lightning import misconfiguration
 from lightning_rigl.callback import RigLCallback
 from lightning_rigl.core.flops import FlopsCount, count_active, count_flops, training_flops_per_sample
 from lightning_rigl.core.selection import select_parameters
+from lightning_rigl.core.validation import check_patterns, check_type
+from lightning_rigl.report import draw_figure, optional_import, print_table, si
 
 
 class SparsityMonitor(Callback):
@@ -120,7 +122,7 @@ class SparsityMonitor(Callback):
         # Before any checkpoint is restored: a resumed run's totals come back through load_state_dict.
         self.train_flops = self.dense_train_flops = 0.0
         self.itop_curve = []
-        if self.plot and not self._warned_plot and _import("matplotlib") is None:
+        if self.plot and not self._warned_plot and optional_import("matplotlib") is None:
             self._warned_plot = True
             rank_zero_warn(
                 "SparsityMonitor(plot=True) needs matplotlib to draw densities and update curves: "
@@ -148,7 +150,7 @@ class SparsityMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_size = _batch_size(batch)
+        self._batch_size = _batch_size_or_none(batch)
         if self.flops is not None and self._batch_size is not None:
             pl_module.flops_per_batch = self._train_flops_per_sample(trainer.global_step) * self._batch_size
 
@@ -163,6 +165,8 @@ class SparsityMonitor(Callback):
         if trainer.global_step == self._step:
             return  # an accumulation micro-batch: no optimizer step yet
         self._step = trainer.global_step
+        if self._rigl is not None:
+            self._rigl.apply_updates()  # this step's update, also when RigLCallback is listed after this one
         updated = self._updates() > self._seen_updates
         if updated:
             self._seen_updates = self._updates()
@@ -182,7 +186,7 @@ class SparsityMonitor(Callback):
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        batch_size = _batch_size(batch)
+        batch_size = _batch_size_or_none(batch)
         if self.flops is not None and batch_size is not None:
             pl_module.flops_per_batch = self.flops.sparse * batch_size
 
@@ -244,7 +248,7 @@ class SparsityMonitor(Callback):
         return training_flops_per_sample(
             self.flops.sparse,
             self.flops.dense,
-            sparse.method,
+            sparse.method.name,
             schedule.delta_t if schedule is not None else 1,
             updating=schedule is not None and step < schedule.t_end,
         )
@@ -265,9 +269,9 @@ class SparsityMonitor(Callback):
         sparse = self._rigl.sparse if self._rigl is not None else None
         if sparse is not None:
             last = sparse.history[-1] if sparse.history else None
-            updating = sparse.method != "static" and sparse.schedule is not None
+            updating = sparse.method.updates and sparse.schedule is not None
             metrics["rigl/drop_fraction"] = sparse.schedule.drop_fraction(trainer.global_step) if updating else 0.0
-            metrics["rigl/changed"] = last["changed"] / last["active"] if last and last["active"] else 0.0
+            metrics["rigl/changed"] = last.changed / last.active if last and last.active else 0.0
             metrics["rigl/itop"] = sparse.itop_rate
             metrics["rigl/updates"] = float(sparse.updates)
         return metrics
@@ -282,9 +286,12 @@ class SparsityMonitor(Callback):
         if not trainer.is_global_zero:
             return
         if self.table:
-            _print_table(self._table_rows(active), self._summary(when))
-        if plot and _import("matplotlib") is not None:
-            figure = self._figure(sparsities)
+            print_table(self._table_rows(active), self._summary(when))
+        if plot and optional_import("matplotlib") is not None:
+            history = self._rigl.sparse.history if self._rigl is not None and self._rigl.sparse is not None else []
+            densities = {name: 1 - sparsity for name, sparsity in sparsities.items()}
+            numel = {name: p.numel() for name, p in self._params.items()}
+            figure = draw_figure(densities, numel, history, self.itop_curve)
             tensorboards = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
             for logger in tensorboards:
                 logger.experiment.add_figure("sparsity_monitor", figure, global_step=trainer.global_step)
@@ -318,91 +325,19 @@ class SparsityMonitor(Callback):
         lines = [f"SparsityMonitor at {when}"]
         if self.flops is not None:
             lines.append(
-                f"forward FLOPs per sample: dense {_si(self.flops.dense)}, sparse {_si(self.flops.sparse)} "
+                f"forward FLOPs per sample: dense {si(self.flops.dense)}, sparse {si(self.flops.sparse)} "
                 f"({self.flops.ratio:.3f}x)"
             )
             if self.dense_train_flops:
                 lines.append(
-                    f"training FLOPs so far: {_si(self.train_flops)} "
+                    f"training FLOPs so far: {si(self.train_flops)} "
                     f"({self.train_flops / self.dense_train_flops:.3f}x dense)"
                 )
         return "\n".join(lines)
 
-    def _figure(self, sparsities: Mapping[str, float]) -> Any:
-        from matplotlib.figure import Figure
 
-        history = self._rigl.sparse.history if self._rigl is not None and self._rigl.sparse is not None else []
-        figure = Figure(figsize=(11, 0.5 + 0.3 * max(len(sparsities), 8)), layout="constrained")
-        bars, curves = figure.subplots(1, 2, width_ratios=[3, 2])
-        names = list(sparsities)
-        bars.barh(range(len(names)), [1 - sparsities[name] for name in names])
-        bars.set_yticks(range(len(names)), names, fontsize="small")
-        bars.invert_yaxis()
-        total = sum(p.numel() for p in self._params.values())
-        overall = sum((1 - sparsities[name]) * p.numel() for name, p in self._params.items()) / total
-        bars.axvline(overall, color="black", linestyle="--", label=f"all watched weights: {overall:.3f}")
-        bars.legend(loc="lower right")
-        bars.set_xlim(0, 1)
-        bars.set_xlabel("density (fraction of active weights)")
-        bars.set_title("per-layer density")
-        if history:
-            curves.plot(
-                [r["step"] for r in history], [r["drop_fraction"] for r in history], "o-", label="drop fraction"
-            )
-        if self.itop_curve:
-            curves.plot(*zip(*self.itop_curve, strict=True), "s-", label="ITOP rate")
-        curves.set_xlabel("optimizer step")
-        curves.set_ylim(0, 1)
-        curves.set_title("topology updates")
-        if history or self.itop_curve:
-            curves.legend()
-        else:
-            curves.text(0.5, 0.5, "no RigLCallback", ha="center", va="center", transform=curves.transAxes)
-        return figure
-
-
-def _batch_size(batch: Any) -> int | None:
+def _batch_size_or_none(batch: Any) -> int | None:
     try:
         return extract_batch_size(batch)
     except MisconfigurationException:  # no tensor in the batch: FLOPs per batch are unknown
         return None
-
-
-def _import(module: str) -> Any:
-    try:
-        return __import__(module)
-    except ImportError:
-        return None
-
-
-def _si(value: float) -> str:
-    for threshold, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= threshold:
-            return f"{value / threshold:.2f} {suffix}"
-    return f"{value:.0f}"
-
-
-def _print_table(rows: list[list[str]], title: str) -> None:
-    rich = _import("rich")
-    if rich is not None:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title.splitlines()[0], caption="\n".join(title.splitlines()[1:]) or None)
-        for i, header in enumerate(rows[0]):
-            table.add_column(header, justify="left" if i == 0 else "right")
-        for row in rows[1:-1]:
-            table.add_row(*row)
-        table.add_section()
-        table.add_row(*rows[-1], style="bold")
-        Console().print(table)
-        return
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        " | ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
-    rule = "-+-".join("-" * w for w in widths)
-    print("\n".join([title, lines[0], rule, *lines[1:-1], rule, lines[-1]]))

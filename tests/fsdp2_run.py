@@ -30,7 +30,7 @@ class SaveGathered(Callback):
     def on_train_end(self, trainer, pl_module):
         masks = self.rigl.masks
         local_numel = sum(m.to_local().numel() for m in masks.values())
-        persistent = sum(m.numel() for m in self.rigl.sparse._masks.values())
+        persistent = sum(m.numel() for m in self.rigl.sparse.layer_masks.local.values())
         gathered = {name: mask.full_tensor() for name, mask in masks.items()}
         weights = {name: p.full_tensor() for name, p in pl_module.named_parameters()}
         torch.save(

@@ -1,4 +1,4 @@
-"""RigLCallback in a real Trainer: the behaviours issue 2 names."""
+"""RigLCallback in a real Trainer: masks, counts, gradients, growth, seeds and repeated fits."""
 
 import lightning.pytorch as pl
 import pytest
@@ -124,7 +124,7 @@ def test_a_step_with_non_finite_gradients_makes_no_update_and_is_counted():
     rigl = RigLCallback(0.8, delta_t=5, t_end=100)
     make_trainer([rigl], max_steps=12).fit(NonFiniteModule(), make_loader())
     assert rigl.sparse.nonfinite_steps == 1
-    assert [record["step"] for record in rigl.sparse.history] == [5, 10]  # step 5's update ran at step 6
+    assert [record.step for record in rigl.sparse.history] == [5, 10]  # step 5's update ran at step 6
     assert rigl.sparse.updates == 2
 
 

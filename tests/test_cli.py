@@ -131,7 +131,7 @@ def test_command_line_passes_every_value_to_the_callbacks(tmp_path):
     assert_received(callback(result, SparsityMonitor), MONITOR_ARGS)
 
 
-def test_command_line_from_the_issue_sets_sparsity_and_keeps_the_other_defaults():
+def test_command_line_sets_sparsity_and_keeps_the_other_defaults():
     result = cli("--trainer.callbacks+=lightning_rigl.RigLCallback", "--trainer.callbacks.sparsity=0.95", run=False)
     defaults = {name: p.default for name, p in inspect.signature(RigLCallback).parameters.items()}
     assert_received(callback(result, RigLCallback), {**defaults, "sparsity": 0.95})

@@ -64,9 +64,11 @@ class PlantDivergence(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_rank == 1 and trainer.global_step == 3:
-            mask = self.rigl.sparse._masks["net.2.weight"].view(-1)
-            on, off = mask.nonzero()[0], (mask == 0).nonzero()[0]
-            mask[on], mask[off] = 0.0, 1.0
+            masks = self.rigl.masks
+            mask = masks["net.2.weight"].view(-1)
+            on, off = mask.nonzero()[0], (~mask).nonzero()[0]
+            mask[on], mask[off] = False, True
+            self.rigl.sparse.set_masks(masks)
 
 
 def _rigl(method):

@@ -18,7 +18,7 @@ def total_active(shapes, sparsities):
 
 
 def reference_erk(shapes, sparsity, power=1.0):
-    """The loop of rigl-reference.md section 2, written out independently of the package."""
+    """The ERK solver loop (densify the layers whose density would exceed 1, re-solve), written out independently."""
     numel = {n: math.prod(s) for n, s in shapes.items()}
     raw = {n: (sum(s) / math.prod(s)) ** power for n, s in shapes.items()}
     dense = set()

@@ -106,9 +106,9 @@ def test_logs_right_after_each_topology_update_with_grown_zeros_counted_active()
     active = sum(_active(rigl).values())
     for update, (step, record) in enumerate(zip((3, 6, 9), rigl.sparse.history, strict=True), start=1):
         metrics = logged[step - 1]
-        assert record["step"] == step
+        assert record.step == step
         assert metrics["rigl/updates"] == update
-        assert metrics["rigl/changed"] == pytest.approx(record["changed"] / record["active"])
+        assert metrics["rigl/changed"] == pytest.approx(record.changed / record.active)
         assert metrics["rigl/drop_fraction"] == pytest.approx(rigl.sparse.schedule.drop_fraction(step))
         assert zeros.nonzero[step] < active  # the connections just grown are still exactly 0 ...
         assert metrics["sparsity/global"] == pytest.approx(1 - active / sum(NUMEL.values()))  # ... and count active

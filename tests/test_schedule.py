@@ -31,14 +31,14 @@ def test_update_steps_and_count(delta_t, t_end, total):
 def test_updates_are_counted_in_optimizer_steps_not_batches():
     rigl = RigLCallback(0.8, delta_t=3, t_end=100)
     make_trainer([rigl], max_steps=10, accumulate_grad_batches=2).fit(MLP(), make_loader())
-    assert [record["step"] for record in rigl.sparse.history] == [3, 6, 9]
+    assert [record.step for record in rigl.sparse.history] == [3, 6, 9]
 
 
 def test_fractional_t_end_is_a_share_of_estimated_stepping_batches():
     rigl = RigLCallback(0.8, delta_t=2, t_end=0.5)
     make_trainer([rigl], max_steps=20).fit(MLP(), make_loader())
     assert rigl.sparse.schedule.t_end == 10
-    assert [record["step"] for record in rigl.sparse.history] == [2, 4, 6, 8]
+    assert [record.step for record in rigl.sparse.history] == [2, 4, 6, 8]
 
 
 def test_fractional_t_end_needs_a_known_length():

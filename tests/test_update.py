@@ -1,4 +1,4 @@
-"""One topology update: rigl-reference.md section 4, on the pure function and on SparseTraining."""
+"""One topology update, on the pure function and on SparseTraining: the worked example and its corner cases."""
 
 import pytest
 import torch
@@ -106,12 +106,14 @@ def test_state_reset_with_several_param_groups_and_optimizers():
     assert first.state[a]["step"] == 1  # scalars are left alone
 
 
-def test_scores_use_the_dense_gradient_before_masking():
+def test_growth_reads_the_magnitude_of_the_dense_gradient_before_masking():
     weight, sparse = _layer(WEIGHT, MASK)
-    weight.grad = GRAD.view(1, 8).clone()
+    signed = GRAD * torch.tensor([1, -1, 1, -1, -1, 1, -1, 1])  # index 4's -0.9 beats index 7's 0.6 by magnitude
+    weight.grad = signed.view(1, 8).clone()
     sparse.before_step(0)
-    assert torch.equal(sparse._scores["weight"], GRAD.view(1, 8))  # inactive positions too
-    assert torch.equal(weight.grad, (GRAD * MASK).view(1, 8))  # then the gradient is masked
+    assert torch.equal(weight.grad, (signed * MASK).view(1, 8))  # the optimizer sees the masked gradient
+    sparse.after_step([])
+    assert sparse.masks["weight"].int().flatten().tolist() == NEW_MASK  # grown where |dense gradient| is largest
 
 
 def test_non_finite_gradients_defer_the_update_to_the_next_finite_step():
@@ -124,5 +126,5 @@ def test_non_finite_gradients_defer_the_update_to_the_next_finite_step():
     weight.grad = GRAD.view(1, 8).clone()
     sparse.before_step(2)
     sparse.after_step([])
-    assert sparse.updates == 1 and sparse.history[0]["step"] == 2
+    assert sparse.updates == 1 and sparse.history[0].step == 2
     assert sparse.masks["weight"].int().flatten().tolist() == NEW_MASK

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal, get_args
 
-DISTRIBUTIONS = ("erk", "er", "uniform")
+from lightning_rigl.core.validation import check_choice, check_fraction, check_number
 
-
-def _check_fraction(argument: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{argument}` must be a float in [0, 1), got {value!r} of type {type(value).__name__}.")
-    if not 0.0 <= value < 1.0 or math.isnan(value):
-        raise ValueError(f"`{argument}` must be in [0, 1), got {value!r}.")
-    return float(value)
+Distribution = Literal["erk", "er", "uniform"]
+DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
 
 
 def raw_density(shape: Sequence[int], distribution: str, erk_power_scale: float = 1.0) -> float:
@@ -74,16 +70,14 @@ def layer_sparsities(
         {'conv': 0.0, 'fc1': 0.9, 'fc2': 0.9}
 
     """
-    sparsity = _check_fraction("sparsity", sparsity)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}.")
-    if isinstance(erk_power_scale, bool) or not isinstance(erk_power_scale, (int, float)) or not erk_power_scale >= 0:
-        raise ValueError(f"`erk_power_scale` must be a number >= 0, got {erk_power_scale!r}.")
+    sparsity = check_fraction("sparsity", sparsity)
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    check_number("erk_power_scale", erk_power_scale, 0.0)
     shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
     for name, shape in shapes.items():
         if not shape or min(shape) < 1:
             raise ValueError(f"Layer {name!r} has shape {shape}: every dimension must be >= 1.")
-    fixed = {name: _check_fraction(f"custom[{name!r}]", value) for name, value in (custom or {}).items()}
+    fixed = {name: check_fraction(f"custom[{name!r}]", value) for name, value in (custom or {}).items()}
     for name in dense:
         if name in fixed and fixed[name] != 0.0:
             raise ValueError(f"Layer {name!r} is both in `dense` and in `custom` with sparsity {fixed[name]}.")

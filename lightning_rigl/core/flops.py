@@ -18,8 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_rigl.core.grow import METHODS
-from lightning_rigl.core.sharding import full
+from lightning_rigl.core.methods import METHODS, get_method
+from lightning_rigl.core.sharding import gather_full
+from lightning_rigl.core.validation import check_int
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def count_flops(
         if name not in names:
             raise ValueError(f"`sparsity` names {name!r}, which is no parameter of {type(model).__name__}.")
     if batch_size is None:
-        batch_size = _batch_size(example_input)
+        batch_size = _samples_in(example_input)
     elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be None or an int >= 1, got {batch_size!r}.")
 
@@ -152,10 +153,11 @@ def training_flops_per_sample(
 ) -> float:
     """Training FLOPs per sample and optimizer step, by the paper's accounting (backward = 2 x forward).
 
-    ``"static"``, ``"set"`` and no RigL at all (``None``): ``3 f_S``. ``"snfs"``: ``2 f_S + f_D``
-    (a dense gradient every step). ``"rigl"``: ``(3 f_S delta_t + 2 f_S + f_D) / (delta_t + 1)``
-    while updates run (one dense gradient per update), ``3 f_S`` once they stopped
-    (``updating=False``, from ``t_end`` on). Dense training is ``3 f_D``: pass ``f_D`` twice.
+    What a method costs follows from when it reads the dense weight gradient
+    (:attr:`~lightning_rigl.core.methods.Method.dense_gradient`): never (``"static"``, ``"set"``, and no
+    RigL at all: ``None``): ``3 f_S``; at every step (``"snfs"``): ``2 f_S + f_D``; at update steps
+    (``"rigl"``): ``(3 f_S delta_t + 2 f_S + f_D) / (delta_t + 1)`` while updates run, ``3 f_S`` once
+    they stopped (``updating=False``, from ``t_end`` on). Dense training is ``3 f_D``: pass ``f_D`` twice.
 
     Raises:
         ValueError: An unknown ``method`` or a ``delta_t`` < 1.
@@ -169,11 +171,11 @@ def training_flops_per_sample(
     """
     if method is not None and method not in METHODS:
         raise ValueError(f"`method` must be None or one of {METHODS}, got {method!r}.")
-    if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
-        raise ValueError(f"`delta_t` must be an int >= 1, got {delta_t!r}.")
-    if method == "snfs":
+    reads = get_method(method).dense_gradient if method is not None else "never"
+    check_int("delta_t", delta_t, 1)
+    if reads == "every_step":
         return 2 * sparse_forward + dense_forward
-    if method == "rigl" and updating:
+    if reads == "update_steps" and updating:
         return (3 * sparse_forward * delta_t + 2 * sparse_forward + dense_forward) / (delta_t + 1)
     return 3 * sparse_forward
 
@@ -196,11 +198,11 @@ def count_active(params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | Non
         active = param != 0
         if masks is not None and name in masks:
             active = active | masks[name].bool()
-        counts[name] = int(full(active.sum()))
+        counts[name] = int(gather_full(active.sum()))
     return counts
 
 
-def _batch_size(example_input: Any) -> int:
+def _samples_in(example_input: Any) -> int:
     tensors = [t for t in tree_flatten(example_input)[0] if isinstance(t, Tensor)]
     if not tensors:
         raise ValueError(f"`example_input` holds no tensor: got {type(example_input).__name__}.")

@@ -1,4 +1,4 @@
-"""Optimizer state at changed connections, for any torch optimizer, and which optimizers keep zeros at zero."""
+"""Optimizer state at changed connections, for any torch optimizer."""
 
 from __future__ import annotations
 
@@ -7,28 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from lightning_rigl.core.sharding import local
-
-
-@torch.no_grad()
-def fill_positions(tensor: Tensor, positions: Tensor, value: float) -> None:
-    """Set ``tensor`` to ``value`` at ``positions``: a bool tensor of its shape, or flat indices.
-
-    Example:
-        >>> t = torch.ones(2, 3)
-        >>> fill_positions(t, torch.tensor([0, 4]), 0.0)
-        >>> t.tolist()
-        [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
-    """
-    positions = positions.to(tensor.device)
-    if positions.dtype == torch.bool:
-        tensor.masked_fill_(positions, value)
-    elif tensor.is_contiguous():
-        tensor.view(-1).index_fill_(0, positions, value)  # k indices: no pass over the tensor
-    else:
-        flags = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
-        flags[positions] = True
-        tensor.masked_fill_(flags.view(tensor.shape), value)
+from lightning_rigl.core.masking import fill_positions
+from lightning_rigl.core.sharding import local_shard
 
 
 @torch.no_grad()
@@ -62,41 +42,6 @@ def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Te
     for optimizer in optimizers:
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:
-                fill_positions(local(value), positions, 0.0)
+                fill_positions(local_shard(value), positions, 0.0)
                 touched += 1
     return touched
-
-
-# torch.optim optimizers whose update of a weight reads only that weight, its gradient and its own
-# per-element state, and is exactly 0 when all three are 0 (momentum, Adam moments, Adagrad sums,
-# weight decay of either kind, Nesterov, AMSGrad, maximize, foreach and fused kernels alike).
-# Exact types only: a subclass may change `step`. Optimizers that mix positions (LBFGS, or a
-# third-party one with layer-wise norms or preconditioners) are not listed.
-ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.Adamax,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.Adagrad,
-    torch.optim.Adadelta,
-    torch.optim.RMSprop,
-    torch.optim.Rprop,
-    torch.optim.ASGD,
-)
-
-
-def keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step()`` leaves a weight at exactly 0 when its gradient and state are 0 there.
-
-    For such optimizers masked weights need no re-zeroing after each step, once their gradient is
-    masked and their state is 0 at inactive positions.
-
-    Example:
-        >>> w = torch.nn.Parameter(torch.zeros(2))
-        >>> keeps_zeros(torch.optim.AdamW([w])), keeps_zeros(torch.optim.LBFGS([w]))
-        (True, False)
-
-    """
-    return type(optimizer) in ZERO_PRESERVING_OPTIMIZERS

@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-DECAYS = ("cosine", "linear", "constant")
+from lightning_rigl.core.validation import check_choice, check_int, check_number
+
+Decay = Literal["cosine", "linear", "constant"]
+DECAYS: tuple[str, ...] = get_args(Decay)
+
+
+def check_schedule(delta_t: int, alpha: float, decay: str) -> None:
+    """Raise naming the argument unless ``delta_t`` is an int >= 1, ``alpha`` in [0, 1] and ``decay`` known.
+
+    Example:
+        >>> check_schedule(100, 0.3, "cosine")
+    """
+    check_int("delta_t", delta_t, 1)
+    check_number("alpha", alpha, 0.0, 1.0)
+    check_choice("decay", decay, DECAYS)
 
 
 @dataclass(frozen=True)
@@ -36,17 +51,11 @@ class UpdateSchedule:
     delta_t: int = 100
     t_end: int = 0
     alpha: float = 0.3
-    decay: str = "cosine"
+    decay: Decay = "cosine"
 
     def __post_init__(self) -> None:
-        if isinstance(self.delta_t, bool) or not isinstance(self.delta_t, int) or self.delta_t < 1:
-            raise ValueError(f"`delta_t` must be an int >= 1, got {self.delta_t!r}.")
-        if isinstance(self.t_end, bool) or not isinstance(self.t_end, int) or self.t_end < 0:
-            raise ValueError(f"`t_end` must be an int >= 0 (in optimizer steps), got {self.t_end!r}.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"`alpha` must be a float in [0, 1], got {self.alpha!r}.")
-        if self.decay not in DECAYS:
-            raise ValueError(f"`decay` must be one of {DECAYS}, got {self.decay!r}.")
+        check_schedule(self.delta_t, self.alpha, self.decay)
+        check_int("t_end", self.t_end, 0)
 
     def drop_fraction(self, step: int) -> float:
         """Fraction of each layer's active weights to drop at ``step``; 0 from ``t_end`` on."""

@@ -7,7 +7,6 @@ keeps its own shard of the result. For plain tensors every function here is the 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 try:
@@ -21,19 +20,19 @@ def is_sharded(tensor: Tensor) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
-def local(tensor: Tensor) -> Tensor:
+def local_shard(tensor: Tensor) -> Tensor:
     """The local shard of a DTensor (this rank's part), else the tensor itself."""
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
-def full(tensor: Tensor) -> Tensor:
+def gather_full(tensor: Tensor) -> Tensor:
     """The whole tensor: gathered from every rank for a DTensor (a collective), else itself."""
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def full_like_param(shard: Tensor, param: Tensor) -> Tensor:
     """Gather a local ``shard`` laid out like the sharded ``param`` into the whole tensor."""
-    return full(wrap_like_param(shard, param))
+    return gather_full(wrap_like_param(shard, param))
 
 
 def distribute_like_param(whole: Tensor, param: Tensor) -> Tensor:
@@ -41,7 +40,9 @@ def distribute_like_param(whole: Tensor, param: Tensor) -> Tensor:
     if not is_sharded(param):
         return whole
     # src_data_rank=None: every rank already holds `whole`, so slicing needs no communication.
-    return distribute_tensor(whole.to(local(param).device), param.device_mesh, param.placements, src_data_rank=None)
+    return distribute_tensor(
+        whole.to(local_shard(param).device), param.device_mesh, param.placements, src_data_rank=None
+    )
 
 
 def wrap_like_param(shard: Tensor, param: Tensor) -> Tensor:
@@ -49,23 +50,3 @@ def wrap_like_param(shard: Tensor, param: Tensor) -> Tensor:
     if not is_sharded(param):
         return shard
     return DTensor.from_local(shard, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
-
-
-def all_ranks_true(flag: bool, tensors: list[Tensor]) -> bool:
-    """AND of ``flag`` over the ranks that shard ``tensors`` (no communication if none is sharded)."""
-    sharded = next((t for t in tensors if is_sharded(t)), None)
-    if sharded is None:
-        return flag
-    value = torch.tensor([float(flag)], device=local(sharded).device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
-
-
-def all_ranks_sum(count: int, tensors: list[Tensor]) -> int:
-    """Sum of ``count`` over the ranks that shard ``tensors`` (no communication if none is sharded)."""
-    sharded = next((t for t in tensors if is_sharded(t)), None)
-    if sharded is None:
-        return count
-    value = torch.tensor([count], dtype=torch.int64, device=local(sharded).device)
-    torch.distributed.all_reduce(value)
-    return int(value.item())

@@ -1,74 +1,70 @@
-"""The state of a sparse training run: masks, the schedule, and the update loop shared by all methods."""
+"""SparseTraining: the masks of a run and the topology update loop that every method shares."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
 
+from lightning_rigl.core.distributed import all_ranks_sum, all_ranks_true, check_masks_agree_across_ranks
 from lightning_rigl.core.distribution import layer_sparsities
-from lightning_rigl.core.grow import GROW_CRITERIA, METHODS
-from lightning_rigl.core.optim_state import fill_positions, keeps_zeros, reset_optimizer_state
-from lightning_rigl.core.packing import pack_bits, unpack_bits
+from lightning_rigl.core.masking import fill_positions, multiply_by_masks, nonzero_where_inactive
+from lightning_rigl.core.masks import LayerMasks
+from lightning_rigl.core.methods import Method, get_method
+from lightning_rigl.core.optim_state import reset_optimizer_state
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import resolve_custom_sparsity, select_parameters
 from lightning_rigl.core.sharding import (
-    all_ranks_sum,
-    all_ranks_true,
     distribute_like_param,
-    full,
-    full_like_param,
-    is_sharded,
-    local,
+    gather_full,
+    local_shard,
     wrap_like_param,
 )
-from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices, num_active, random_mask
+from lightning_rigl.core.state_versions import STATE_VERSION, migrate_state
+from lightning_rigl.core.topology import num_active, random_mask
+from lightning_rigl.core.zero_guard import ZeroGuard
 
 ParamsLike = torch.optim.Optimizer | Iterable[Tensor] | None
 
 
-def nonzero_where_inactive(weight: Tensor, mask: Tensor, chunk: int = 1 << 20) -> bool:
-    """Whether ``weight`` holds a nonzero where ``mask`` is 0, with buffers of at most ``chunk`` entries.
+@dataclass
+class UpdateRecord:
+    """One topology update, summed over the layers it changed.
 
-    NaN does not count: a step on non-finite gradients leaves NaN at inactive positions anyway.
+    Attributes:
+        step: The optimizer step after which it was scheduled (``trainer.global_step`` after that step).
+        drop_fraction: The schedule's drop fraction at ``step``.
+        changed: Connections grown that were inactive before (as many were dropped for good).
+        active: Active connections of the updated layers.
 
-    Example:
-        >>> nonzero_where_inactive(torch.tensor([0.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 0.0]), chunk=2)
-        True
     """
-    weight, mask = weight.detach().reshape(-1), mask.reshape(-1)
-    return any(
-        bool(weight[start : start + chunk].masked_select(mask[start : start + chunk] == 0).nan_to_num(0.0).any())
-        for start in range(0, weight.numel(), chunk)
-    )
+
+    step: int
+    drop_fraction: float
+    changed: int = 0
+    active: int = 0
 
 
 class SparseTraining:
     """Masks a set of parameters and runs RigL, SET or SNFS topology updates; knows no training loop.
 
     Drive it from any loop: call :meth:`before_step` once the gradients of a step are final (after
-    accumulation, all-reduce and unscaling) and :meth:`after_step` right after ``optimizer.step()``.
-    ``before_step`` reads the dense gradient it needs for growth and then zeroes the gradient at
-    inactive positions; ``after_step`` drops and grows at update steps and keeps inactive weights at 0.
-
-    Inactive weights stay at 0 by themselves when the optimizer is one of
-    :data:`~lightning_rigl.core.optim_state.ZERO_PRESERVING_OPTIMIZERS`: their gradient is masked
-    and their optimizer state is 0 (zeroed when a connection is dropped, and once at an optimizer's
-    first step). Then ``after_step`` skips the pass over the weights, and every
-    ``verify_every`` steps it checks that they are still 0; if something else wrote to them, it
-    warns and re-zeroes them after every step from then on. Other optimizers get that pass always.
+    accumulation, all-reduce and unscaling) and :meth:`after_step` after ``optimizer.step()``.
+    ``before_step`` reads the dense gradient the method needs (for growth: the scores of the layers
+    whose update is due) and then zeroes the gradient at inactive positions; ``after_step`` drops and
+    grows at update steps and re-zeroes inactive weights where the optimizer may have moved them (see
+    :class:`~lightning_rigl.core.zero_guard.ZeroGuard`).
 
     Args:
         params: Parameter name to parameter, the weights to mask (one entry per Parameter object).
         sparsities: Parameter name to fraction of zeros in [0, 1).
-        method: ``"rigl"``, ``"set"``, ``"snfs"`` or ``"static"`` (no updates).
+        method: ``"rigl"``, ``"set"``, ``"snfs"`` or ``"static"`` (no updates); see
+            :mod:`~lightning_rigl.core.methods`.
         schedule: When and how much to update; ``None`` for no updates.
         seed: Seed of the generator behind the initial masks and SET's random growth.
-        ema_decay: SNFS's moving-average factor for dense gradients.
         state: A :meth:`state_dict` to resume from instead of drawing fresh masks.
         verify_every: Optimizer steps between checks that the inactive weights left to the optimizer
             are still exactly 0.
@@ -96,45 +92,33 @@ class SparseTraining:
         method: str = "rigl",
         schedule: UpdateSchedule | None = None,
         seed: int = 0,
-        ema_decay: float = 0.9,
         state: Mapping[str, Any] | None = None,
         verify_every: int = 100,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-        if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 1:
-            raise ValueError(f"`verify_every` must be an int >= 1, got {verify_every!r}.")
+        self.method: Method = get_method(method)
         if set(sparsities) != set(params):
             raise ValueError(f"`sparsities` must name exactly the parameters {list(params)}, got {list(sparsities)}.")
         self.params = dict(params)
         self.sparsities = {name: float(sparsities[name]) for name in self.params}
-        self.method = method
-        self.criterion = GROW_CRITERIA.get(method)
+        self.signal = self.method.signal()
         self.schedule = schedule
-        self.ema_decay = ema_decay
         self.generator = torch.Generator().manual_seed(seed)
-        self._name_of = {id(p): name for name, p in self.params.items()}
-        self._pending: dict[str, tuple[int, float]] = {}  # layer -> (update step, drop fraction)
-        self._scores: dict[str, Tensor] = {}
-        self._ema: dict[str, Tensor] = {}
-        self.history: list[dict[str, float]] = []
+        self.zero_guard = ZeroGuard(verify_every)
+        self.history: list[UpdateRecord] = []
         self.nonfinite_steps = 0
-        self._ever_active: dict[str, Tensor] = {}
-        # Which weights need no re-zeroing pass: gradients masked since the last step, and for each
-        # optimizer that keeps zeros, the names it held when its state was last zeroed at inactive positions.
-        self._masked_grads: set[str] = set()
-        self._clean: WeakKeyDictionary[torch.optim.Optimizer, tuple[str, ...]] = WeakKeyDictionary()
-        self._trust_optimizers = True
-        self.verify_every = verify_every
-        self._steps_to_verify = verify_every
+        self._name_of = {id(p): name for name, p in self.params.items()}
+        self._due: dict[str, tuple[int, float]] = {}  # layer -> (scheduled step, drop fraction)
+        self._grow_scores: dict[str, Tensor] = {}  # due layers whose scores were read, until their update
+        self.layer_masks = LayerMasks(self.params)
         if state is not None:
             self.load_state_dict(state)  # no fresh draw: it would zero weights the saved masks keep
         else:
-            masks = {
-                name: random_mask(p.shape, num_active(p.numel(), self.sparsities[name]), self.generator)
-                for name, p in self.params.items()
-            }
-            self.set_masks(masks)
+            self.set_masks(
+                {
+                    name: random_mask(p.shape, num_active(p.numel(), self.sparsities[name]), self.generator)
+                    for name, p in self.params.items()
+                }
+            )
 
     @classmethod
     def from_model(
@@ -174,7 +158,7 @@ class SparseTraining:
         For a weight sharded by FSDP2 the mask is a DTensor like the weight (``.full_tensor()``
         gathers it); no communication happens here.
         """
-        return {name: wrap_like_param(mask.bool(), self.params[name]) for name, mask in self._masks.items()}
+        return {name: wrap_like_param(mask.bool(), self.params[name]) for name, mask in self.layer_masks.local.items()}
 
     @property
     def itop_rate(self) -> float:
@@ -182,15 +166,14 @@ class SparseTraining:
 
         For sharded weights, over this rank's shards.
         """
-        total = sum(mask.numel() for mask in self._ever_active.values())
-        return sum(int(mask.count_nonzero()) for mask in self._ever_active.values()) / max(total, 1)
+        return self.layer_masks.itop_rate
 
     @property
     def updates(self) -> int:
         """Number of topology updates made so far."""
         return len(self.history)
 
-    def names(self, params: ParamsLike = None) -> list[str]:
+    def masked_names(self, params: ParamsLike = None) -> list[str]:
         """Masked parameter names among ``params`` (an optimizer, some tensors, or None for all)."""
         if params is None:
             return list(self.params)
@@ -198,11 +181,25 @@ class SparseTraining:
             params = (p for group in params.param_groups for p in group["params"])
         return [self._name_of[id(p)] for p in params if id(p) in self._name_of]
 
+    def dense_gradient_needed(self, step: int) -> bool:
+        """Whether the optimizer step of 0-based index ``step`` reads the dense weight gradients.
+
+        Known before the step's forward pass (for every micro-batch of an accumulated step): SNFS reads
+        them at every step, RigL at scheduled update steps and while an update waits for finite
+        gradients, SET and static masks never.
+        """
+        reads = self.method.dense_gradient
+        if reads != "update_steps":
+            return reads == "every_step"
+        return bool(self._due) or (self.schedule is not None and self.schedule.is_update_step(step + 1))
+
     @torch.no_grad()
     def apply_masks(self, params: ParamsLike = None) -> None:
         """Zero the inactive weights."""
-        names = self.names(params)
-        self._multiply_by_masks([local(self.params[name]) for name in names], names)
+        names = self.masked_names(params)
+        multiply_by_masks(
+            [local_shard(self.params[name]) for name in names], [self.layer_masks.local[n] for n in names]
+        )
 
     @torch.no_grad()
     def before_step(self, step: int, params: ParamsLike = None) -> None:
@@ -213,26 +210,26 @@ class SparseTraining:
             params: The parameters this optimizer step updates (an optimizer); None for all.
 
         """
-        names = [name for name in self.names(params) if self.params[name].grad is not None]
-        if self.criterion is not None and self.schedule is not None and self.schedule.is_update_step(step + 1):
-            fraction = self.schedule.drop_fraction(step + 1)
-            self._pending.update(dict.fromkeys(self.params, (step + 1, fraction)))
-        due = [name for name in names if name in self._pending]
-        needs_ema = self.criterion is not None and self.criterion.signal == "gradient_ema"
-        if due or (needs_ema and names):
-            finite = self._all_finite(names if needs_ema else due)
-            if needs_ema and finite:
+        names = [name for name in self.masked_names(params) if self.params[name].grad is not None]
+        if self.method.updates and self.schedule is not None and self.schedule.is_update_step(step + 1):
+            self._due.update(dict.fromkeys(self.params, (step + 1, self.schedule.drop_fraction(step + 1))))
+        due = [name for name in names if name in self._due]
+        observed = names if self.method.dense_gradient == "every_step" else due
+        if observed:
+            finite = self._all_finite(observed)
+            if finite and self.method.dense_gradient == "every_step":
                 for name in names:
-                    self._update_ema(name)
+                    self.signal.observe(name, self.params[name].grad)
             for name in due:
-                self._scores.pop(name, None)
+                self._grow_scores.pop(name, None)
                 if finite:
-                    self._scores[name] = self._grow_scores(name)
+                    self._grow_scores[name] = self._score(name)
             if due and not finite:
                 # No update from this step; the layers stay due and retry at their next finite step.
                 self.nonfinite_steps += 1
-        self._multiply_by_masks([local(self.params[name].grad) for name in names], names)
-        self._masked_grads.update(names)
+        grads = [local_shard(self.params[name].grad) for name in names]
+        multiply_by_masks(grads, [self.layer_masks.local[name] for name in names])
+        self.zero_guard.gradients_masked(names)
 
     @torch.no_grad()
     def after_step(self, optimizers: Iterable[torch.optim.Optimizer], params: ParamsLike = None) -> None:
@@ -244,56 +241,60 @@ class SparseTraining:
 
         """
         optimizers = list(optimizers)
-        names = self.names(params)
-        holdings = {optimizer: tuple(self.names(optimizer)) for optimizer in optimizers}
-        settled = self._settled(holdings, names)
-        self._masked_grads.difference_update(names)
-        self._steps_to_verify -= 1
-        if self._steps_to_verify <= 0 and settled:
-            self._steps_to_verify = self.verify_every
-            settled = self._verify_zeros(settled, optimizers)
-        for name in names:
-            param, scores = self.params[name], self._scores.pop(name, None)
-            if scores is not None:
-                step, fraction = self._pending.pop(name)
-                if is_sharded(param):
-                    grown, gone = self._update_sharded(name, scores, fraction)
-                else:
-                    grown, gone = self._update(name, scores, fraction)
-                # The paper's grow init: new connections start at 0 with fresh optimizer state; a weight
-                # dropped and regrown in this update keeps its value and state. A dropped weight is
-                # zeroed with its state, which nothing reads again: regrowing it resets it anyway.
-                changed = torch.cat([grown, gone])
-                fill_positions(local(param), changed, 0.0)
-                reset_optimizer_state(optimizers, param, changed)
-                self._record(step, fraction, all_ranks_sum(grown.numel(), [param]), self._counts[name])
-        self._zero_state_once(holdings)
-        unsettled = [name for name in names if name not in settled]
-        self._multiply_by_masks([local(self.params[name]) for name in unsettled], unsettled)
+        names = self.masked_names(params)
+        names_by_optimizer = {optimizer: tuple(self.masked_names(optimizer)) for optimizer in optimizers}
+        left_at_zero = self.zero_guard.weights_left_at_zero(names, names_by_optimizer, self._nonzero_where_inactive)
+        self.update_topology(optimizers, names)
+        self.zero_guard.zero_state_once(names_by_optimizer, self._zero_inactive_state)
+        self.apply_masks([self.params[name] for name in names if name not in left_at_zero])
+
+    @torch.no_grad()
+    def update_topology(self, optimizers: Iterable[torch.optim.Optimizer], names: Iterable[str] | None = None) -> None:
+        """Drop and grow every layer among ``names`` (default: all) whose grow scores were read.
+
+        :meth:`after_step` calls it; call it alone to finish updates whose scores a checkpoint saved.
+        """
+        optimizers = list(optimizers)
+        for name in self.params if names is None else names:
+            scores = self._grow_scores.pop(name, None)
+            if scores is None:
+                continue
+            param = self.params[name]
+            step, fraction = self._due.pop(name)
+            grown, gone = self.layer_masks.drop_and_grow(name, scores, fraction)  # the scores are ours to overwrite
+            # The paper's grow init: new connections start at 0 with fresh optimizer state; a weight
+            # dropped and regrown in this update keeps its value and state. A dropped weight is
+            # zeroed with its state, which nothing reads again: regrowing it resets it anyway.
+            changed = torch.cat([grown, gone])
+            fill_positions(local_shard(param), changed, 0.0)
+            reset_optimizer_state(optimizers, param, changed)
+            self._record(step, fraction, all_ranks_sum(grown.numel(), [param]), self.layer_masks.counts[name])
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: tensors and Python primitives only, masks at 1 bit a weight."""
         return {
-            "version": 1,
-            "method": self.method,
+            "version": STATE_VERSION,
+            "method": self.method.name,
             "shapes": {name: list(p.shape) for name, p in self.params.items()},
             "sparsities": dict(self.sparsities),
-            "masks": {name: pack_bits(self._full_mask(name, self._masks)) for name in self.params},
-            "ever_active": {name: pack_bits(self._full_mask(name, self._ever_active)) for name in self.params},
+            **self.layer_masks.packed(),
             "generator": self.generator.get_state(),
-            "pending": {name: [step, fraction] for name, (step, fraction) in self._pending.items()},
-            "ema": {name: full(ema).detach().cpu() for name, ema in self._ema.items()},
-            "history": [dict(record) for record in self.history],
+            "due_updates": {name: [step, fraction] for name, (step, fraction) in self._due.items()},
+            "grow_scores": {name: gather_full(scores).cpu() for name, scores in self._grow_scores.items()},
+            "signal": {name: gather_full(tensor).detach().cpu() for name, tensor in self.signal.tensors.items()},
+            "history": [asdict(record) for record in self.history],
             "nonfinite_steps": self.nonfinite_steps,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output; the masked parameters' names and shapes must match.
+        """Restore :meth:`state_dict`'s output (any saved version); the masked parameters must match.
 
         Raises:
-            ValueError: Names or shapes that differ from this run's masked parameters.
+            ValueError: Names or shapes that differ from this run's masked parameters, or a state
+                version this release cannot read.
 
         """
+        state = migrate_state(state)
         saved = {name: tuple(shape) for name, shape in state["shapes"].items()}
         current = {name: tuple(p.shape) for name, p in self.params.items()}
         if saved != current:
@@ -307,17 +308,14 @@ class SparseTraining:
                 "The saved RigL state does not match the masked parameters: "
                 f"not in the checkpoint {missing}, not in the model {extra}, different shapes {reshaped}."
             )
-        self.set_masks({name: unpack_bits(state["masks"][name], current[name]) for name in self.params})
-        self._ever_active = {
-            name: local(distribute_like_param(unpack_bits(state["ever_active"][name], current[name]), p))
-            for name, p in self.params.items()
-        }
+        self.layer_masks.load_packed(state["masks"], state["ever_active"])
+        self._masks_replaced()
         self.sparsities = {name: float(state["sparsities"][name]) for name in self.params}
         self.generator.set_state(state["generator"])
-        self._pending = {name: (int(step), float(fraction)) for name, (step, fraction) in state["pending"].items()}
-        self._scores = {}
-        self._ema = {name: distribute_like_param(ema, self.params[name]) for name, ema in state["ema"].items()}
-        self.history = [dict(record) for record in state["history"]]
+        self._due = {name: (int(step), float(fraction)) for name, (step, fraction) in state["due_updates"].items()}
+        self._grow_scores = {name: self._like_param(t, name) for name, t in state["grow_scores"].items()}
+        self.signal.tensors = {name: self._like_param(t, name) for name, t in state["signal"].items()}
+        self.history = [UpdateRecord(**record) for record in state["history"]]
         self.nonfinite_steps = int(state["nonfinite_steps"])
 
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
@@ -326,151 +324,50 @@ class SparseTraining:
         The active counts become those of the given masks and are kept from then on. Masks have the
         weight's full shape, also for sharded weights (each rank keeps its shard).
         """
-        for name, p in self.params.items():
-            if name not in masks or tuple(masks[name].shape) != tuple(p.shape):
-                got = tuple(masks[name].shape) if name in masks else "no mask"
-                raise ValueError(f"`masks[{name!r}]` must have the weight's shape {tuple(p.shape)}, got {got}.")
-        # Updates keep each layer's active count: count once here, not after every update.
-        self._counts = {name: int(masks[name].count_nonzero()) for name in self.params}
-        # Masks are kept in the weight's dtype: multiplying by a float mask is several times faster on
-        # CPU than by a bool one, and it is the operation run on every step.
-        self._masks = {
-            name: local(distribute_like_param(masks[name].to(local(p).device, p.dtype), p)).contiguous()
-            for name, p in self.params.items()
-        }
-        for name, mask in self._masks.items():
-            ever = self._ever_active.get(name)
-            self._ever_active[name] = mask.bool() if ever is None else ever | mask.bool()
-        self._clean.clear()  # optimizer state may be nonzero where the new masks are inactive
-        self.apply_masks()
+        self.layer_masks.replace(masks)
+        self._masks_replaced()
 
     def check_masks_agree_across_ranks(self) -> None:
         """Compare a fingerprint of every replicated mask across data-parallel ranks (one all-reduce).
 
-        A no-op outside ``torch.distributed``. Sharded (FSDP2) masks are skipped: ranks hold different
-        shards by design. Every rank must call it (it is a collective).
+        Every rank must call it: it is a collective.
 
         Raises:
             RuntimeError: Naming the layers whose masks differ between ranks.
         """
-        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return
-        names = [name for name, p in self.params.items() if not is_sharded(p)]
-        if not names or torch.distributed.get_world_size() == 1:
-            return
-        prints = []
-        for name in names:
-            # Two sums over the active positions: equal masks give equal sums; a moved connection
-            # changes at least one of them unless a swap is tuned to cancel both.
-            index = self._masks[name].reshape(-1).nonzero().flatten()
-            prints += [index.sum(), (index * 2654435761 % 4294967291).sum()]
-        local_prints = torch.stack(prints)
-        extremes = torch.cat([local_prints, -local_prints])
-        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
-        differs = (extremes[: len(prints)] != -extremes[len(prints) :]).view(-1, 2).any(dim=1)
-        if differs.any():
-            bad = [name for name, flag in zip(names, differs.tolist(), strict=True) if flag]
-            raise RuntimeError(
-                f"RigL masks differ across ranks for {bad} (rank {torch.distributed.get_rank()}). Every rank must "
-                "start from the same seed and see the same (all-reduced) gradients at update steps."
-            )
+        check_masks_agree_across_ranks(self.layer_masks.local, self.params)
 
-    def _update(self, name: str, scores: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
-        """Drop and grow in place with flat indices (no pass over the layer).
+    def _masks_replaced(self) -> None:
+        self.zero_guard.masks_replaced()  # optimizer state may be nonzero where the new masks are inactive
+        self.apply_masks()
 
-        Returns:
-            The flat indices of the new connections, and those of the connections dropped for good.
-        """
-        mask = self._masks[name].view(-1)
-        # The scores are ours (a fresh |grad|, |EMA| or random draw): overwrite them in place.
-        dropped, grown = drop_grow_indices(mask, self.params[name], scores, fraction, overwrite_scores=True)
-        new = grown[mask[grown] == 0]
-        mask[dropped] = 0
-        mask[grown] = 1
-        self._ever_active[name].view(-1)[grown] = True
-        return new, dropped[mask[dropped] == 0]
-
-    def _update_sharded(self, name: str, scores: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
-        """Gather one layer, decide on every rank alike, keep this rank's shard.
-
-        Returns:
-            The flat indices, within this rank's shard, of the new connections and of those dropped for good.
-        """
-        param = self.params[name]
-        old = full_like_param(self._masks[name], param).bool()
-        new, grown = drop_and_grow(old, full(param), full(scores), fraction, overwrite_scores=True)
-        new, grown = local(distribute_like_param(new, param)), local(distribute_like_param(grown, param))
-        gone = self._masks[name].bool() & ~new
-        self._masks[name] = new.to(param.dtype).contiguous()
-        self._ever_active[name] |= new
-        return grown.reshape(-1).nonzero().flatten(), gone.reshape(-1).nonzero().flatten()
-
-    def _settled(self, holdings: Mapping[torch.optim.Optimizer, tuple[str, ...]], names: list[str]) -> set[str]:
-        """Names among ``names`` whose weights this step left at 0 by itself: no re-zeroing needed.
-
-        ``holdings`` maps every optimizer of the run to the masked names it holds.
-        """
-        if not self._trust_optimizers:
-            return set()
-        trusted: dict[str, bool] = {}
-        for optimizer, held in holdings.items():
-            ok = keeps_zeros(optimizer) and self._clean.get(optimizer) == held
-            for name in held:
-                trusted[name] = trusted.get(name, True) and ok
-        return {name for name in names if name in self._masked_grads and trusted.get(name, False)}
-
-    def _zero_state_once(self, holdings: Mapping[torch.optim.Optimizer, tuple[str, ...]]) -> None:
-        # State from before the masks (a dense checkpoint, Adagrad's initial sums) would move inactive
-        # weights; zero it there once per optimizer and set of weights, after which drops keep it 0.
-        for optimizer, held in holdings.items():
-            if keeps_zeros(optimizer) and self._clean.get(optimizer) != held:
-                for name in held:
-                    reset_optimizer_state([optimizer], self.params[name], self._masks[name] == 0)
-                self._clean[optimizer] = held
-
-    def _verify_zeros(self, settled: set[str], optimizers: list[torch.optim.Optimizer]) -> set[str]:
-        """Check that the weights left to the optimizer are 0 where inactive; stop trusting it if not."""
-        leaked = [
-            name for name in sorted(settled) if nonzero_where_inactive(local(self.params[name]), self._masks[name])
-        ]
-        if not leaked:
-            return settled
-        self._trust_optimizers = False
-        kinds = sorted({type(optimizer).__name__ for optimizer in optimizers})
-        warnings.warn(
-            f"Inactive weights of {leaked} were nonzero after an optimizer step, although their gradients were "
-            f"masked and their optimizer ({', '.join(kinds)}) keeps zeros at 0: something else writes to them or "
-            "to their gradients after masking. Inactive weights are re-zeroed after every step from now on.",
-            stacklevel=2,
-        )
-        return set()
-
-    def _multiply_by_masks(self, tensors: list[Tensor], names: list[str]) -> None:
-        # One fused call for all layers.
-        if tensors:
-            torch._foreach_mul_(tensors, [self._masks[name] for name in names])
-
-    def _full_mask(self, name: str, masks: Mapping[str, Tensor]) -> Tensor:
-        return full_like_param(masks[name], self.params[name]).bool()
+    def _score(self, name: str) -> Tensor:
+        weight, grad = self.params[name], self.params[name].grad
+        return self.method.score(weight, self.signal.read(name, grad), self.generator)
 
     def _all_finite(self, names: Sequence[str]) -> bool:
         grads = [self.params[name].grad for name in names]
         # A NaN makes both extremes NaN, an inf one of them: one read of the gradient, where
         # isfinite().all() writes and reads a bool copy (20x slower here).
-        extremes = [value for grad in grads if local(grad).numel() for value in torch.aminmax(local(grad))]
+        extremes = [value for g in grads if local_shard(g).numel() for value in torch.aminmax(local_shard(g))]
         return all_ranks_true(bool(torch.stack(extremes).isfinite().all()) if extremes else True, grads)
 
-    def _update_ema(self, name: str) -> None:
-        grad = self.params[name].grad
-        ema = self._ema.setdefault(name, torch.zeros_like(grad))
-        ema.mul_(self.ema_decay).add_(grad, alpha=1 - self.ema_decay)
+    def _nonzero_where_inactive(self, names: list[str]) -> list[str]:
+        return [
+            name
+            for name in names
+            if nonzero_where_inactive(local_shard(self.params[name]), self.layer_masks.local[name])
+        ]
 
-    def _grow_scores(self, name: str) -> Tensor:
-        signal = {"gradient": self.params[name].grad, "gradient_ema": self._ema.get(name), None: None}
-        return self.criterion.score(self.params[name], signal[self.criterion.signal], self.generator)
+    def _zero_inactive_state(self, optimizer: torch.optim.Optimizer, name: str) -> None:
+        reset_optimizer_state([optimizer], self.params[name], self.layer_masks.local[name] == 0)
+
+    def _like_param(self, tensor: Tensor, name: str) -> Tensor:
+        param = self.params[name]
+        return distribute_like_param(tensor.to(local_shard(param).device), param)
 
     def _record(self, step: int, fraction: float, changed: int, active: int) -> None:
-        if not self.history or self.history[-1]["step"] != step:
-            self.history.append({"step": step, "drop_fraction": fraction, "changed": 0, "active": 0})
-        self.history[-1]["changed"] += changed
-        self.history[-1]["active"] += active
+        if not self.history or self.history[-1].step != step:
+            self.history.append(UpdateRecord(step, fraction))
+        self.history[-1].changed += changed
+        self.history[-1].active += active

@@ -1,0 +1,82 @@
+"""Agreement across ranks: all-reduces over the ranks that shard a layer, and a check that masks match.
+
+Every function here is a collective when it communicates: every rank must call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from lightning_rigl.core.sharding import is_sharded, local_shard
+
+
+def all_ranks_true(flag: bool, tensors: list[Tensor]) -> bool:
+    """AND of ``flag`` over the ranks that shard ``tensors`` (no communication if none is sharded).
+
+    Example:
+        >>> all_ranks_true(True, [torch.zeros(2)])
+        True
+    """
+    sharded = next((t for t in tensors if is_sharded(t)), None)
+    if sharded is None:
+        return flag
+    value = torch.tensor([float(flag)], device=local_shard(sharded).device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def all_ranks_sum(count: int, tensors: list[Tensor]) -> int:
+    """Sum of ``count`` over the ranks that shard ``tensors`` (no communication if none is sharded).
+
+    Example:
+        >>> all_ranks_sum(3, [torch.zeros(2)])
+        3
+    """
+    sharded = next((t for t in tensors if is_sharded(t)), None)
+    if sharded is None:
+        return count
+    value = torch.tensor([count], dtype=torch.int64, device=local_shard(sharded).device)
+    torch.distributed.all_reduce(value)
+    return int(value.item())
+
+
+def check_masks_agree_across_ranks(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+    """Compare a fingerprint of every replicated mask across data-parallel ranks (one all-reduce).
+
+    A no-op outside ``torch.distributed``. Masks of sharded (FSDP2) weights are skipped: ranks hold
+    different shards by design.
+
+    Args:
+        masks: Layer name to this rank's mask (non-zero where active).
+        params: Layer name to the weight the mask belongs to.
+
+    Raises:
+        RuntimeError: Naming the layers whose masks differ between ranks.
+
+    Example:
+        >>> check_masks_agree_across_ranks({"w": torch.ones(2)}, {"w": torch.zeros(2)})  # one process
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    names = [name for name in masks if not is_sharded(params[name])]
+    if not names or torch.distributed.get_world_size() == 1:
+        return
+    prints = []
+    for name in names:
+        # Two sums over the active positions: equal masks give equal sums; a moved connection
+        # changes at least one of them unless a swap is tuned to cancel both.
+        index = masks[name].reshape(-1).nonzero().flatten()
+        prints += [index.sum(), (index * 2654435761 % 4294967291).sum()]
+    local_prints = torch.stack(prints)
+    extremes = torch.cat([local_prints, -local_prints])
+    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+    differs = (extremes[: len(prints)] != -extremes[len(prints) :]).view(-1, 2).any(dim=1)
+    if differs.any():
+        bad = [name for name, flag in zip(names, differs.tolist(), strict=True) if flag]
+        raise RuntimeError(
+            f"RigL masks differ across ranks for {bad} (rank {torch.distributed.get_rank()}). Every rank must "
+            "start from the same seed and see the same (all-reduced) gradients at update steps."
+        )

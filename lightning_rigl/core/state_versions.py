@@ -1,0 +1,44 @@
+"""Versions of the saved RigL state, and the migrations that bring an older one up to date.
+
+Every checkpoint a release wrote must still resume: a change to what :meth:`SparseTraining.state_dict`
+saves raises :data:`STATE_VERSION` and adds a step to :func:`migrate_state`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: The version :meth:`~lightning_rigl.core.SparseTraining.state_dict` writes.
+STATE_VERSION = 2
+
+
+def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Bring a saved state of any known version to :data:`STATE_VERSION`.
+
+    Version 1 (release 0.1.0) kept SNFS's moving average under ``"ema"``, pending updates under
+    ``"pending"`` and no grow scores (it could not be saved between a step and its update).
+
+    Raises:
+        ValueError: A state without a version, or of a version newer than this release reads.
+
+    Example:
+        >>> state = migrate_state({"version": 1, "ema": {}, "pending": {}})
+        >>> state["version"], sorted(state)
+        (2, ['due_updates', 'grow_scores', 'signal', 'version'])
+    """
+    version = state.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"The saved RigL state has no valid version (got {version!r}): it was not written by RigL.")
+    if version > STATE_VERSION:
+        raise ValueError(
+            f"The saved RigL state has version {version}, written by a newer lightning-rigl; this release reads "
+            f"versions 1 to {STATE_VERSION}. Upgrade lightning-rigl to resume from it."
+        )
+    state = dict(state)
+    if version == 1:
+        state["signal"] = state.pop("ema")
+        state["due_updates"] = state.pop("pending")
+        state["grow_scores"] = {}
+        state["version"] = 2
+    return state

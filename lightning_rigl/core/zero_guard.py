@@ -1,0 +1,146 @@
+"""Which masked weights stay at 0 by themselves after an optimizer step, and the checks that keep that true.
+
+A weight whose gradient is masked and whose optimizer state is 0 at inactive positions stays exactly
+0 there under the element-wise torch optimizers, so it needs no re-zeroing pass after the step.
+:class:`ZeroGuard` tracks when that holds, zeroes optimizer state once where it may not be 0, and
+checks now and then that nothing else wrote to inactive weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from weakref import WeakKeyDictionary
+
+import torch
+
+from lightning_rigl.core.validation import check_int
+
+Optimizer = torch.optim.Optimizer
+
+# torch.optim optimizers whose update of a weight reads only that weight, its gradient and its own
+# per-element state, and is exactly 0 when all three are 0 (momentum, Adam moments, Adagrad sums,
+# weight decay of either kind, Nesterov, AMSGrad, maximize, foreach and fused kernels alike).
+# Exact types only: a subclass may change `step`. Optimizers that mix positions (LBFGS, or a
+# third-party one with layer-wise norms or preconditioners) are not listed.
+ZERO_PRESERVING_OPTIMIZERS: tuple[type[Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+    torch.optim.Rprop,
+    torch.optim.ASGD,
+)
+
+
+def keeps_zeros(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step()`` leaves a weight at exactly 0 when its gradient and state are 0 there.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> keeps_zeros(torch.optim.AdamW([w])), keeps_zeros(torch.optim.LBFGS([w]))
+        (True, False)
+
+    """
+    return type(optimizer) in ZERO_PRESERVING_OPTIMIZERS
+
+
+class ZeroGuard:
+    """Decides after each optimizer step which masked weights need a re-zeroing pass.
+
+    A layer needs none when this step masked its gradient and every optimizer that holds it keeps
+    zeros (:func:`keeps_zeros`) and has had its state zeroed at the layer's inactive positions. Every
+    ``verify_every`` steps the guard checks those layers; if one is nonzero where inactive, it warns
+    once and from then on every layer is re-zeroed after every step.
+
+    Args:
+        verify_every: Optimizer steps between checks, >= 1.
+
+    Example:
+        >>> guard = ZeroGuard(verify_every=100)
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        >>> guard.gradients_masked(["w"])
+        >>> guard.weights_left_at_zero(["w"], {opt: ("w",)}, lambda names: [])  # state not zeroed yet
+        set()
+    """
+
+    def __init__(self, verify_every: int = 100) -> None:
+        self.verify_every = check_int("verify_every", verify_every, 1)
+        self.optimizers_keep_zeros = True  # False once a nonzero turned up where a layer was trusted
+        self._steps_to_verify = verify_every
+        self._gradients_masked: set[str] = set()
+        # Per optimizer, the masked names it held when its state was last zeroed at inactive positions.
+        self._state_zeroed_for: WeakKeyDictionary[Optimizer, tuple[str, ...]] = WeakKeyDictionary()
+
+    def gradients_masked(self, names: Iterable[str]) -> None:
+        """Record that the gradients of ``names`` were multiplied by their masks for the coming step."""
+        self._gradients_masked.update(names)
+
+    def masks_replaced(self) -> None:
+        """Forget the zeroed state: new masks may be inactive where the state is not 0."""
+        self._state_zeroed_for.clear()
+
+    def weights_left_at_zero(
+        self,
+        names: list[str],
+        names_by_optimizer: Mapping[Optimizer, tuple[str, ...]],
+        nonzero_layers: Callable[[list[str]], list[str]],
+    ) -> set[str]:
+        """Names among ``names`` (the layers this step updated) that need no re-zeroing pass.
+
+        Args:
+            names: The masked layers the optimizer step just updated.
+            names_by_optimizer: Every optimizer of the run, to the masked names it holds.
+            nonzero_layers: Returns those of the given layers whose weights are nonzero where inactive;
+                called at the periodic checks.
+
+        """
+        trusted = self._trusted_layers(names_by_optimizer) if self.optimizers_keep_zeros else set()
+        left = {name for name in names if name in self._gradients_masked and name in trusted}
+        self._gradients_masked.difference_update(names)
+        self._steps_to_verify -= 1
+        if self._steps_to_verify <= 0 and left:
+            self._steps_to_verify = self.verify_every
+            leaked = nonzero_layers(sorted(left))
+            if leaked:
+                self._distrust(leaked, names_by_optimizer)
+                return set()
+        return left
+
+    def zero_state_once(
+        self, names_by_optimizer: Mapping[Optimizer, tuple[str, ...]], zero_state: Callable[[Optimizer, str], None]
+    ) -> None:
+        """Zero each zero-keeping optimizer's state at inactive positions, once per set of layers it holds.
+
+        State from before the masks (a dense checkpoint, Adagrad's initial sums) would move inactive
+        weights; after this, dropping a connection zeroes its state, which keeps it 0.
+        """
+        for optimizer, held in names_by_optimizer.items():
+            if keeps_zeros(optimizer) and self._state_zeroed_for.get(optimizer) != held:
+                for name in held:
+                    zero_state(optimizer, name)
+                self._state_zeroed_for[optimizer] = held
+
+    def _trusted_layers(self, names_by_optimizer: Mapping[Optimizer, tuple[str, ...]]) -> set[str]:
+        # A layer is trusted only if every optimizer that holds it is.
+        verdict: dict[str, bool] = {}
+        for optimizer, held in names_by_optimizer.items():
+            ok = keeps_zeros(optimizer) and self._state_zeroed_for.get(optimizer) == held
+            for name in held:
+                verdict[name] = verdict.get(name, True) and ok
+        return {name for name, ok in verdict.items() if ok}
+
+    def _distrust(self, leaked: list[str], names_by_optimizer: Mapping[Optimizer, tuple[str, ...]]) -> None:
+        self.optimizers_keep_zeros = False
+        kinds = sorted({type(optimizer).__name__ for optimizer in names_by_optimizer})
+        warnings.warn(
+            f"Inactive weights of {leaked} were nonzero after an optimizer step, although their gradients were "
+            f"masked and their optimizer ({', '.join(kinds)}) keeps zeros at 0: something else writes to them or "
+            "to their gradients after masking. Inactive weights are re-zeroed after every step from now on.",
+            stacklevel=4,
+        )
