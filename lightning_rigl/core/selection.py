@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from fnmatch import fnmatchcase
+from weakref import WeakKeyDictionary
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 #: Modules whose ``weight`` is masked by default.
 MASKED_MODULES: tuple[type[nn.Module], ...] = (
@@ -17,13 +20,52 @@ MASKED_MODULES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
+#: Modules of other libraries whose ``weight`` is masked by default, by ``module.qualname`` of the class
+#: (or of a base class): matched without importing the library. Hugging Face's ``Conv1D`` (GPT-2 and
+#: its family) is a Linear with its weight stored as (in, out); ERK, ER and FLOPs are symmetric in the two.
+MASKED_MODULE_NAMES: frozenset[str] = frozenset({"transformers.pytorch_utils.Conv1D"})
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_Predicate = Callable[[nn.Parameter], bool]
+
+# Ties already warned about, per model: the callback selects twice at fit start (and again on a new fit).
+_warned_ties: WeakKeyDictionary[nn.Module, set[tuple[str, ...]]] = WeakKeyDictionary()
+
+
+def is_masked_module(module: nn.Module) -> bool:
+    """Whether the default selection masks ``module.weight``.
+
+    Example:
+        >>> is_masked_module(nn.Linear(2, 3)), is_masked_module(nn.Embedding(4, 2))
+        (True, False)
+
+    """
+    if isinstance(module, MASKED_MODULES):
+        return True
+    return any(f"{cls.__module__}.{cls.__qualname__}" in MASKED_MODULE_NAMES for cls in type(module).__mro__)
+
+
+def _default_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(parameter name, module, attribute) of every weight the default selection masks."""
+    slots = []
+    for prefix, module in model.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        if is_masked_module(module):
+            slots.append((f"{prefix}weight", module, "weight"))
+        elif isinstance(module, nn.MultiheadAttention):
+            slots += [(f"{prefix}{attr}", module, attr) for attr in _ATTENTION_WEIGHTS if _has_weight(module, attr)]
+    return slots
+
+
+def _has_weight(module: nn.Module, attr: str) -> bool:
+    # Not getattr: it would run a parametrization (spectral_norm's power iteration updates its buffers).
+    return module._parameters.get(attr) is not None or parametrize.is_parametrized(module, attr)
 
 
 def default_parameter_names(model: nn.Module) -> list[str]:
     """Names of the weights masked by default.
 
-    The ``weight`` of every Linear, Conv and ConvTranspose module, and the input projections of
+    The ``weight`` of every Linear, Conv and ConvTranspose module (and of the modules named in
+    :data:`MASKED_MODULE_NAMES`, such as Hugging Face's ``Conv1D``), and the input projections of
     ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear). Never biases, norms or embeddings.
 
     Example:
@@ -31,14 +73,36 @@ def default_parameter_names(model: nn.Module) -> list[str]:
         ['0.weight', '2.weight']
 
     """
-    names = []
-    for prefix, module in model.named_modules():
-        prefix = f"{prefix}." if prefix else ""
-        if isinstance(module, MASKED_MODULES):
-            names.append(f"{prefix}weight")
-        elif isinstance(module, nn.MultiheadAttention):
-            names += [f"{prefix}{attr}" for attr in _ATTENTION_WEIGHTS if getattr(module, attr) is not None]
-    return names
+    return [name for name, _, _ in _default_slots(model)]
+
+
+def parameter_aliases(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """Every name under which each named Parameter is reachable in ``model``, in ``named_parameters`` order.
+
+    A tied weight (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) is one Parameter with
+    several names; report a mask of it under all of them.
+
+    Raises:
+        ValueError: A name that is no parameter of ``model``.
+
+    Example:
+        >>> model = nn.ModuleDict({"emb": nn.Embedding(5, 2), "head": nn.Linear(2, 5, bias=False)})
+        >>> model["head"].weight = model["emb"].weight
+        >>> parameter_aliases(model, ["head.weight"])
+        {'head.weight': ['emb.weight', 'head.weight']}
+
+    """
+    aliases = list(model.named_parameters(remove_duplicate=False))
+    by_name = dict(aliases)
+    names_of: dict[int, list[str]] = {}
+    for name, param in aliases:
+        names_of.setdefault(id(param), []).append(name)
+    result = {}
+    for name in names:
+        if name not in by_name:
+            raise ValueError(f"{name!r} is no parameter of {type(model).__name__}.")
+        result[name] = names_of[id(by_name[name])]
+    return result
 
 
 def select_parameters(
@@ -50,8 +114,15 @@ def select_parameters(
     removes from it. A weight shared by several modules is one entry, under its first name.
     Parameters with ``requires_grad=False`` are skipped.
 
+    The default selection leaves dense, with one warning naming the tie, a weight shared with a
+    module it would not mask (a token embedding tied to an output layer): masking it would zero that
+    module's weights too. It refuses weights it cannot mask correctly by itself: those computed from
+    other tensors (``weight_norm``, ``spectral_norm``, any parametrization or pruning hook). An
+    explicit ``include`` masks what it names.
+
     Raises:
-        ValueError: A pattern that matches no parameter, or nothing left to mask.
+        ValueError: A pattern that matches no parameter, nothing left to mask, a computed weight in
+            the default selection, or a selected parameter that is not materialized yet (lazy modules).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
@@ -60,7 +131,6 @@ def select_parameters(
 
     """
     aliases = list(model.named_parameters(remove_duplicate=False))
-    canonical = {id(param): name for name, param in reversed(aliases)}  # first name wins
     params = dict(model.named_parameters())
     for argument, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns or ():
@@ -73,22 +143,116 @@ def select_parameters(
     def matches(patterns: Sequence[str] | None, param: nn.Parameter) -> bool:
         return any(fnmatchcase(name, pat) for name, p in aliases if p is param for pat in patterns or ())
 
+    def wanted(param: nn.Parameter) -> bool:
+        return param.requires_grad and not matches(exclude, param)
+
     if include:
-        chosen = {name for name, param in params.items() if matches(include, param)}
+        chosen = {id(param) for param in params.values() if matches(include, param)}
     else:
-        module_params = dict(aliases)
-        chosen = {
-            canonical[id(module_params[name])] for name in default_parameter_names(model) if name in module_params
-        }
-    chosen = {name for name in chosen if not matches(exclude, params[name]) and params[name].requires_grad}
-    selected = {name: param for name, param in params.items() if name in chosen}
+        _refuse_computed_weights(model, aliases, wanted)
+        chosen = _default_choice(model, aliases, wanted)
+    selected = {name: param for name, param in params.items() if id(param) in chosen and wanted(param)}
     if not selected:
         raise ValueError(
             f"{type(model).__name__} has nothing to mask (include={include}, exclude={exclude}). RigL masks the "
             "weights of Linear, Conv, ConvTranspose and MultiheadAttention layers that require grad; name "
             "others with `include`."
         )
+    lazy = [name for name, param in selected.items() if isinstance(param, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"Cannot mask {lazy}: not materialized yet (a lazy module such as nn.LazyLinear gets its shape at its "
+            "first forward pass), and RigL needs each weight's shape to spread the sparsity. Run one forward "
+            "pass before fit (for example in your LightningModule's `setup`), use a layer with fixed sizes, "
+            f"or leave them dense with `exclude={lazy}`."
+        )
     return selected
+
+
+def _default_choice(model: nn.Module, aliases: list[tuple[str, nn.Parameter]], wanted: _Predicate) -> set[int]:
+    """Ids of the Parameters the default selection masks; warns once about those it leaves dense for a tie."""
+    default_names = set(default_parameter_names(model))
+    names_of: dict[int, list[str]] = {}
+    for name, param in aliases:
+        names_of.setdefault(id(param), []).append(name)
+    chosen, ties = set(), []
+    for name, param in aliases:
+        if name not in default_names or id(param) in chosen:
+            continue
+        if all(alias in default_names for alias in names_of[id(param)]):
+            chosen.add(id(param))
+        elif wanted(param):
+            ties.append(tuple(names_of[id(param)]))
+    _warn_ties(model, ties)
+    return chosen
+
+
+def _warn_ties(model: nn.Module, ties: list[tuple[str, ...]]) -> None:
+    warned = _warned_ties.setdefault(model, set())
+    new = [tie for tie in dict.fromkeys(ties) if tie not in warned]
+    if not new:
+        return
+    warned.update(new)
+    described = "; ".join(" = ".join(tie) for tie in new)
+    warnings.warn(
+        f"RigL leaves dense the weights shared with a module it does not mask by default (an embedding, "
+        f"say): {described}. Masking them would zero that module's weights too. Name one in `include` "
+        "to mask it anyway.",
+        stacklevel=4,  # the caller of select_parameters
+    )
+
+
+def _refuse_computed_weights(model: nn.Module, aliases: list[tuple[str, nn.Parameter]], wanted: _Predicate) -> None:
+    """Raise naming every default-selected weight that is computed from other Parameters, unless excluded."""
+    by_name = dict(aliases)
+    computed = []
+    for name, module, attr in _default_slots(model):
+        sources = _weight_sources(name, module, attr, by_name)
+        if any(wanted(by_name[source]) for source in sources):
+            computed.append((name, module, attr, sources))
+    if not computed:
+        return
+    layers = "; ".join(
+        f"{name} = {_kind(module, attr)}({', '.join(sources)})" for name, module, attr, sources in computed
+    )
+    every_source = [source for *_, sources in computed for source in sources]
+    weight_shaped = [source for *_, sources in computed for source in _largest(sources, by_name)]
+    raise ValueError(
+        f"RigL's default selection cannot mask weights computed from other tensors: {layers}. Left alone they "
+        "would stay dense while the whole sparsity budget fell on the other layers. To keep them dense "
+        f"knowingly, pass `exclude={every_source}`. To mask one, mask the tensor it is computed from: name it "
+        f"in `include` (for example {weight_shaped}), which replaces the default selection, so name there the "
+        "other weights to mask too. That is correct "
+        "only where a zero in that tensor gives a zero in the weight at the same position: spectral_norm's "
+        "`original` (weight = original / sigma) and weight_norm's direction `original1` (weight = g * v / ||v|| "
+        "per output unit: a unit left with no active weight divides 0 by 0), "
+        "not weight_norm's magnitude `original0`."
+    )
+
+
+def _weight_sources(name: str, module: nn.Module, attr: str, by_name: dict[str, nn.Parameter]) -> list[str]:
+    """Names of the Parameters a module's weight is computed from; [] for a weight that is a Parameter."""
+    prefix = name[: len(name) - len(attr)]
+    if parametrize.is_parametrized(module, attr):
+        inner = f"{prefix}parametrizations.{attr}."
+        return [n for n in by_name if n.startswith(inner)]
+    if module._parameters.get(attr) is None and isinstance(getattr(module, attr, None), Tensor):
+        # Set by a forward pre-hook from its own Parameters: old-style weight_norm (weight_g, weight_v),
+        # torch.nn.utils.prune (weight_orig).
+        return [f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False) if n.startswith(attr)]
+    return []
+
+
+def _kind(module: nn.Module, attr: str) -> str:
+    if parametrize.is_parametrized(module, attr):
+        return " o ".join(type(p).__name__ for p in module.parametrizations[attr])
+    return "hook"
+
+
+def _largest(sources: list[str], by_name: dict[str, nn.Parameter]) -> list[str]:
+    """The sources with the most elements: those of the weight's shape (weight_norm's v, not g)."""
+    most = max(by_name[source].numel() for source in sources)
+    return [source for source in sources if by_name[source].numel() == most]
 
 
 def resolve_custom_sparsity(custom: dict[str, float] | None, names: Sequence[str]) -> dict[str, float]:

@@ -245,7 +245,7 @@ class SparseTraining:
         names_by_optimizer = {optimizer: tuple(self.masked_names(optimizer)) for optimizer in optimizers}
         left_at_zero = self.zero_guard.weights_left_at_zero(names, names_by_optimizer, self._nonzero_where_inactive)
         self.update_topology(optimizers, names)
-        self.zero_guard.zero_state_once(names_by_optimizer, self._zero_inactive_state)
+        self.zero_guard.restart_state_once(names_by_optimizer, self._restart_inactive_state)
         self.apply_masks([self.params[name] for name in names if name not in left_at_zero])
 
     @torch.no_grad()
@@ -263,8 +263,8 @@ class SparseTraining:
             step, fraction = self._due.pop(name)
             grown, gone = self.layer_masks.drop_and_grow(name, scores, fraction)  # the scores are ours to overwrite
             # The paper's grow init: new connections start at 0 with fresh optimizer state; a weight
-            # dropped and regrown in this update keeps its value and state. A dropped weight is
-            # zeroed with its state, which nothing reads again: regrowing it resets it anyway.
+            # dropped and regrown in this update keeps its value and state. A dropped weight is zeroed
+            # and its state restarted, which nothing reads again: regrowing it restarts it anyway.
             changed = torch.cat([grown, gone])
             fill_positions(local_shard(param), changed, 0.0)
             reset_optimizer_state(optimizers, param, changed)
@@ -359,7 +359,7 @@ class SparseTraining:
             if nonzero_where_inactive(local_shard(self.params[name]), self.layer_masks.local[name])
         ]
 
-    def _zero_inactive_state(self, optimizer: torch.optim.Optimizer, name: str) -> None:
+    def _restart_inactive_state(self, optimizer: torch.optim.Optimizer, name: str) -> None:
         reset_optimizer_state([optimizer], self.params[name], self.layer_masks.local[name] == 0)
 
     def _like_param(self, tensor: Tensor, name: str) -> Tensor:

@@ -1,8 +1,9 @@
 """Which masked weights stay at 0 by themselves after an optimizer step, and the checks that keep that true.
 
-A weight whose gradient is masked and whose optimizer state is 0 at inactive positions stays exactly
-0 there under the element-wise torch optimizers, so it needs no re-zeroing pass after the step.
-:class:`ZeroGuard` tracks when that holds, zeroes optimizer state once where it may not be 0, and
+A weight at 0 whose gradient is masked and whose optimizer state at inactive positions is what a fresh
+parameter starts with (0 for momentum and Adam's moments, ``lr`` for Rprop's step size) stays exactly 0
+there under the element-wise torch optimizers, so it needs no re-zeroing pass after the step.
+:class:`ZeroGuard` tracks when that holds, restarts optimizer state once where it may hold history, and
 checks now and then that nothing else wrote to inactive weights.
 """
 
@@ -19,8 +20,9 @@ from lightning_rigl.core.validation import check_int
 Optimizer = torch.optim.Optimizer
 
 # torch.optim optimizers whose update of a weight reads only that weight, its gradient and its own
-# per-element state, and is exactly 0 when all three are 0 (momentum, Adam moments, Adagrad sums,
-# weight decay of either kind, Nesterov, AMSGrad, maximize, foreach and fused kernels alike).
+# per-element state, and is exactly 0 when the weight and gradient are 0 and the state is a fresh
+# parameter's (momentum, Adam moments, Adagrad sums, Rprop step sizes, weight decay of either kind,
+# Nesterov, AMSGrad, maximize, foreach and fused kernels alike; a test checks each).
 # Exact types only: a subclass may change `step`. Optimizers that mix positions (LBFGS, or a
 # third-party one with layer-wise norms or preconditioners) are not listed.
 ZERO_PRESERVING_OPTIMIZERS: tuple[type[Optimizer], ...] = (
@@ -39,7 +41,7 @@ ZERO_PRESERVING_OPTIMIZERS: tuple[type[Optimizer], ...] = (
 
 
 def keeps_zeros(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer.step()`` leaves a weight at exactly 0 when its gradient and state are 0 there.
+    """Whether ``optimizer.step()`` leaves a weight at exactly 0 when its gradient is 0 and its state fresh.
 
     Example:
         >>> w = torch.nn.Parameter(torch.zeros(2))
@@ -54,7 +56,7 @@ class ZeroGuard:
     """Decides after each optimizer step which masked weights need a re-zeroing pass.
 
     A layer needs none when this step masked its gradient and every optimizer that holds it keeps
-    zeros (:func:`keeps_zeros`) and has had its state zeroed at the layer's inactive positions. Every
+    zeros (:func:`keeps_zeros`) and has had its state restarted at the layer's inactive positions. Every
     ``verify_every`` steps the guard checks those layers; if one is nonzero where inactive, it warns
     once and from then on every layer is re-zeroed after every step.
 
@@ -65,7 +67,7 @@ class ZeroGuard:
         >>> guard = ZeroGuard(verify_every=100)
         >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
         >>> guard.gradients_masked(["w"])
-        >>> guard.weights_left_at_zero(["w"], {opt: ("w",)}, lambda names: [])  # state not zeroed yet
+        >>> guard.weights_left_at_zero(["w"], {opt: ("w",)}, lambda names: [])  # state not restarted yet
         set()
     """
 
@@ -74,16 +76,16 @@ class ZeroGuard:
         self.optimizers_keep_zeros = True  # False once a nonzero turned up where a layer was trusted
         self._steps_to_verify = verify_every
         self._gradients_masked: set[str] = set()
-        # Per optimizer, the masked names it held when its state was last zeroed at inactive positions.
-        self._state_zeroed_for: WeakKeyDictionary[Optimizer, tuple[str, ...]] = WeakKeyDictionary()
+        # Per optimizer, the masked names it held when its state was last restarted at inactive positions.
+        self._state_restarted_for: WeakKeyDictionary[Optimizer, tuple[str, ...]] = WeakKeyDictionary()
 
     def gradients_masked(self, names: Iterable[str]) -> None:
         """Record that the gradients of ``names`` were multiplied by their masks for the coming step."""
         self._gradients_masked.update(names)
 
     def masks_replaced(self) -> None:
-        """Forget the zeroed state: new masks may be inactive where the state is not 0."""
-        self._state_zeroed_for.clear()
+        """Forget the restarted state: new masks may be inactive where the state holds history."""
+        self._state_restarted_for.clear()
 
     def weights_left_at_zero(
         self,
@@ -112,25 +114,25 @@ class ZeroGuard:
                 return set()
         return left
 
-    def zero_state_once(
-        self, names_by_optimizer: Mapping[Optimizer, tuple[str, ...]], zero_state: Callable[[Optimizer, str], None]
+    def restart_state_once(
+        self, names_by_optimizer: Mapping[Optimizer, tuple[str, ...]], restart_state: Callable[[Optimizer, str], None]
     ) -> None:
-        """Zero each zero-keeping optimizer's state at inactive positions, once per set of layers it holds.
+        """Restart each zero-keeping optimizer's state at inactive positions, once per set of layers it holds.
 
-        State from before the masks (a dense checkpoint, Adagrad's initial sums) would move inactive
-        weights; after this, dropping a connection zeroes its state, which keeps it 0.
+        State from before the masks (a dense checkpoint) would move inactive weights; after this,
+        dropping a connection restarts its state, which keeps it fresh.
         """
         for optimizer, held in names_by_optimizer.items():
-            if keeps_zeros(optimizer) and self._state_zeroed_for.get(optimizer) != held:
+            if keeps_zeros(optimizer) and self._state_restarted_for.get(optimizer) != held:
                 for name in held:
-                    zero_state(optimizer, name)
-                self._state_zeroed_for[optimizer] = held
+                    restart_state(optimizer, name)
+                self._state_restarted_for[optimizer] = held
 
     def _trusted_layers(self, names_by_optimizer: Mapping[Optimizer, tuple[str, ...]]) -> set[str]:
         # A layer is trusted only if every optimizer that holds it is.
         verdict: dict[str, bool] = {}
         for optimizer, held in names_by_optimizer.items():
-            ok = keeps_zeros(optimizer) and self._state_zeroed_for.get(optimizer) == held
+            ok = keeps_zeros(optimizer) and self._state_restarted_for.get(optimizer) == held
             for name in held:
                 verdict[name] = verdict.get(name, True) and ok
         return {name for name, ok in verdict.items() if ok}

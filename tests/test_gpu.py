@@ -1,0 +1,145 @@
+"""RigL on a CUDA device through the public API and a real Trainer; every test is skipped without CUDA."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
+
+from lightning_rigl import RigLCallback, SparsityMonitor
+from lightning_rigl.core import num_active
+from tests.conftest import MLP, make_loader, make_trainer
+from tests.test_callback import InvariantChecker
+from tests.test_checkpoint import SaveFinal, _assert_same_run
+from tests.test_monitor import RecordingLogger, _mlp
+from tests.test_optimizer_state import RecordGrowth, RpropMLP
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU = dict(accelerator="gpu", devices=1)
+
+
+def _assert_exact_counts_on_the_weight_device(rigl, module):
+    params = dict(module.named_parameters())
+    for name, mask in rigl.masks.items():
+        assert mask.device == params[name].device and mask.device.type == "cuda", name
+        assert int(mask.sum()) == num_active(mask.numel(), rigl.sparse.sparsities[name]), name
+
+
+def test_cuda_masks_live_on_the_weight_device_with_exact_counts_after_updates():
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100)
+    checker = InvariantChecker(rigl)  # exact counts and zero inactive weights after every step
+    model = MLP(optimizer="adam")
+    make_trainer([rigl, checker], max_steps=8, **GPU).fit(model, make_loader())
+    assert checker.checks == 8 and rigl.sparse.updates == 4
+    _assert_exact_counts_on_the_weight_device(rigl, model)
+
+
+class InfAt(MLP):
+    """Its loss is inf at optimizer step `bad_step` (0-based): every gradient of that step is non-finite."""
+
+    bad_step = 3
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.trainer.global_step == self.bad_step else loss
+
+
+class StepWatch(Callback):
+    """Counts the optimizer steps that really ran; keeps masks and a weight around each step."""
+
+    def __init__(self, rigl):
+        self.rigl, self.ran, self.around = rigl, 0, {}
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.optimizers[0].register_step_post_hook(lambda *args: setattr(self, "ran", self.ran + 1))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = (self.rigl.masks, pl_module.net[0].weight.detach().clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1  # the step that just ran (or was skipped)
+        self.around[step] = (self._before, (self.rigl.masks, pl_module.net[0].weight.detach().clone()))
+
+
+def test_fp16_step_skipped_by_the_grad_scaler_makes_no_update_and_the_next_finite_step_does():
+    rigl = RigLCallback(0.8, delta_t=4, t_end=100)
+    watch = StepWatch(rigl)
+    # A small initial scale: no overflow of the scaled loss on finite steps, so the inf step is the only skip.
+    precision = MixedPrecision("16-mixed", "cuda", scaler=torch.amp.GradScaler("cuda", init_scale=2.0**10))
+    trainer = make_trainer([rigl, watch], max_steps=10, plugins=[precision], **GPU)
+    trainer.fit(InfAt(), make_loader())
+
+    assert trainer.global_step == 10 and watch.ran == 9  # the scaler skipped exactly the inf step
+    assert rigl.sparse.nonfinite_steps == 1
+    (masks_before, weight_before), (masks_after, weight_after) = watch.around[InfAt.bad_step]
+    assert torch.equal(weight_before, weight_after)  # the step was skipped ...
+    assert all(torch.equal(masks_before[n], masks_after[n]) for n in masks_before)  # ... and so was the update
+    (masks_before, _), (masks_after, _) = watch.around[InfAt.bad_step + 1]
+    assert any(not torch.equal(masks_before[n], masks_after[n]) for n in masks_before)  # made at the next step
+    assert [record.step for record in rigl.sparse.history] == [4, 8]  # step 4's update ran after step 5
+    _assert_exact_counts_on_the_weight_device(rigl, trainer.lightning_module)
+
+
+def test_bf16_mixed_keeps_exact_counts_and_zero_inactive_weights():
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100)
+    checker = InvariantChecker(rigl)
+    model = MLP(optimizer="adamw")
+    make_trainer([rigl, checker], max_steps=8, precision="bf16-mixed", **GPU).fit(model, make_loader())
+    assert checker.checks == 8 and rigl.sparse.updates == 4
+    assert all(p.dtype == torch.float32 for p in rigl.sparse.params.values())  # autocast casts copies only
+    _assert_exact_counts_on_the_weight_device(rigl, model)
+
+
+def _run_on_gpu(directory, method, optimizer, epochs, ckpt_path=None):
+    """As tests/test_checkpoint.py's runs, on the GPU: fit to `epochs` saving last.ckpt and the final state."""
+    pl.seed_everything(0, verbose=False)
+    rigl = RigLCallback(0.8, method=method, delta_t=3, t_end=100, alpha=0.5, seed=1)
+    callbacks = [rigl, SaveFinal(rigl, directory), ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0)]
+    trainer = make_trainer(callbacks, max_steps=-1, max_epochs=epochs, enable_checkpointing=True, **GPU)
+    trainer.fit(MLP(optimizer=optimizer), make_loader(64, 16), ckpt_path=ckpt_path)
+
+
+@pytest.mark.parametrize(("method", "optimizer"), [("rigl", "adam"), ("set", "sgd")])
+def test_resume_on_gpu_is_bit_exact(tmp_path, method, optimizer):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    _run_on_gpu(straight, method, optimizer, 5)
+    _run_on_gpu(resumed, method, optimizer, 2)  # 4 steps an epoch: stops after step 8, between updates
+    _run_on_gpu(resumed, method, optimizer, 5, ckpt_path=resumed / "last.ckpt")
+    _assert_same_run(straight, resumed)  # torch.equal on every mask and every weight
+
+
+def _monitored_flops(**trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    logger = RecordingLogger()
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100)
+    callbacks = [SparsityMonitor(plot=False), rigl]
+    make_trainer(callbacks, max_steps=6, log_every_n_steps=3, logger=logger, **trainer_kwargs).fit(
+        _mlp(), make_loader()
+    )
+    return {step: {k: v for k, v in m.items() if k.startswith("flops/")} for step, m in logger.monitored().items()}
+
+
+BF16_FLOPS = pytest.mark.xfail(
+    strict=True,  # an XPASS fails: drop the mark once the monitor counts autocast's cast weights
+    reason="issue 13: under bf16-mixed autocast hands matmuls cast copies of the weights, counted as dense",
+)
+
+
+@pytest.mark.parametrize("precision", ["32-true", pytest.param("bf16-mixed", marks=BF16_FLOPS)])
+def test_monitor_flops_on_gpu_equal_the_cpu_count(precision):
+    cpu = _monitored_flops(accelerator="cpu")
+    gpu = _monitored_flops(precision=precision, **GPU)
+    assert sorted(gpu) == sorted(cpu) and cpu
+    for step, metrics in cpu.items():
+        assert gpu[step] == pytest.approx(metrics, rel=1e-12), step
+        assert metrics["flops/sparse_forward"] < metrics["flops/dense_forward"]
+
+
+def test_regrown_connections_restart_rprop_at_lr_on_cuda():
+    rigl = RigLCallback(0.8, delta_t=3, t_end=100)
+    recorder = RecordGrowth(rigl)
+    make_trainer([rigl, recorder], max_steps=9, **GPU).fit(RpropMLP(), make_loader())
+    assert rigl.sparse.updates == 3 and recorder.step_sizes
+    for step_size in recorder.step_sizes:
+        assert step_size.device.type == "cuda" and step_size.eq(0.0625).all()

@@ -1,0 +1,260 @@
+"""Which weights get a mask: foreign layer types, tied weights, parametrized and lazy weights."""
+
+import subprocess
+import sys
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize, prune
+
+from lightning_rigl import RigLCallback, SparseTraining, count_flops
+from lightning_rigl.core import num_active, selection
+from lightning_rigl.core.selection import is_masked_module, parameter_aliases, select_parameters
+from tests.conftest import make_loader, make_trainer
+
+
+class Conv1D(nn.Module):
+    """Stands in for transformers.pytorch_utils.Conv1D: a Linear whose weight is stored (in, out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
+        return out.view(*x.shape[:-1], self.nf)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"  # what the default selection looks for, by name
+
+
+class GPT2Like(Conv1D):
+    """A subclass of the Hugging Face layer is masked too."""
+
+
+def test_a_class_named_transformers_conv1d_is_masked_without_importing_transformers():
+    assert is_masked_module(Conv1D(4, 3)) and is_masked_module(GPT2Like(4, 3))
+    # Lightning's own imports (torchmetrics) load transformers when it is installed: load the selection
+    # module alone, with any import of transformers made to fail.
+    code = f"""
+import importlib.util, sys
+sys.modules["transformers"] = None
+spec = importlib.util.spec_from_file_location("selection", {selection.__file__!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+Conv1D = type("Conv1D", (module.nn.Linear,), {{"__module__": "transformers.pytorch_utils"}})
+assert module.is_masked_module(Conv1D(2, 2))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("distribution", ["erk", "er", "uniform"])
+def test_conv1d_gets_the_sparsity_of_a_linear_of_the_transposed_shape(distribution):
+    def build(layer):
+        return nn.Sequential(nn.Linear(16, 10), nn.ReLU(), layer, nn.ReLU(), nn.Linear(24, 3))
+
+    with_conv1d = SparseTraining.from_model(build(Conv1D(nf=24, nx=10)), 0.8, distribution)
+    with_linear = SparseTraining.from_model(build(nn.Linear(10, 24)), 0.8, distribution)
+    assert with_conv1d.params["2.weight"].shape == (10, 24)
+    assert with_conv1d.sparsities == with_linear.sparsities
+    assert {n: int(m.sum()) for n, m in with_conv1d.masks.items()} == {
+        n: int(m.sum()) for n, m in with_linear.masks.items()
+    }
+
+
+def test_conv1d_flops_are_two_per_weight_and_token_scaled_by_density():
+    layer = Conv1D(nf=24, nx=10)
+    tokens = torch.randn(3, 5, 10)  # 3 samples of 5 tokens
+    dense = count_flops(layer, tokens)
+    assert dense.per_layer["weight"].dense == 2 * 10 * 24 * 5
+    with torch.no_grad():
+        layer.weight.view(-1)[::4] = 0.0  # 60 of 240 weights
+    sparse = count_flops(layer, tokens)
+    assert sparse.per_layer["weight"].density == 0.75
+    assert sparse.sparse == pytest.approx(0.75 * 2 * 10 * 24 * 5)
+
+
+class TiedLM(pl.LightningModule):
+    """Token embedding tied to the output layer, as GPT-2's lm_head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.hidden = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 20, bias=False)
+        self.head.weight = self.embed.weight
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        tokens = (x.abs() * 7).long().clamp(max=19)  # (B, 16) token ids
+        logits = self.head(torch.tanh(self.hidden(self.embed(tokens))))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def test_weight_tied_to_an_embedding_stays_dense_with_one_warning_naming_the_tie():
+    model = TiedLM()
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100)
+    with pytest.warns(UserWarning, match=r"embed\.weight = head\.weight") as record:
+        make_trainer([rigl], max_steps=6).fit(model, make_loader())
+    assert len([w for w in record if "RigL leaves dense" in str(w.message)]) == 1
+    assert list(rigl.masks) == ["hidden.weight"]
+    assert int(model.embed.weight.count_nonzero()) == model.embed.weight.numel()
+
+
+def test_include_naming_a_tied_weight_masks_it_without_warning():
+    model = TiedLM()
+    rigl = RigLCallback(0.8, include=["head.weight", "hidden.weight"], delta_t=2, t_end=100)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="RigL leaves dense")
+        make_trainer([rigl], max_steps=6).fit(model, make_loader())
+    assert list(rigl.masks) == ["embed.weight", "hidden.weight"]  # one Parameter, under its first name
+    mask = rigl.masks["embed.weight"]
+    assert int(mask.sum()) == num_active(mask.numel(), rigl.sparse.sparsities["embed.weight"])
+    assert model.head.weight[~mask].eq(0).all()
+
+
+def test_excluded_tied_weight_gives_no_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="RigL leaves dense")
+        assert list(select_parameters(TiedLM(), exclude=["head.weight"])) == ["hidden.weight"]
+
+
+def test_parameter_aliases_lists_every_name_of_a_tied_weight():
+    model = TiedLM()
+    assert parameter_aliases(model, ["embed.weight", "hidden.weight"]) == {
+        "embed.weight": ["embed.weight", "head.weight"],
+        "hidden.weight": ["hidden.weight"],
+    }
+    assert parameter_aliases(model, ["head.weight"])["head.weight"] == ["embed.weight", "head.weight"]
+    with pytest.raises(ValueError, match=r"'tail.weight' is no parameter of TiedLM"):
+        parameter_aliases(model, ["tail.weight"])
+
+
+class Scale(nn.Module):
+    """A custom parametrization: any parametrize user."""
+
+    def forward(self, weight):
+        return 2.0 * weight
+
+
+class Normalized(pl.LightningModule):
+    """An MLP whose three layers are under weight_norm, spectral_norm and a custom parametrization."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = parametrizations.weight_norm(nn.Linear(16, 32))
+        self.second = parametrizations.spectral_norm(nn.Linear(32, 32))
+        self.third = nn.Linear(32, 32)
+        parametrize.register_parametrization(self.third, "weight", Scale())
+        self.head = nn.Linear(32, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.relu(self.third(torch.relu(self.second(torch.relu(self.first(x))))))
+        return nn.functional.cross_entropy(self.head(h), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+ORIGINALS = [
+    "first.parametrizations.weight.original0",
+    "first.parametrizations.weight.original1",
+    "second.parametrizations.weight.original",
+    "third.parametrizations.weight.original",
+]
+
+
+def test_default_selection_refuses_parametrized_weights_naming_each_and_the_ways_out():
+    with pytest.raises(MisconfigurationException) as error:
+        make_trainer([RigLCallback(0.8)], max_steps=1).fit(Normalized(), make_loader())
+    message = str(error.value)
+    for words in ["first.weight = _WeightNorm(", "second.weight = _SpectralNorm(", "third.weight = Scale("]:
+        assert words in message, words
+    assert f"exclude={ORIGINALS}" in message
+    assert "include" in message and "original1" in message and "original0" in message
+
+
+def test_excluding_the_parametrized_tensors_keeps_them_dense_knowingly():
+    model = Normalized()
+    rigl = RigLCallback(0.8, exclude=["*.parametrizations.*"], delta_t=2, t_end=100)
+    make_trainer([rigl], max_steps=4).fit(model, make_loader())
+    assert list(rigl.masks) == ["head.weight"]
+    for layer in (model.first, model.second, model.third):
+        assert int(layer.weight.count_nonzero()) == layer.weight.numel()
+
+
+def test_excluding_only_some_parametrized_tensors_still_refuses_the_others():
+    with pytest.raises(ValueError, match=r"third\.weight = Scale") as error:
+        select_parameters(Normalized(), exclude=ORIGINALS[:3])
+    assert "first.weight" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("layer", "original"),
+    [("first", "parametrizations.weight.original1"), ("second", "parametrizations.weight.original")],
+)
+def test_included_original_masks_the_computed_weight(layer, original):
+    model = Normalized()
+    name = f"{layer}.{original}"
+    # At 50 % no row of weight_norm's v loses every weight (||v|| = 0 would make the weight NaN).
+    rigl = RigLCallback(0.8, include=[name, "head.weight"], custom_sparsity={name: 0.5}, delta_t=2, t_end=100)
+    make_trainer([rigl], max_steps=6).fit(model, make_loader())
+    assert list(rigl.masks) == [name, "head.weight"] and rigl.sparse.updates == 3
+    mask = rigl.masks[name]
+    assert int(mask.sum()) == num_active(mask.numel(), rigl.sparse.sparsities[name])
+    weight = getattr(model, layer).weight  # computed from the masked original
+    assert weight[~mask].eq(0).all()
+    grown_at_the_last_step = rigl.sparse.history[-1].changed  # still at their grow init, 0
+    assert int(weight[mask].ne(0).sum()) >= int(mask.sum()) - grown_at_the_last_step
+
+
+def test_a_pruning_hook_weight_is_refused_naming_its_source():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"0\.weight = hook\(0\.weight_orig\).*exclude=\['0\.weight_orig'\]"):
+        select_parameters(model)
+
+
+class Lazy(pl.LightningModule):
+    def __init__(self, materialize):
+        super().__init__()
+        self.materialize = materialize
+        self.body = nn.LazyLinear(32)
+        self.head = nn.Linear(32, 4)
+
+    def setup(self, stage):
+        if self.materialize:
+            self.body(torch.zeros(1, 16))  # one forward pass gives the lazy layer its shape
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(torch.relu(self.body(x))), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_lazy_layer_not_materialized_is_refused_naming_it():
+    with pytest.raises(MisconfigurationException, match=r"Cannot mask \['body\.weight'\]: not materialized") as error:
+        make_trainer([RigLCallback(0.8)], max_steps=1).fit(Lazy(materialize=False), make_loader())
+    assert "forward pass" in str(error.value)
+
+
+def test_a_materialized_lazy_layer_is_masked():
+    model = Lazy(materialize=True)
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100)
+    make_trainer([rigl], max_steps=4).fit(model, make_loader())
+    assert list(rigl.masks) == ["body.weight", "head.weight"]
+    mask = rigl.masks["body.weight"]
+    assert mask.shape == (32, 16) and model.body.weight[~mask].eq(0).all()
