@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -84,3 +85,30 @@ def digest(tensors: Mapping[str, torch.Tensor]) -> str:
         sha.update(name.encode())
         sha.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
     return sha.hexdigest()[:16]
+
+
+class InfAt(MLP):
+    """Its loss is inf at optimizer step `bad_step` (0-based): every gradient of that step is non-finite."""
+
+    bad_step = 3
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.trainer.global_step == self.bad_step else loss
+
+
+class StepWatch(Callback):
+    """Counts the optimizer steps that really ran; keeps masks and a weight around each step."""
+
+    def __init__(self, rigl):
+        self.rigl, self.ran, self.around = rigl, 0, {}
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.optimizers[0].register_step_post_hook(lambda *args: setattr(self, "ran", self.ran + 1))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = (self.rigl.masks, pl_module.net[0].weight.detach().clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1  # the step that just ran (or was skipped)
+        self.around[step] = (self._before, (self.rigl.masks, pl_module.net[0].weight.detach().clone()))

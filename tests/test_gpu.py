@@ -3,12 +3,12 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_rigl import RigLCallback, SparsityMonitor
 from lightning_rigl.core import num_active
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.conftest import MLP, InfAt, StepWatch, make_loader, make_trainer
 from tests.test_callback import InvariantChecker
 from tests.test_checkpoint import SaveFinal, _assert_same_run
 from tests.test_monitor import RecordingLogger, _mlp
@@ -32,33 +32,6 @@ def test_cuda_masks_live_on_the_weight_device_with_exact_counts_after_updates():
     make_trainer([rigl, checker], max_steps=8, **GPU).fit(model, make_loader())
     assert checker.checks == 8 and rigl.sparse.updates == 4
     _assert_exact_counts_on_the_weight_device(rigl, model)
-
-
-class InfAt(MLP):
-    """Its loss is inf at optimizer step `bad_step` (0-based): every gradient of that step is non-finite."""
-
-    bad_step = 3
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss * float("inf") if self.trainer.global_step == self.bad_step else loss
-
-
-class StepWatch(Callback):
-    """Counts the optimizer steps that really ran; keeps masks and a weight around each step."""
-
-    def __init__(self, rigl):
-        self.rigl, self.ran, self.around = rigl, 0, {}
-
-    def on_train_start(self, trainer, pl_module):
-        trainer.optimizers[0].register_step_post_hook(lambda *args: setattr(self, "ran", self.ran + 1))
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._before = (self.rigl.masks, pl_module.net[0].weight.detach().clone())
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step - 1  # the step that just ran (or was skipped)
-        self.around[step] = (self._before, (self.rigl.masks, pl_module.net[0].weight.detach().clone()))
 
 
 def test_fp16_step_skipped_by_the_grad_scaler_makes_no_update_and_the_next_finite_step_does():
