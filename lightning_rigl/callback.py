@@ -62,9 +62,10 @@ class RigLCallback(Callback):
     """Train a sparse network from scratch with RigL (Evci et al., 2020) or SET, SNFS or a static mask.
 
     At fit start the callback picks the weights to mask, spreads ``sparsity`` over them with
-    ``distribution`` and draws a random mask with an exact number of active weights per layer. Before
-    each optimizer step it reads the dense gradient it needs and zeroes the gradients of inactive
-    weights; right after each step, every ``delta_t`` steps until ``t_end``, it drops the smallest
+    ``distribution`` and draws a random mask with an exact number of active weights per layer. In
+    ``on_before_optimizer_step`` it reads the dense gradient the method needs and zeroes the gradients
+    of inactive weights; in ``on_train_batch_end``, for each optimizer step of the batch (right after
+    each step in manual optimization), every ``delta_t`` steps until ``t_end``, it drops the smallest
     active weights and grows as many new ones, and it keeps inactive weights at exactly 0 (see README).
 
     Args:
@@ -157,6 +158,7 @@ class RigLCallback(Callback):
         self._trainer: pl.Trainer | None = None
         self._manual_step_hooks: list[Any] = []
         self._stepped: list[torch.optim.Optimizer] = []  # optimizers stepped since the last update pass
+        self._optimizers_checked = False
         self._seen_updates = 0
         self._checks_left = 0
         self._loaded_state: dict[str, Any] | None = None
@@ -197,7 +199,9 @@ class RigLCallback(Callback):
                     state=self._loaded_state,
                 )
                 self._loaded_state = None
+            self.sparse.check_optimizers(trainer.optimizers)
         self._trainer = trainer
+        self._optimizers_checked = False
         self._stepped = []
         self._seen_updates = self.sparse.updates
         self._checks_left = self.consistency_checks  # counted per fit, so a resumed run checks too
@@ -253,6 +257,10 @@ class RigLCallback(Callback):
             return
         while self._stepped:
             self.sparse.after_step(self._trainer.optimizers, self._stepped.pop(0))
+            if not self._optimizers_checked:
+                self._optimizers_checked = True
+                with misconfiguration():  # the state exists now: each per-element key needs a fresh value
+                    self.sparse.check_optimizers(self._trainer.optimizers)
         if self.sparse.updates > self._seen_updates and self._checks_left:
             self._seen_updates = self.sparse.updates
             self._checks_left -= self._checks_left > 0

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_rigl import RigLCallback
@@ -136,6 +137,9 @@ class WholeDictState(optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
         for group in self.param_groups:
             for p in group["params"]:
                 if p not in self.state:
@@ -210,3 +214,35 @@ def test_connections_grown_in_a_real_run_restart_rprop_at_lr():
     assert rigl.sparse.updates == 3 and len(recorder.step_sizes) >= 3
     for step_size in recorder.step_sizes:
         assert step_size.eq(0.0625).all()
+
+
+class CustomStateMLP(MLP):
+    def __init__(self, make_optimizer):
+        super().__init__()
+        self.make_optimizer = make_optimizer
+
+    def configure_optimizers(self):
+        return self.make_optimizer(self.parameters())
+
+
+class StepCounter(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps += 1
+
+
+@pytest.mark.parametrize(
+    ("make_optimizer", "steps_before_refusal", "match"),
+    [
+        (lambda p: NeedsArguments(p, "cosine"), 0, "Cannot know the state NeedsArguments gives a fresh parameter"),
+        (WholeDictState, 1, "Cannot restart WholeDictState's state 'trace'"),
+    ],
+    ids=["unprobeable", "unknown-key"],
+)
+def test_an_optimizer_rigl_cannot_restart_is_refused_before_any_update(make_optimizer, steps_before_refusal, match):
+    rigl, counter = RigLCallback(0.8, delta_t=4), StepCounter()
+    with pytest.raises(MisconfigurationException, match=match):
+        make_trainer([counter, rigl], max_steps=8).fit(CustomStateMLP(make_optimizer), make_loader())
+    assert counter.steps == steps_before_refusal and rigl.sparse.updates == 0

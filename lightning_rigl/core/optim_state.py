@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -48,25 +48,53 @@ def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Te
     """
     touched = 0
     for optimizer in optimizers:
-        per_element = {
-            key: value
-            for key, value in optimizer.state.get(param, {}).items()
-            if isinstance(value, Tensor) and value.shape == param.shape
-        }
-        if not per_element:
-            continue
-        fresh = fresh_state(optimizer, param)
-        for key, value in per_element.items():
-            if key not in fresh:
-                raise ValueError(
-                    f"Cannot restart {type(optimizer).__name__}'s state {key!r} for a regrown connection: a fresh "
-                    f"parameter gets no per-element {key!r} from its first step (it has {sorted(fresh)}), so its "
-                    "starting value is unknown. Use a torch.optim optimizer, or one that creates its per-element "
-                    "state in `optimizer.state[param]` at the first step."
-                )
-            fill_positions(local_shard(value), positions, fresh[key])
+        for value, fresh in _restart_values(optimizer, param):
+            fill_positions(local_shard(value), positions, fresh)
             touched += 1
     return touched
+
+
+def check_restartable(optimizers: Iterable[torch.optim.Optimizer], params: Iterable[Tensor]) -> None:
+    """Raise unless every optimizer holding one of ``params`` can restart their state for a regrown connection.
+
+    Run it before training (it probes each optimizer type once) and again after the first optimizer
+    step (per-element state exists then, and each of its keys must have a known fresh value).
+
+    Raises:
+        ValueError: Naming the optimizer type (and the state key) whose fresh state cannot be known.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> check_restartable([torch.optim.Adam([w])], [w])
+    """
+    params = list(params)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if any(param is p for p in params):
+                    fresh_state(optimizer, param)
+                    list(_restart_values(optimizer, param))
+
+
+def _restart_values(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterator[tuple[Tensor, float]]:
+    """Each per-element state tensor of ``param`` with the value a fresh parameter starts it at."""
+    per_element = {
+        key: value
+        for key, value in optimizer.state.get(param, {}).items()
+        if isinstance(value, Tensor) and value.shape == param.shape
+    }
+    if not per_element:
+        return
+    fresh = fresh_state(optimizer, param)
+    for key, value in per_element.items():
+        if key not in fresh:
+            raise ValueError(
+                f"Cannot restart {type(optimizer).__name__}'s state {key!r} for a regrown connection: a fresh "
+                f"parameter gets no per-element {key!r} from its first step (it has {sorted(fresh)}), so its "
+                "starting value is unknown. Use a torch.optim optimizer, or one that creates its per-element "
+                "state in `optimizer.state[param]` at the first step."
+            )
+        yield value, fresh[key]
 
 
 def fresh_state(optimizer: torch.optim.Optimizer, param: Tensor) -> dict[str, float]:

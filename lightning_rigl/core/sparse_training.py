@@ -14,16 +14,11 @@ from lightning_rigl.core.distribution import layer_sparsities
 from lightning_rigl.core.masking import fill_positions, multiply_by_masks, nonzero_where_inactive
 from lightning_rigl.core.masks import LayerMasks
 from lightning_rigl.core.methods import Method, get_method
-from lightning_rigl.core.optim_state import reset_optimizer_state
+from lightning_rigl.core.optim_state import check_restartable, reset_optimizer_state
+from lightning_rigl.core.saved_state import STATE_VERSION, check_saved_shapes, migrate_state
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import resolve_custom_sparsity, select_parameters
-from lightning_rigl.core.sharding import (
-    distribute_like_param,
-    gather_full,
-    local_shard,
-    wrap_like_param,
-)
-from lightning_rigl.core.state_versions import STATE_VERSION, migrate_state
+from lightning_rigl.core.sharding import distribute_like_param, gather_full, local_shard, wrap_like_param
 from lightning_rigl.core.topology import num_active, random_mask
 from lightning_rigl.core.zero_guard import ZeroGuard
 
@@ -295,19 +290,7 @@ class SparseTraining:
 
         """
         state = migrate_state(state)
-        saved = {name: tuple(shape) for name, shape in state["shapes"].items()}
-        current = {name: tuple(p.shape) for name, p in self.params.items()}
-        if saved != current:
-            missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
-            reshaped = sorted(
-                f"{n}: saved {saved[n]} vs model {current[n]}"
-                for n in set(saved) & set(current)
-                if saved[n] != current[n]
-            )
-            raise ValueError(
-                "The saved RigL state does not match the masked parameters: "
-                f"not in the checkpoint {missing}, not in the model {extra}, different shapes {reshaped}."
-            )
+        check_saved_shapes(state["shapes"], {name: p.shape for name, p in self.params.items()})
         self.layer_masks.load_packed(state["masks"], state["ever_active"])
         self._masks_replaced()
         self.sparsities = {name: float(state["sparsities"][name]) for name in self.params}
@@ -326,6 +309,15 @@ class SparseTraining:
         """
         self.layer_masks.replace(masks)
         self._masks_replaced()
+
+    def check_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Raise a ValueError naming any optimizer whose state for a regrown connection cannot be restarted.
+
+        Call it before training and after the first optimizer step (see
+        :func:`~lightning_rigl.core.optim_state.check_restartable`); a static mask needs no restarts.
+        """
+        if self.method.updates:
+            check_restartable(optimizers, self.params.values())
 
     def check_masks_agree_across_ranks(self) -> None:
         """Compare a fingerprint of every replicated mask across data-parallel ranks (one all-reduce).

@@ -1,4 +1,4 @@
-"""Versions of the saved RigL state, and the migrations that bring an older one up to date.
+"""The saved RigL state: its versions, the migrations that bring an older one up to date, and its checks.
 
 Every checkpoint a release wrote must still resume: a change to what :meth:`SparseTraining.state_dict`
 saves raises :data:`STATE_VERSION` and adds a step to :func:`migrate_state`.
@@ -42,3 +42,29 @@ def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
         state["grow_scores"] = {}
         state["version"] = 2
     return state
+
+
+def check_saved_shapes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise a ValueError naming every masked parameter that is missing, extra or reshaped in a saved state.
+
+    Args:
+        saved: Parameter name to shape, as the checkpoint holds them.
+        current: Parameter name to shape, as this run masks them.
+
+    Example:
+        >>> check_saved_shapes({"fc.weight": [4, 2]}, {"fc.weight": (4, 2)})  # they match: no error
+    """
+    saved = {name: tuple(shape) for name, shape in saved.items()}
+    current = {name: tuple(shape) for name, shape in current.items()}
+    if saved == current:
+        return
+    missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+    reshaped = sorted(
+        f"{name}: saved {saved[name]} vs model {current[name]}"
+        for name in set(saved) & set(current)
+        if saved[name] != current[name]
+    )
+    raise ValueError(
+        "The saved RigL state does not match the masked parameters: "
+        f"not in the checkpoint {missing}, not in the model {extra}, different shapes {reshaped}."
+    )
