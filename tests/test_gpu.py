@@ -4,11 +4,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_rigl import RigLCallback, SparsityMonitor
 from lightning_rigl.core import num_active
-from tests.conftest import MLP, InfAt, StepWatch, make_loader, make_trainer
+from tests.conftest import MLP, make_loader, make_trainer
 from tests.test_callback import InvariantChecker
 from tests.test_checkpoint import SaveFinal, _assert_same_run
 from tests.test_monitor import RecordingLogger, _mlp
@@ -32,25 +31,6 @@ def test_cuda_masks_live_on_the_weight_device_with_exact_counts_after_updates():
     make_trainer([rigl, checker], max_steps=8, **GPU).fit(model, make_loader())
     assert checker.checks == 8 and rigl.sparse.updates == 4
     _assert_exact_counts_on_the_weight_device(rigl, model)
-
-
-def test_fp16_step_skipped_by_the_grad_scaler_makes_no_update_and_the_next_finite_step_does():
-    rigl = RigLCallback(0.8, delta_t=4, t_end=100)
-    watch = StepWatch(rigl)
-    # A small initial scale: no overflow of the scaled loss on finite steps, so the inf step is the only skip.
-    precision = MixedPrecision("16-mixed", "cuda", scaler=torch.amp.GradScaler("cuda", init_scale=2.0**10))
-    trainer = make_trainer([rigl, watch], max_steps=10, plugins=[precision], **GPU)
-    trainer.fit(InfAt(), make_loader())
-
-    assert trainer.global_step == 10 and watch.ran == 9  # the scaler skipped exactly the inf step
-    assert rigl.sparse.nonfinite_steps == 1
-    (masks_before, weight_before), (masks_after, weight_after) = watch.around[InfAt.bad_step]
-    assert torch.equal(weight_before, weight_after)  # the step was skipped ...
-    assert all(torch.equal(masks_before[n], masks_after[n]) for n in masks_before)  # ... and so was the update
-    (masks_before, _), (masks_after, _) = watch.around[InfAt.bad_step + 1]
-    assert any(not torch.equal(masks_before[n], masks_after[n]) for n in masks_before)  # made at the next step
-    assert [record.step for record in rigl.sparse.history] == [4, 8]  # step 4's update ran after step 5
-    _assert_exact_counts_on_the_weight_device(rigl, trainer.lightning_module)
 
 
 def test_bf16_mixed_keeps_exact_counts_and_zero_inactive_weights():

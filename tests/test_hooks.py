@@ -111,13 +111,19 @@ def test_sparsity_monitor_logs_each_update_at_its_step_wherever_it_is_listed(mon
     assert logged == {2: 1.0, 5: 2.0, 8: 3.0}  # the loggers' step index counts from 0
 
 
-def test_a_step_skipped_by_the_grad_scaler_makes_no_update_and_the_next_finite_step_does():
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_a_step_skipped_by_the_grad_scaler_makes_no_update_and_the_next_finite_step_does(device):
     # The decision for AMP: a skipped step still advances global_step (Lightning's clock), but its
     # non-finite gradients give no update: the due update is made at the next finite step.
     rigl = RigLCallback(0.8, delta_t=4, t_end=100)
     watch = StepWatch(rigl)
-    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
-    trainer = make_trainer([rigl, watch], max_steps=10, plugins=[precision])
+    # A small initial scale: no overflow of the scaled loss on finite steps, so the inf step is the only skip.
+    precision = MixedPrecision("16-mixed", device, scaler=torch.amp.GradScaler(device, init_scale=2.0**10))
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    trainer = make_trainer([rigl, watch], max_steps=10, plugins=[precision], accelerator=accelerator)
     trainer.fit(InfAt(), make_loader())
 
     assert trainer.global_step == 10 and watch.ran == 9  # the scaler skipped exactly the inf step
@@ -128,6 +134,7 @@ def test_a_step_skipped_by_the_grad_scaler_makes_no_update_and_the_next_finite_s
     (masks_before, _), (masks_after, _) = watch.around[InfAt.bad_step + 1]
     assert any(not torch.equal(masks_before[n], masks_after[n]) for n in masks_before)  # made at the next step
     assert [record.step for record in rigl.sparse.history] == [4, 8]
+    assert all(mask.device.type == device for mask in rigl.masks.values())
 
 
 class TwoOptimizers(MLP):
