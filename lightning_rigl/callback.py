@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+import uuid
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,7 +28,9 @@ from lightning_rigl.core import (
     get_method,
     select_parameters,
 )
+from lightning_rigl.core.packing import unpack_bits
 from lightning_rigl.core.schedule import check_schedule
+from lightning_rigl.core.selection import parameter_aliases
 from lightning_rigl.core.validation import (
     check_choice,
     check_fraction,
@@ -163,11 +168,29 @@ class RigLCallback(Callback):
         self._checks_left = 0
         self._loaded_state: dict[str, Any] | None = None
         self._restored = False
+        self._aliases: dict[str, list[str]] = {}  # masked name -> every name of that Parameter
+        self._fit_start_step = 0
+        # ddp_spawn / ddp_fork train in child processes; rank 0 hands its masks back through this file.
+        self._main_pid = os.getpid()
+        self._handoff = os.path.join(tempfile.gettempdir(), f"lightning_rigl_masks_{uuid.uuid4().hex}.pt")
+        self._handed_off: dict[str, Tensor] = {}
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """Parameter name to bool mask of the weight's shape (True = active); empty before fit."""
-        return self.sparse.masks if self.sparse is not None else {}
+        """Parameter name to bool mask of the weight's shape (True = active); empty before fit.
+
+        A tied weight is listed under each of its names. After a ``ddp_spawn`` or ``ddp_fork`` fit they
+        are rank 0's masks, handed back to the main process.
+        """
+        if os.getpid() == self._main_pid and os.path.exists(self._handoff):
+            saved = torch.load(self._handoff, weights_only=True)
+            os.remove(self._handoff)
+            self._handed_off = {
+                name: unpack_bits(saved["masks"][name], shape) for name, shape in saved["shapes"].items()
+            }
+            self.sparse = None  # trained elsewhere: this process's run (if any) is not the latest
+        masks = self.sparse.masks if self.sparse is not None else self._handed_off
+        return {alias: mask for name, mask in masks.items() for alias in self._aliases.get(name, [name])}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -200,6 +223,7 @@ class RigLCallback(Callback):
                 )
                 self._loaded_state = None
             self.sparse.check_optimizers(trainer.optimizers)
+            self._aliases = parameter_aliases(pl_module, self.sparse.params)
         self._trainer = trainer
         self._optimizers_checked = False
         self._stepped = []
@@ -207,6 +231,7 @@ class RigLCallback(Callback):
         self._checks_left = self.consistency_checks  # counted per fit, so a resumed run checks too
         if self._checks_left:
             self.sparse.check_masks_agree_across_ranks()
+        self._mask_averaged_copies(trainer)
         if not pl_module.automatic_optimization:
             # Manual optimization may step several times in one batch, with forward passes in between:
             # each step's update and re-zeroing must come right after it, not at the batch end. The
@@ -224,10 +249,12 @@ class RigLCallback(Callback):
                 "checkpoint?): training goes on with fresh random masks, which zeroed part of the loaded weights."
             )
         self._restored = False
+        self._fit_start_step = trainer.global_step  # restored by now
         if self.sparse is not None:
             # A checkpoint saved between a step and its update (by a callback listed before this one)
             # holds that update's grow scores: make the update now, with the optimizer state restored.
             self.sparse.update_topology(trainer.optimizers)
+            self._mask_averaged_copies(trainer)
 
     @override
     def on_before_optimizer_step(
@@ -244,6 +271,13 @@ class RigLCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.apply_updates()
+        if self._t_end_counts_batches(pl_module) and trainer.global_step - self._fit_start_step > 1:
+            raise MisconfigurationException(
+                f"`t_end={self.t_end}` is a fraction of the run, resolved against its batches, but this batch made "
+                f"{trainer.global_step - self._fit_start_step} optimizer steps (manual optimization): updates would "
+                "stop early. Pass `t_end` as an int (an optimizer step)."
+            )
+        self._fit_start_step = -1  # checked once, after the first batch
 
     def apply_updates(self) -> None:
         """Drop and grow for the optimizer steps that ran since the last call, and keep inactive weights at 0.
@@ -261,10 +295,12 @@ class RigLCallback(Callback):
                 self._optimizers_checked = True
                 with misconfiguration():  # the state exists now: each per-element key needs a fresh value
                     self.sparse.check_optimizers(self._trainer.optimizers)
-        if self.sparse.updates > self._seen_updates and self._checks_left:
+        if self.sparse.updates > self._seen_updates:
             self._seen_updates = self.sparse.updates
-            self._checks_left -= self._checks_left > 0
-            self.sparse.check_masks_agree_across_ranks()
+            self._mask_averaged_copies(self._trainer)
+            if self._checks_left:
+                self._checks_left -= self._checks_left > 0
+                self.sparse.check_masks_agree_across_ranks()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -284,6 +320,30 @@ class RigLCallback(Callback):
             self._loaded_state = dict(state_dict)
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if trainer.state.fn == "fit" or not state:
+            return  # a fit restores through load_state_dict
+        # validate / test / predict from a checkpoint: the masks become that checkpoint's, so what is
+        # exported after `trainer.test(ckpt_path="best")` is the tested model's.
+        with misconfiguration():
+            params = select_parameters(pl_module, self.include, self.exclude)
+            self.sparse = SparseTraining.from_state(params, state)
+            self._aliases = parameter_aliases(pl_module, self.sparse.params)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if os.getpid() == self._main_pid or self.sparse is None:
+            return
+        # A child process of ddp_spawn / ddp_fork: the main process gets the weights back, not this callback.
+        packed = self.sparse.layer_masks.packed()["masks"]  # a collective under FSDP2: every rank calls it
+        if trainer.is_global_zero:
+            shapes = {name: list(p.shape) for name, p in self.sparse.params.items()}
+            torch.save({"masks": packed, "shapes": shapes}, self._handoff)
+
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._detach()
 
@@ -298,9 +358,29 @@ class RigLCallback(Callback):
         self._stepped = []
         self._trainer = None
 
+    def _mask_averaged_copies(self, trainer: pl.Trainer) -> None:
+        # Averaging callbacks (WeightAveraging / EMA, StochasticWeightAveraging) keep a copy of the model
+        # that they swap in for validation, save in checkpoints and copy back at the end. Averages keep
+        # a 0 where the weights stay 0, so masking the copy whenever the masks change is enough.
+        assert self.sparse is not None
+        for callback in trainer.callbacks:
+            if callback is not self:
+                for value in vars(callback).values():
+                    if isinstance(value, torch.nn.Module) and value is not trainer.lightning_module:
+                        self.sparse.apply_masks_to_copy(value)
+
+    def _t_end_counts_batches(self, pl_module: pl.LightningModule) -> bool:
+        return isinstance(self.t_end, float) and not pl_module.automatic_optimization and self._fit_start_step >= 0
+
     def _t_end_steps(self, trainer: pl.Trainer) -> int:
         if isinstance(self.t_end, int):
             return self.t_end
+        if not trainer.lightning_module.automatic_optimization and len(trainer.optimizers) > 1:
+            raise ValueError(
+                f"`t_end={self.t_end}` is a fraction of the run, but with manual optimization and "
+                f"{len(trainer.optimizers)} optimizers Lightning counts the run in batches, not optimizer steps, "
+                "so updates would stop early. Pass `t_end` as an int (an optimizer step)."
+            )
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
             raise ValueError(

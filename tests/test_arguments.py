@@ -3,6 +3,7 @@
 import inspect
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -125,7 +126,7 @@ def test_default_selection_covers_conv_transpose_and_attention():
     ]
 
 
-def test_shared_weights_get_one_mask():
+def test_shared_weights_get_one_mask_reported_under_every_name():
     class Tied(MLP):
         def __init__(self):
             super().__init__()
@@ -135,7 +136,9 @@ def test_shared_weights_get_one_mask():
     rigl = RigLCallback(0.5)
     model = Tied()
     make_trainer([rigl], max_steps=2).fit(model, make_loader())
-    assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]  # "head.weight" is the same
+    assert list(rigl.sparse.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]  # "head.weight" is the same
+    assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "head.weight", "net.5.weight"]
+    assert torch.equal(rigl.masks["head.weight"], rigl.masks["net.2.weight"])
     assert rigl.sparse.params["net.2.weight"] is model.head.weight
     assert model.head.weight[~rigl.masks["net.2.weight"]].eq(0).all()
 

@@ -68,3 +68,29 @@ def check_saved_shapes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
         "The saved RigL state does not match the masked parameters: "
         f"not in the checkpoint {missing}, not in the model {extra}, different shapes {reshaped}."
     )
+
+
+def check_same_run(state: Mapping[str, Any], method: str, sparsities: Mapping[str, float]) -> None:
+    """Raise a ValueError naming each difference between a saved run and the one the arguments resolve to.
+
+    What a run trains is its method and its per-layer sparsities (``sparsity``, ``distribution``,
+    ``custom_sparsity``, ``dense_first_layer`` and ``erk_power_scale`` all resolve to them): a resumed run
+    must train the same, or it would silently go on at the saved values.
+
+    Example:
+        >>> check_same_run({"method": "rigl", "sparsities": {"w": 0.9}}, "rigl", {"w": 0.9})  # the same: no error
+    """
+    differences = []
+    if state["method"] != method:
+        differences.append(f"method: saved {state['method']!r}, given {method!r}")
+    saved = state["sparsities"]
+    for name, given in sparsities.items():
+        if name in saved and abs(float(saved[name]) - float(given)) > 1e-12:
+            differences.append(f"sparsity of {name}: saved {float(saved[name]):.6g}, given {float(given):.6g}")
+    if differences:
+        raise ValueError(
+            "The checkpoint's RigL run differs from the one RigLCallback's arguments describe: "
+            + "; ".join(differences)
+            + ". Resume with the arguments the checkpoint was trained with (sparsity, distribution, method, "
+            "custom_sparsity, dense_first_layer, erk_power_scale), or start a new run without `ckpt_path`."
+        )

@@ -15,7 +15,7 @@ from lightning_rigl.core.masking import fill_positions, multiply_by_masks, nonze
 from lightning_rigl.core.masks import LayerMasks
 from lightning_rigl.core.methods import Method, get_method
 from lightning_rigl.core.optim_state import check_restartable, reset_optimizer_state
-from lightning_rigl.core.saved_state import STATE_VERSION, check_saved_shapes, migrate_state
+from lightning_rigl.core.saved_state import STATE_VERSION, check_same_run, check_saved_shapes, migrate_state
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import resolve_custom_sparsity, select_parameters
 from lightning_rigl.core.sharding import distribute_like_param, gather_full, local_shard, wrap_like_param
@@ -145,6 +145,19 @@ class SparseTraining:
             shapes, sparsity, distribution, dense=dense, custom=custom, erk_power_scale=erk_power_scale
         )
         return cls(params, sparsities, **kwargs)
+
+    @classmethod
+    def from_state(cls, params: Mapping[str, nn.Parameter], state: Mapping[str, Any], **kwargs: Any) -> SparseTraining:
+        """The run a :meth:`state_dict` describes, on ``params``: with the saved method and per-layer sparsities.
+
+        Example:
+            >>> layer = nn.Linear(4, 4)
+            >>> saved = SparseTraining({"weight": layer.weight}, {"weight": 0.5}, method="set").state_dict()
+            >>> SparseTraining.from_state({"weight": layer.weight}, saved).method.name
+            'set'
+        """
+        state = migrate_state(state)
+        return cls(params, state["sparsities"], method=state["method"], state=state, **kwargs)
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -291,6 +304,7 @@ class SparseTraining:
         """
         state = migrate_state(state)
         check_saved_shapes(state["shapes"], {name: p.shape for name, p in self.params.items()})
+        check_same_run(state, self.method.name, self.sparsities)
         self.layer_masks.load_packed(state["masks"], state["ever_active"])
         self._masks_replaced()
         self.sparsities = {name: float(state["sparsities"][name]) for name in self.params}
@@ -309,6 +323,33 @@ class SparseTraining:
         """
         self.layer_masks.replace(masks)
         self._masks_replaced()
+
+    @torch.no_grad()
+    def apply_masks_to_copy(self, model: nn.Module) -> list[str]:
+        """Zero the inactive weights in a copy of the masked model, such as an averaged one (EMA, SWA).
+
+        Parameters are matched by name and shape; an ``AveragedModel``'s ``module.`` prefix is allowed.
+
+        Returns:
+            The masked names found in ``model``.
+
+        Example:
+            >>> layer = nn.Linear(4, 4)
+            >>> sparse = SparseTraining({"weight": layer.weight}, {"weight": 0.5})
+            >>> average = torch.optim.swa_utils.AveragedModel(nn.Linear(4, 4))
+            >>> sparse.apply_masks_to_copy(average), int(average.module.weight.count_nonzero())
+            (['weight'], 8)
+        """
+        copies = dict(model.named_parameters())
+        found = []
+        for name, param in self.params.items():
+            copy = copies.get(name, copies.get(f"module.{name}"))
+            if copy is None or copy.shape != param.shape or copy is param:
+                continue
+            mask = self.layer_masks.local[name]
+            local_shard(copy).mul_(mask.to(local_shard(copy).device, copy.dtype))
+            found.append(name)
+        return found
 
     def check_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Raise a ValueError naming any optimizer whose state for a regrown connection cannot be restarted.
