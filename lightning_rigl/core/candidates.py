@@ -13,6 +13,7 @@ first, grown first). It is deterministic and the same on every rank and device. 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ DEFAULT_CHUNK = 2**18
 #: ``scores(start, stop)``: the grow scores of flat positions ``start`` to ``stop - 1`` of a layer.
 ChunkScores = Callable[[int, int], Tensor]
 
-_SAMPLE_STRIDE = 128
+_CUT_SAMPLE = 4096
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -71,47 +72,56 @@ def top_k_indices(values: Tensor, k: int, *, largest: bool = True, index: Tensor
         return torch.arange(numel, device=values.device)
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
-    within = _sample_bound(values, k, largest)
-    if within is None:
-        return _top_k_exact(values, k, largest, index)
-    return within[_top_k_exact(values[within], k, largest, None if index is None else index[within])]
+    if numel >= 2**16 and k * 8 <= numel:
+        bound = _sample_bound(values[::128], k, numel, largest, slack=1.5)
+        within = _reaches(values, bound, largest).nonzero().flatten()
+        # Every entry outside is worse than the bound, which at least k entries match or beat.
+        if k <= within.numel() < numel:
+            return within[
+                _top_k_mask(values[within], k, largest, None if index is None else index[within]).nonzero()[:, 0]
+            ]
+    return _top_k_mask(values, k, largest, index).nonzero().flatten()
 
 
-def _sample_bound(values: Tensor, k: int, largest: bool) -> Tensor | None:
-    """Ascending positions that hold the ``k`` best entries, from a strided sample's bound; None if no gain."""
+def _reaches(values: Tensor, bound: Tensor, largest: bool) -> Tensor:
+    return values >= bound if largest else values <= bound
+
+
+def _sample_bound(sample: Tensor, k: int, numel: int, largest: bool, *, slack: float) -> Tensor:
+    """A value that about ``slack * k`` of ``numel`` entries match or beat, read from a sample of them."""
+    # About k * sample / numel sampled entries lie beyond the true k-th value: times the slack, plus a few.
+    rank = min(sample.numel(), math.ceil(slack * k * sample.numel() / numel) + 16)
+    best = torch.topk(sample, rank, largest=largest, sorted=False).values
+    return best.min() if largest else best.max()
+
+
+def _top_k_mask(values: Tensor, k: int, largest: bool, index: Tensor | None = None) -> Tensor:
+    """A bool mask of the ``k`` best entries (``0 < k < values.numel()``), ties to the lower index."""
     numel = values.numel()
-    if numel < 2**16 or k * 8 > numel:
-        return None
-    sample = values[::_SAMPLE_STRIDE]
-    # About k / stride sampled entries lie beyond the true k-th value; 1.5 times that plus slack
-    # rarely admits fewer than k (then the exact selection runs on everything).
-    margin = min(sample.numel(), 3 * (k // _SAMPLE_STRIDE) // 2 + 32)
-    bound = torch.topk(sample, margin, largest=largest, sorted=False).values
-    within = ((values >= bound.min()) if largest else (values <= bound.max())).nonzero().flatten()
-    # Every entry outside is worse than `margin` sampled ones, so at least k (when enough are within).
-    return within if k <= within.numel() < numel else None
-
-
-def _top_k_exact(values: Tensor, k: int, largest: bool, index: Tensor | None) -> Tensor:
-    best = torch.topk(values, k, largest=largest, sorted=False).values
-    threshold = best.min() if largest else best.max()
-    del best
+    if 2 * k <= numel:
+        best = torch.topk(values, k, largest=largest, sorted=False).values
+        threshold = best.min() if largest else best.max()
+    else:  # the k-th best is the (numel - k + 1)-th worst: a smaller top-k, and smaller buffers
+        worst = torch.topk(values, numel - k + 1, largest=not largest, sorted=False).values
+        threshold = worst.max() if largest else worst.min()
     chosen = values > threshold if largest else values < threshold
     ties = (values == threshold).nonzero().flatten()
     need = k - int(chosen.sum())
     if ties.numel() > need:
         # `nonzero` lists ties by position: by index too when there is no separate index.
-        lowest = ties[:need] if index is None else ties[torch.topk(index[ties], need, largest=False).indices]
-        ties = lowest
+        ties = ties[:need] if index is None else ties[torch.topk(index[ties], need, largest=False).indices]
     chosen[ties] = True
-    return chosen.nonzero().flatten()
+    return chosen
 
 
 class _RunningTopK:
     """The ``k`` best (value, flat index) entries of a stream whose indices come in ascending order.
 
-    Entries are kept in index order, so position order is index order and the tie rule needs no
-    index comparison. The buffer is cut back to ``k`` when it reaches ``1.5 k``: a linear cost overall.
+    Entries are kept in index order, in parts, so position order is index order and the tie rule needs
+    no index comparison. At ``1.5 k`` entries the parts are cut back, one at a time, to the entries that
+    match or beat a bound read from a sample (about ``1.1 k``, checked by a count; else exactly ``k``):
+    no top-k over the buffer and no copy of it, and a bound that rejects most of each next chunk.
+    :meth:`result` makes the one exact selection.
     """
 
     def __init__(self, k: int, largest: bool) -> None:
@@ -119,48 +129,77 @@ class _RunningTopK:
         self.values: list[Tensor] = []
         self.index: list[Tensor] = []
         self.size = 0
-        self.bound: Tensor | None = None  # the k-th best value so far, once k entries were seen
-        self.last: Tensor | None = None  # the flat index of that k-th best entry
+        self.bound: Tensor | None = None  # at least k kept entries match or beat it
+        self.last: Tensor | None = None  # after result(): the flat index of the k-th best entry
 
     def beats_bound(self, values: Tensor) -> Tensor | None:
         """Which entries, with indices above all pushed so far, can still be among the best; None: all."""
         if self.bound is None:
             return None
-        # Equal to the bound is not enough: a higher index loses the tie against the k-th best.
+        # Equal to the bound is not enough: k kept entries match or beat it, with lower indices.
         return values > self.bound if self.largest else values < self.bound
+
+    def reaches_bound(self, values: Tensor) -> Tensor | None:
+        """Which entries match or beat the bound (any index: the ties are settled later); None: all."""
+        return None if self.bound is None else _reaches(values, self.bound, self.largest)
 
     def push(self, values: Tensor, index: Tensor) -> None:
         if values.numel() > self.k:
-            keep = top_k_indices(values, self.k, largest=self.largest)
+            keep = _top_k_mask(values, self.k, self.largest)
             values, index = values[keep], index[keep]
         self.values.append(values)
         self.index.append(index)
         self.size += values.numel()
-        if self.size >= self.k + max(self.k // 2, 1):
+        # The first cut as soon as k entries are in: from then on a bound rejects most of each chunk.
+        if self.size >= self.k + max(self.k // 2, 1) or (self.bound is None and self.size >= self.k):
             self._cut()
 
     def result(self) -> tuple[Tensor, Tensor]:
         """The ``k`` best (fewer if fewer were pushed): values and flat indices, in index order."""
-        if self.size > self.k or len(self.values) > 1:
+        if self.size > self.k:
             self._cut()
-        return self.values[0], self.index[0]
-
-    def _cut(self) -> None:
-        values, index = torch.cat(self.values), torch.cat(self.index)
-        self.values, self.index = [], []  # the parts are freed before the selection allocates
-        keep = top_k_indices(values, self.k, largest=self.largest)
-        values, index = values[keep], index[keep]
+        values, index = self._joined()
+        if values.numel() > self.k:
+            keep = _top_k_mask(values, self.k, self.largest)
+            values, index = values[keep], index[keep]
         self.values, self.index, self.size = [values], [index], values.numel()
         if self.size == self.k:
             self.bound = values.min() if self.largest else values.max()
             self.last = index[(values == self.bound).nonzero()[-1, 0]]
+        return values, index
 
     def could_win(self, values: Tensor, index: Tensor) -> Tensor | None:
-        """Which entries (any index) would enter the ``k`` best; None: all (fewer than k seen)."""
-        if self.bound is None:
+        """After :meth:`result`: which entries (any index) would enter the ``k`` best; None: all."""
+        if self.last is None:
             return None
         better = values > self.bound if self.largest else values < self.bound
         return better | ((values == self.bound) & (index < self.last))
+
+    def _cut(self) -> None:
+        if self.size >= 4 * _CUT_SAMPLE:
+            stride = self.size // _CUT_SAMPLE
+            sample = torch.cat([part[::stride] for part in self.values])
+            bound = _sample_bound(sample, self.k, self.size, self.largest, slack=1.1)
+            count = sum(int(_reaches(part, bound, self.largest).sum()) for part in self.values)
+            # A sample can miss (too few pass) or ties can crowd in (too many): then the exact cut.
+            if self.k <= count <= self.k + self.k // 4:
+                for i, part in enumerate(self.values):
+                    keep = _reaches(part, bound, self.largest)
+                    self.values[i], self.index[i] = part[keep], self.index[i][keep]
+                    del part, keep
+                self.size, self.bound = count, bound
+                return
+        values, index = self._joined()
+        if values.numel() > self.k:
+            keep = _top_k_mask(values, self.k, self.largest)
+            values, index = values[keep], index[keep]
+        self.values, self.index, self.size = [values], [index], values.numel()
+        self.bound = values.min() if self.largest else values.max()
+
+    def _joined(self) -> tuple[Tensor, Tensor]:
+        values, index = torch.cat(self.values), torch.cat(self.index)
+        self.values, self.index = [], []  # the parts are freed before the selection allocates
+        return values, index
 
 
 @dataclass(frozen=True)
@@ -246,26 +285,38 @@ def grow_candidates(mask: Tensor, k: int, scores: ChunkScores, *, chunk_size: in
     active_index: list[Tensor] = []
     for start in range(0, numel if k > 0 else 0, chunk_size):
         stop = min(start + chunk_size, numel)
-        active = _is_active(flat_mask[start:stop])
-        chunk = scores(start, stop).reshape(-1)
-        # Past the first k inactive positions, only scores above the running k-th best can matter,
-        # for an inactive position and for an active one alike.
+        chunk, mask_chunk = scores(start, stop).reshape(-1), flat_mask[start:stop]
+        # Once k inactive positions were seen, only scores beyond their k-th best can matter, for an
+        # inactive position and for an active one alike: few of a chunk, split by the mask after.
         better = inactive.beats_bound(chunk)
-        at = (~active if better is None else better & ~active).nonzero().flatten()
-        inactive.push(chunk[at], (at + start).to(dtype))
-        at = (active if better is None else better & active).nonzero().flatten()
-        active_values.append(chunk[at])
-        active_index.append((at + start).to(dtype))
-        del active, chunk, better, at
+        if better is None:
+            active = _is_active(mask_chunk)
+            n_open = active.numel() - int(active.sum())
+            if n_open <= k:
+                at = (~active).nonzero().flatten()
+            else:  # this chunk's k best inactive ones, with no index buffer of all of them
+                at = top_k_indices(chunk.masked_fill(active, -math.inf), k)
+            inactive.push(chunk[at], _flat_index(at, start, dtype))  # may set the bound
+            reaches = inactive.reaches_bound(chunk)  # ties with this chunk's inactive ones: settled at the end
+            active_at = (active if reaches is None else active & reaches).nonzero().flatten()
+        else:
+            at = better.nonzero().flatten()
+            is_active = mask_chunk[at] != 0
+            inactive.push(chunk[at[~is_active]], _flat_index(at[~is_active], start, dtype))
+            active_at = at[is_active]
+        active_values.append(chunk[active_at])
+        active_index.append(_flat_index(active_at, start, dtype))
     if k > 0:
         values, index = inactive.result()
     else:
         values, index = torch.empty(0, device=mask.device), torch.empty(0, dtype=dtype, device=mask.device)
+    for i, (part, part_index) in enumerate(zip(active_values, active_index, strict=True)):
+        win = inactive.could_win(part, part_index)  # part by part: no copy of all saved scores at once
+        if win is not None:
+            active_values[i], active_index[i] = part[win], part_index[win]
+        del part, part_index, win
     a_values = torch.cat(active_values) if active_values else values[:0]
     a_index = torch.cat(active_index) if active_index else index[:0]
-    win = inactive.could_win(a_values, a_index)
-    if win is not None:
-        a_values, a_index = a_values[win], a_index[win]
     return GrowCandidates(k, values, index, a_values, a_index)
 
 
@@ -285,12 +336,12 @@ def smallest_active(mask: Tensor, weight: Tensor, k: int, *, chunk_size: int = D
     stream = _RunningTopK(k, largest=False)
     for start in range(0, numel if k > 0 else 0, chunk_size):
         stop = min(start + chunk_size, numel)
-        active = _is_active(flat_mask[start:stop])
-        magnitude = flat_weight[start:stop].abs()
+        at = _is_active(flat_mask[start:stop]).nonzero().flatten()
+        magnitude = flat_weight[start:stop][at].abs()
         better = stream.beats_bound(magnitude)
-        at = (active if better is None else better & active).nonzero().flatten()
-        stream.push(magnitude[at], (at + start).to(dtype))
-        del active, magnitude, better, at
+        if better is not None:
+            at, magnitude = at[better], magnitude[better]
+        stream.push(magnitude, _flat_index(at, start, dtype))
     return stream.result()[1] if k > 0 else torch.empty(0, dtype=dtype, device=mask.device)
 
 
@@ -325,7 +376,7 @@ def drop_grow_from_candidates(
     dropped = smallest_active(mask, weight, k, chunk_size=chunk_size)
     # The scores of the dropped positions where saved; an unsaved one loses to k inactive candidates.
     saved = candidates.active_index
-    at = torch.searchsorted(saved, dropped.to(saved.dtype)).clamp_(max=max(saved.numel() - 1, 0))
+    at = torch.searchsorted(saved, dropped.to(saved.dtype), out_int32=True).clamp_(max=max(saved.numel() - 1, 0))
     found = (saved[at] == dropped) if saved.numel() else torch.zeros_like(dropped, dtype=torch.bool)
     values = torch.cat([candidates.values, candidates.active_values[at[found]]])
     index = torch.cat([candidates.index, dropped[found]])
@@ -334,4 +385,10 @@ def drop_grow_from_candidates(
 
 
 def _is_active(mask_chunk: Tensor) -> Tensor:
+    # `nonzero` of a bool chunk is several times faster than of a float one.
     return mask_chunk if mask_chunk.dtype == torch.bool else mask_chunk != 0
+
+
+def _flat_index(at: Tensor, start: int, dtype: torch.dtype) -> Tensor:
+    # Converted first: no second int64 buffer for the offset positions.
+    return at.to(dtype).add_(start)
