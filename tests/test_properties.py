@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lightning_rigl import SparseTraining, UpdateSchedule, layer_sparsities
 from lightning_rigl.core import drop_and_grow, num_active
-from lightning_rigl.core.topology import top_k_indices
+from lightning_rigl.core.candidates import top_k_indices
 
 shape = st.one_of(
     st.tuples(st.integers(1, 64), st.integers(1, 64)),
@@ -85,23 +85,20 @@ def test_one_update_keeps_counts_values_and_state(numel, density, drop_fraction,
 
 @settings(max_examples=60, deadline=None)
 @given(
-    numel=st.integers(2**16, 2**18),
-    fraction=st.floats(0.0001, 0.2),
+    numel=st.integers(1, 2**18),
+    fraction=st.floats(0.0, 1.0),
     largest=st.booleans(),
     ties=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_top_k_indices_selects_what_torch_topk_selects(numel, fraction, largest, ties, seed):
+def test_top_k_indices_selects_the_stable_sort_prefix(numel, fraction, largest, ties, seed):
     g = torch.Generator().manual_seed(seed)
     values = torch.randn(numel, generator=g)
     if ties:
         values = values.round(decimals=1)  # many equal values, also at the boundary
         values[torch.rand(numel, generator=g) < 0.8] = math.inf if not largest else -math.inf
-    k = max(1, int(numel * fraction))
+    k = math.floor(numel * fraction**3)  # small k against numel too: the sampled bound's path
     got = top_k_indices(values, k, largest=largest)
-    expected = torch.topk(values, k, largest=largest).indices
-    assert got.numel() == k and got.unique().numel() == k
-    # The same multiset of values (tied entries at the boundary may be other indices).
-    assert torch.equal(values[got].sort().values, values[expected].sort().values)
-    if not ties:
-        assert set(got.tolist()) == set(expected.tolist())
+    # The tie rule: among equal values the lower index first, as a stable sort orders them.
+    expected = torch.sort(values, descending=largest, stable=True).indices[:k]
+    assert got.tolist() == sorted(expected.tolist())

@@ -1,4 +1,7 @@
-"""Pure mask arithmetic: exact active counts, random initial masks, one drop-and-grow step."""
+"""Pure mask arithmetic: exact active counts, random initial masks, one drop-and-grow step.
+
+The selections themselves (top-k under the tie rule, chunk by chunk) live in :mod:`lightning_rigl.core.candidates`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from lightning_rigl.core.candidates import DEFAULT_CHUNK, drop_grow_from_candidates, grow_candidates
 
 
 def num_active(numel: int, sparsity: float) -> int:
@@ -33,53 +38,43 @@ def random_mask(shape: torch.Size | tuple[int, ...], n_active: int, generator: t
     return mask.view(shape)
 
 
-def top_k_indices(values: Tensor, k: int, *, largest: bool = True) -> Tensor:
-    """Indices of the ``k`` largest (or smallest) entries of a flat tensor, in no particular order.
-
-    The same selection as ``torch.topk(values, k, largest=largest).indices`` (up to the order of tied
-    values at the boundary), but faster on large tensors with a small ``k``: a strided sample gives
-    a threshold that at least ``k`` entries pass, and only those go through ``torch.topk``. If the
-    threshold admits fewer than ``k`` entries, it falls back to a plain ``torch.topk``. Deterministic.
+def count_active(mask: Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> int:
+    """Active entries of a mask (float or bool), counted chunk by chunk: no layer-sized bool copy.
 
     Example:
-        >>> sorted(top_k_indices(torch.tensor([0.5, 3.0, -1.0, 2.0]), 2).tolist())
-        [1, 3]
+        >>> count_active(torch.tensor([0.0, 1, 1, 0, 1]), chunk_size=2)
+        3
+
     """
-    numel = values.numel()
-    if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=values.device)
-    stride = 128
-    if numel < 2**16 or k * 8 > numel:
-        return torch.topk(values, k, largest=largest, sorted=False).indices
-    sample = values[::stride]
-    # About k / stride sampled entries lie beyond the true k-th value; keep 1.5 times that plus
-    # slack, so that the threshold rarely admits fewer than k (then the plain top-k runs).
-    margin = min(sample.numel(), 3 * (k // stride) // 2 + 32)
-    bound = torch.topk(sample, margin, largest=largest, sorted=False).values
-    passing = (values >= bound.min()) if largest else (values <= bound.max())
-    candidates = passing.nonzero().flatten()
-    if candidates.numel() < k:
-        return torch.topk(values, k, largest=largest, sorted=False).indices
-    return candidates[torch.topk(values[candidates], k, largest=largest, sorted=False).indices]
+    flat = mask.reshape(-1)
+    return sum(int(flat[start : start + chunk_size].count_nonzero()) for start in range(0, flat.numel(), chunk_size))
 
 
 def drop_grow_indices(
-    mask: Tensor, weight: Tensor, grow_scores: Tensor, drop_fraction: float, *, overwrite_scores: bool = False
+    mask: Tensor,
+    weight: Tensor,
+    grow_scores: Tensor,
+    drop_fraction: float,
+    *,
+    overwrite_scores: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[Tensor, Tensor]:
-    """One RigL topology update of one layer, as flat indices: ``(dropped, grown)``.
+    """One RigL topology update of one layer from dense scores, as flat indices: ``(dropped, grown)``.
 
     Drops the ``k = int(n_active * drop_fraction)`` active weights of smallest magnitude, then grows
     the ``k`` positions of largest ``grow_scores`` among all positions not kept (so a weight dropped
-    now may be regrown at once: its index is then in both). The active count is unchanged. Two
-    top-k selections, no sort; the caller applies the ``2 k`` indices without a pass over the layer.
+    now may be regrown at once: its index is then in both). Among equal magnitudes or scores the lower
+    flat index goes first. The active count is unchanged. The scores are reduced chunk by chunk to
+    :class:`~lightning_rigl.core.candidates.GrowCandidates`, the same path as an update whose scores
+    were never held whole; no temporary the size of the layer.
 
     Args:
         mask: The layer's mask, non-zero (or True) where active.
         weight: The layer's weights (same shape).
         grow_scores: Score of each position for growth (same shape, finite).
         drop_fraction: Fraction of active weights to replace, in [0, 1].
-        overwrite_scores: Let the function write into ``grow_scores`` (a float32 tensor the caller
-            owns) instead of allocating a copy: one layer-sized buffer less at an update.
+        overwrite_scores: Ignored: the scores are only read now (kept for callers of the earlier version).
+        chunk_size: Flat positions a chunk.
 
     Returns:
         Two int64 tensors of ``k`` flat indices each: the positions dropped and the positions grown.
@@ -93,27 +88,10 @@ def drop_grow_indices(
         ([1, 3], [1, 4])
 
     """
-    flat_mask = mask.reshape(-1)
-    active_at = (flat_mask if flat_mask.dtype == torch.bool else flat_mask != 0).nonzero().flatten()
-    k = int(active_at.numel() * drop_fraction)
-    if k == 0:
-        empty = torch.empty(0, dtype=torch.long, device=mask.device)
-        return empty, empty
-    # Drop among the active weights only (an active weight at exactly 0 goes first): a buffer and a
-    # top-k of n_active entries, not of the whole layer.
-    order = top_k_indices(weight.detach().reshape(-1)[active_at].abs(), k, largest=False)
-    dropped = active_at[order]
-    kept = torch.ones(active_at.numel(), dtype=torch.bool, device=mask.device)
-    kept[order] = False
-    kept_at = active_at[kept]
-    del active_at, kept  # freed before the grow step
-    # Kept positions get -inf (not 0): a score of 0 could still beat a negative or zero score. Filled
-    # by index: n_active - k positions, no pass over the layer.
-    candidates = grow_scores.detach().reshape(-1)
-    if not (overwrite_scores and candidates.dtype == torch.float32):
-        candidates = candidates.to(torch.float32, copy=True)
-    candidates.index_fill_(0, kept_at, -math.inf)
-    return dropped, top_k_indices(candidates, k)
+    k = int(count_active(mask, chunk_size=chunk_size) * drop_fraction)
+    flat_scores = grow_scores.detach().reshape(-1)
+    candidates = grow_candidates(mask, k, lambda start, stop: flat_scores[start:stop], chunk_size=chunk_size)
+    return drop_grow_from_candidates(mask, weight, candidates, chunk_size=chunk_size)
 
 
 def drop_and_grow(

@@ -1,0 +1,207 @@
+"""The chunked top-k reduction and the update from candidates: exact against a full sort, ties to the lower index."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_rigl.core.candidates import (
+    drop_grow_from_candidates,
+    grow_candidates,
+    index_dtype,
+    score_chunks,
+    smallest_active,
+    top_k_indices,
+)
+from lightning_rigl.core.grow import gradient_magnitude, uniform_random
+from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices
+
+MASK = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0])
+WEIGHT = torch.tensor([-9.0, 1, 4, -1, 5, 8, -2, 3])
+GRAD = torch.tensor([0.1, 5, 0.3, 0.2, 0.9, 0.05, 0.4, 0.6])
+
+
+def reference(mask, weight, scores, k):
+    """Brute force: full stable sorts by (|w| ascending, index) to drop and by (score descending, index) to grow."""
+    flat_mask, magnitude, scores = mask.reshape(-1).bool(), weight.reshape(-1).abs(), scores.reshape(-1)
+    active = flat_mask.nonzero().flatten()
+    dropped = active[torch.sort(magnitude[active], stable=True).indices[:k]]
+    kept = flat_mask.clone()
+    kept[dropped] = False
+    open_ = (~kept).nonzero().flatten()
+    grown = open_[torch.sort(scores[open_], descending=True, stable=True).indices[:k]]
+    return sorted(dropped.tolist()), sorted(grown.tolist())
+
+
+def rigl_update(mask, weight, grad, k, chunk_size):
+    """The candidate path as SparseTraining runs it: |grad| reduced from the signed gradient, then the update."""
+    scores = score_chunks(gradient_magnitude, weight, grad, torch.Generator())
+    candidates = grow_candidates(mask, k, scores, chunk_size=chunk_size)
+    dropped, grown = drop_grow_from_candidates(mask, weight, candidates, chunk_size=chunk_size)
+    return sorted(dropped.tolist()), sorted(grown.tolist())
+
+
+def test_worked_example_of_the_reference_from_candidates():
+    assert rigl_update(MASK, WEIGHT, GRAD, 2, chunk_size=3) == ([1, 3], [1, 4])
+
+
+def test_worked_example_with_a_bool_mask_of_another_shape():
+    assert rigl_update(MASK.bool().view(2, 4), WEIGHT.view(2, 4), GRAD.view(2, 4), 2, chunk_size=5) == ([1, 3], [1, 4])
+
+
+def test_drop_ties_between_signed_equal_magnitudes_go_to_the_lower_index():
+    mask = torch.tensor([1, 1, 1, 1, 0, 0])
+    weight = torch.tensor([3.0, 2.0, -2.0, 2.0, 0.0, 0.0])
+    for chunk_size in (1, 2, 6):
+        assert smallest_active(mask, weight, 2, chunk_size=chunk_size).tolist() == [1, 2]
+        assert smallest_active(mask, -weight, 1, chunk_size=chunk_size).tolist() == [1]
+
+
+def test_grow_ties_go_to_the_lower_index_among_inactive_and_dropped():
+    mask = torch.tensor([0, 1, 0, 1, 0, 0])
+    weight = torch.tensor([0.0, 1.0, 0.0, 5.0, 0.0, 0.0])
+    grad = torch.tensor([-2.0, 2.0, 1.0, 9.0, 2.0, -2.0])  # |grad| 2 at 0, 1 (dropped), 4, 5
+    for chunk_size in (1, 4, 6):
+        assert rigl_update(mask, weight, grad, 1, chunk_size) == ([1], [0])
+    mask = torch.tensor([1, 1, 0, 1, 0, 0])
+    weight = torch.tensor([1.0, 7.0, 0.0, 5.0, 0.0, 0.0])  # index 0 is dropped, then regrown: lowest tie
+    assert rigl_update(mask, weight, grad, 1, 2) == ([0], [0])
+
+
+def test_a_dropped_weight_with_the_best_score_is_regrown():
+    mask = torch.tensor([1, 1, 0, 0])
+    assert rigl_update(mask, torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([-5.0, 5.0, 1.0, 2.0]), 1, 1) == (
+        [0],
+        [0],
+    )
+
+
+def test_grow_reads_magnitudes_of_signed_gradients():
+    mask = torch.tensor([1, 0, 0, 0])
+    assert rigl_update(mask, torch.tensor([1.0, 0, 0, 0]), torch.tensor([0.0, -3.0, 2.0, -1.0]), 1, 2) == ([0], [1])
+
+
+def test_zero_gradients_grow_the_lowest_open_indices():
+    mask = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    weight = torch.tensor([0.0, 4.0, 1.0, 0.0, 2.0, 0.0, 0.0, 3.0])
+    assert rigl_update(mask, weight, torch.zeros(8), 2, 3) == ([2, 4], [0, 2])
+
+
+def test_candidates_hold_k_inactive_entries_with_int32_indices():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(10_000, generator=g) < 0.1
+    grad = torch.randn(10_000, generator=g)
+    k = int(int(mask.sum()) * 0.3)
+    found = grow_candidates(mask, k, score_chunks(gradient_magnitude, grad, grad, g), chunk_size=999)
+    assert found.values.numel() == found.index.numel() == k
+    assert found.index.dtype == found.active_index.dtype == torch.int32
+    assert not mask[found.index.long()].any() and mask[found.active_index.long()].all()
+    # Only active positions above the k-th best inactive score are saved: a few percent of them.
+    assert found.active_index.numel() < int(mask.sum()) // 4
+    assert found.nbytes == 8 * (k + found.active_index.numel())
+
+
+def test_index_dtype_is_int64_only_past_int32():
+    assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(2**31) == torch.int64
+
+
+def test_scores_are_read_once_chunk_by_chunk_in_order():
+    calls = []
+
+    def scores(start, stop):
+        calls.append((start, stop))
+        return torch.ones(stop - start)
+
+    grow_candidates(torch.ones(10), 3, scores, chunk_size=4)
+    assert calls == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_no_scores_are_read_when_nothing_is_replaced():
+    found = grow_candidates(torch.ones(10), 0, lambda start, stop: pytest.fail("read"), chunk_size=4)
+    assert found.values.numel() == found.active_values.numel() == 0
+    dropped, grown = drop_grow_from_candidates(torch.ones(10), torch.ones(10), found)
+    assert dropped.numel() == grown.numel() == 0
+
+
+def test_set_scores_do_not_depend_on_the_chunk_size():
+    mask = torch.rand(5000, generator=torch.Generator().manual_seed(1)) < 0.2
+    weight = torch.randn(5000, generator=torch.Generator().manual_seed(2)) * mask
+    results = []
+    for chunk_size in (256, 1000, 5000):
+        scores = score_chunks(uniform_random, weight, None, torch.Generator().manual_seed(3))
+        found = grow_candidates(mask, 300, scores, chunk_size=chunk_size)
+        results.append([t.tolist() for t in drop_grow_from_candidates(mask, weight, found)])
+    whole = torch.rand(5000, generator=torch.Generator().manual_seed(3))
+    assert results[0] == results[1] == results[2]
+    assert (sorted(results[0][0]), sorted(results[0][1])) == reference(mask, weight, whole, 300)
+
+
+def test_dense_path_equals_the_candidate_path():
+    g = torch.Generator().manual_seed(4)
+    mask = torch.rand(3000, generator=g) < 0.3
+    weight, grad = torch.randn(3000, generator=g).round() * mask, torch.randn(3000, generator=g).round()
+    k = int(int(mask.sum()) * 0.4)
+    dropped, grown = drop_grow_indices(mask, weight, grad.abs(), 0.4, chunk_size=500)
+    assert (sorted(dropped.tolist()), sorted(grown.tolist())) == rigl_update(mask, weight, grad, k, 700)
+    new_mask, new = drop_and_grow(mask, weight, grad.abs(), 0.4)
+    assert int(new_mask.sum()) == int(mask.sum()) and not (new & mask).any()
+
+
+def test_top_k_indices_breaks_ties_by_the_given_index():
+    values = torch.tensor([1.0, 3.0, 1.0, 1.0])
+    assert top_k_indices(values, 2, index=torch.tensor([7, 0, 5, 6])).tolist() == [1, 2]
+    assert top_k_indices(values, 2, largest=False, index=torch.tensor([7, 0, 5, 6])).tolist() == [2, 3]
+
+
+ties = st.sampled_from(["continuous", "integers", "zeros", "few"])
+
+
+def draw(kind, shape, g):
+    shape = (shape,) if isinstance(shape, int) else shape
+    values = torch.randn(shape, generator=g)
+    if kind == "integers":
+        values = (values * 3).round()
+    elif kind == "zeros":
+        values = values * (torch.rand(shape, generator=g) < 0.2)
+    elif kind == "few":
+        values = torch.randint(-1, 2, shape, generator=g).float()
+    return values
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.one_of(st.tuples(st.integers(1, 300)), st.tuples(st.integers(1, 40), st.integers(1, 40))),
+    density=st.floats(0.0, 1.0),
+    drop_fraction=st.floats(0.0, 1.0),
+    chunk_size=st.integers(1, 400),
+    weight_ties=ties,
+    grad_ties=ties,
+    seed=st.integers(0, 2**16),
+)
+def test_candidate_path_selects_exactly_what_a_full_sort_selects(
+    shape, density, drop_fraction, chunk_size, weight_ties, grad_ties, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=g) < density
+    weight = draw(weight_ties, shape, g) * mask
+    grad = draw(grad_ties, shape, g)
+    k = int(int(mask.sum()) * drop_fraction)
+    assert rigl_update(mask.float(), weight, grad, k, chunk_size) == reference(mask, weight, grad.abs(), k)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    numel=st.integers(2**16, 2**18),
+    density=st.sampled_from([0.02, 0.1, 0.5, 0.9]),
+    drop_fraction=st.floats(0.01, 0.5),
+    chunk_size=st.sampled_from([2**12 + 1, 2**15 - 3, 2**17, 2**20]),
+    grad_ties=ties,
+    seed=st.integers(0, 2**16),
+)
+def test_candidate_path_is_exact_on_large_layers(numel, density, drop_fraction, chunk_size, grad_ties, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(numel, generator=g) < density
+    weight = draw("integers", numel, g) * mask
+    grad = draw(grad_ties, numel, g)
+    k = int(int(mask.sum()) * drop_fraction)
+    assert rigl_update(mask, weight, grad, k, chunk_size) == reference(mask, weight, grad.abs(), k)
