@@ -8,12 +8,11 @@ from hypothesis import strategies as st
 from lightning_rigl.core.candidates import (
     drop_grow_from_candidates,
     grow_candidates,
-    index_dtype,
     score_chunks,
     smallest_active,
-    top_k_indices,
 )
-from lightning_rigl.core.grow import gradient_magnitude, uniform_random
+from lightning_rigl.core.methods import gradient_magnitude, uniform_random
+from lightning_rigl.core.top_k import index_dtype, top_k_indices
 from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices
 
 MASK = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0])

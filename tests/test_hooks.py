@@ -75,7 +75,7 @@ def test_a_checkpoint_saved_between_a_step_and_its_update_resumes_exactly(tmp_pa
     path = tmp_path / "mid.ckpt"
     _fit([SaveAt(6, path), _rigl()], 6)
     saved = torch.load(path, weights_only=True)["callbacks"]["RigLCallback"]
-    assert set(saved["grow_scores"]) == set(straight_rigl.masks)  # the update of step 6 had not run yet
+    assert set(saved["grow_candidates"]) == set(straight_rigl.masks)  # the update of step 6 had not run yet
 
     resumed_rigl = _rigl()
     resumed = _fit([resumed_rigl], 12, ckpt_path=path)
@@ -94,7 +94,7 @@ def test_model_checkpoint_every_step_saves_after_the_update_and_resumes_exactly(
     trainer = make_trainer([every_step, trainer_rigl], max_steps=6, enable_checkpointing=True)
     trainer.fit(MLP(optimizer="adam"), make_loader(16, 16))
     saved = torch.load(tmp_path / "step=6.ckpt", weights_only=True)["callbacks"]["RigLCallback"]
-    assert saved["grow_scores"] == {} and len(saved["history"]) == 2  # ModelCheckpoint runs last: after it
+    assert saved["grow_candidates"] == {} and len(saved["history"]) == 2  # ModelCheckpoint runs last: after it
 
     resumed_rigl = _rigl()
     resumed = _fit([resumed_rigl], 12, ckpt_path=tmp_path / "step=6.ckpt")

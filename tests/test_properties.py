@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lightning_rigl import SparseTraining, UpdateSchedule, layer_sparsities
 from lightning_rigl.core import drop_and_grow, num_active
-from lightning_rigl.core.candidates import top_k_indices
+from lightning_rigl.core.top_k import top_k_indices
 
 shape = st.one_of(
     st.tuples(st.integers(1, 64), st.integers(1, 64)),

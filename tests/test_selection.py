@@ -117,8 +117,10 @@ def test_include_naming_a_tied_weight_masks_it_without_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="RigL leaves dense")
         make_trainer([rigl], max_steps=6).fit(model, make_loader())
-    assert list(rigl.masks) == ["embed.weight", "hidden.weight"]  # one Parameter, under its first name
+    assert list(rigl.sparse.masks) == ["embed.weight", "hidden.weight"]  # one Parameter, under its first name
+    assert list(rigl.masks) == ["embed.weight", "head.weight", "hidden.weight"]  # reported under each name
     mask = rigl.masks["embed.weight"]
+    assert torch.equal(rigl.masks["head.weight"], mask)
     assert int(mask.sum()) == num_active(mask.numel(), rigl.sparse.sparsities["embed.weight"])
     assert model.head.weight[~mask].eq(0).all()
 

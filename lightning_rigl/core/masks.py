@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
+from lightning_rigl.core.candidates import GrowCandidates, drop_grow_from_candidates
 from lightning_rigl.core.packing import pack_bits, unpack_bits
 from lightning_rigl.core.sharding import distribute_like_param, full_like_param, gather_full, is_sharded, local_shard
-from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices
 
 
 class LayerMasks:
@@ -23,7 +24,6 @@ class LayerMasks:
         params: Layer name to the weight it masks.
 
     Example:
-        >>> import torch
         >>> masks = LayerMasks({"w": nn.Parameter(torch.ones(2, 2))})
         >>> masks.replace({"w": torch.tensor([[True, False], [False, False]])})
         >>> masks.local["w"].tolist(), masks.counts, masks.itop_rate
@@ -77,30 +77,40 @@ class LayerMasks:
             for name, p in self.params.items()
         }
 
-    def drop_and_grow(self, name: str, scores: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
-        """One topology update of layer ``name`` (see :func:`~lightning_rigl.core.topology.drop_grow_indices`).
+    def drop_and_grow(self, name: str, candidates: GrowCandidates) -> tuple[Tensor, Tensor]:
+        """One topology update of layer ``name`` from its grow candidates, read from this very mask.
 
-        ``scores`` are the caller's to overwrite. A sharded layer is gathered, decided on every rank
-        alike, and this rank keeps its shard.
+        A sharded layer's mask and weight are gathered (one layer at a time), every rank decides alike
+        on the whole layer, and each keeps its shard.
 
         Returns:
             The flat indices (within this rank's shard) of the new connections and of those dropped for good.
         """
         param = self.params[name]
         if is_sharded(param):
-            return self._drop_and_grow_sharded(name, scores, fraction)
+            return self._drop_and_grow_sharded(name, candidates)
         mask = self.local[name].view(-1)
-        dropped, grown = drop_grow_indices(mask, param, scores, fraction, overwrite_scores=True)
+        dropped, grown = drop_grow_from_candidates(mask, param, candidates)
         new = grown[mask[grown] == 0]
         mask[dropped] = 0
         mask[grown] = 1
         self.ever_active[name].view(-1)[grown] = True
         return new, dropped[mask[dropped] == 0]
 
-    def _drop_and_grow_sharded(self, name: str, scores: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+    def whole(self, name: str) -> Tensor:
+        """Layer ``name``'s mask of the weight's full shape (gathered from every rank when sharded), bool."""
+        return self._whole(name, self.local)
+
+    def _drop_and_grow_sharded(self, name: str, candidates: GrowCandidates) -> tuple[Tensor, Tensor]:
         param = self.params[name]
-        old = full_like_param(self.local[name], param).bool()
-        new, grown = drop_and_grow(old, gather_full(param), gather_full(scores), fraction, overwrite_scores=True)
+        old = self.whole(name).reshape(-1)
+        dropped, grown_at = drop_grow_from_candidates(old, gather_full(param), candidates)
+        new = old.clone()
+        new[dropped] = False
+        new[grown_at] = True
+        grown = torch.zeros_like(old)
+        grown[grown_at[~old[grown_at]]] = True  # regrown positions were active before: not new
+        new, grown = new.view(param.shape), grown.view(param.shape)
         new, grown = local_shard(distribute_like_param(new, param)), local_shard(distribute_like_param(grown, param))
         gone = self.local[name].bool() & ~new
         self.local[name] = new.to(param.dtype).contiguous()

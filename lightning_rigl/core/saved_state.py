@@ -17,7 +17,7 @@ def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
     """Bring a saved state of any known version to :data:`STATE_VERSION`.
 
     Version 1 (release 0.1.0) kept SNFS's moving average under ``"ema"``, pending updates under
-    ``"pending"`` and no grow scores (it could not be saved between a step and its update).
+    ``"pending"`` and no grow candidates (it could not be saved between a step and its update).
 
     Raises:
         ValueError: A state without a version, or of a version newer than this release reads.
@@ -25,7 +25,7 @@ def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
     Example:
         >>> state = migrate_state({"version": 1, "ema": {}, "pending": {}})
         >>> state["version"], sorted(state)
-        (2, ['due_updates', 'grow_scores', 'signal', 'version'])
+        (2, ['due_updates', 'grow_candidates', 'signal', 'version'])
     """
     version = state.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
@@ -39,7 +39,7 @@ def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
     if version == 1:
         state["signal"] = state.pop("ema")
         state["due_updates"] = state.pop("pending")
-        state["grow_scores"] = {}
+        state["grow_candidates"] = {}
         state["version"] = 2
     return state
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_rigl.core.candidates import GrowCandidates, grow_candidates, score_chunks
 from lightning_rigl.core.distributed import all_ranks_sum, all_ranks_true, check_masks_agree_across_ranks
 from lightning_rigl.core.distribution import layer_sparsities
 from lightning_rigl.core.masking import fill_positions, multiply_by_masks, nonzero_where_inactive
@@ -18,7 +19,7 @@ from lightning_rigl.core.optim_state import check_restartable, reset_optimizer_s
 from lightning_rigl.core.saved_state import STATE_VERSION, check_same_run, check_saved_shapes, migrate_state
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import resolve_custom_sparsity, select_parameters
-from lightning_rigl.core.sharding import distribute_like_param, gather_full, local_shard, wrap_like_param
+from lightning_rigl.core.sharding import distribute_like_param, gather_full, is_sharded, local_shard, wrap_like_param
 from lightning_rigl.core.topology import num_active, random_mask
 from lightning_rigl.core.zero_guard import ZeroGuard
 
@@ -103,7 +104,9 @@ class SparseTraining:
         self.nonfinite_steps = 0
         self._name_of = {id(p): name for name, p in self.params.items()}
         self._due: dict[str, tuple[int, float]] = {}  # layer -> (scheduled step, drop fraction)
-        self._grow_scores: dict[str, Tensor] = {}  # due layers whose scores were read, until their update
+        # Due layers whose grow scores were read (before the step), reduced to what growth needs, until
+        # their update (after it): no buffer the size of the layer is held in between.
+        self._grow_candidates: dict[str, GrowCandidates] = {}
         self.layer_masks = LayerMasks(self.params)
         if state is not None:
             self.load_state_dict(state)  # no fresh draw: it would zero weights the saved masks keep
@@ -229,9 +232,9 @@ class SparseTraining:
                 for name in names:
                     self.signal.observe(name, self.params[name].grad)
             for name in due:
-                self._grow_scores.pop(name, None)
+                self._grow_candidates.pop(name, None)
                 if finite:
-                    self._grow_scores[name] = self._score(name)
+                    self._grow_candidates[name] = self._reduce_grow_scores(name)
             if due and not finite:
                 # No update from this step; the layers stay due and retry at their next finite step.
                 self.nonfinite_steps += 1
@@ -264,12 +267,12 @@ class SparseTraining:
         """
         optimizers = list(optimizers)
         for name in self.params if names is None else names:
-            scores = self._grow_scores.pop(name, None)
-            if scores is None:
+            candidates = self._grow_candidates.pop(name, None)
+            if candidates is None:
                 continue
             param = self.params[name]
             step, fraction = self._due.pop(name)
-            grown, gone = self.layer_masks.drop_and_grow(name, scores, fraction)  # the scores are ours to overwrite
+            grown, gone = self.layer_masks.drop_and_grow(name, candidates)
             # The paper's grow init: new connections start at 0 with fresh optimizer state; a weight
             # dropped and regrown in this update keeps its value and state. A dropped weight is zeroed
             # and its state restarted, which nothing reads again: regrowing it restarts it anyway.
@@ -288,7 +291,9 @@ class SparseTraining:
             **self.layer_masks.packed(),
             "generator": self.generator.get_state(),
             "due_updates": {name: [step, fraction] for name, (step, fraction) in self._due.items()},
-            "grow_scores": {name: gather_full(scores).cpu() for name, scores in self._grow_scores.items()},
+            "grow_candidates": {
+                name: candidates.to("cpu").as_dict() for name, candidates in self._grow_candidates.items()
+            },
             "signal": {name: gather_full(tensor).detach().cpu() for name, tensor in self.signal.tensors.items()},
             "history": [asdict(record) for record in self.history],
             "nonfinite_steps": self.nonfinite_steps,
@@ -310,7 +315,10 @@ class SparseTraining:
         self.sparsities = {name: float(state["sparsities"][name]) for name in self.params}
         self.generator.set_state(state["generator"])
         self._due = {name: (int(step), float(fraction)) for name, (step, fraction) in state["due_updates"].items()}
-        self._grow_scores = {name: self._like_param(t, name) for name, t in state["grow_scores"].items()}
+        self._grow_candidates = {
+            name: GrowCandidates.from_dict(saved).to(local_shard(self.params[name]).device)
+            for name, saved in state["grow_candidates"].items()
+        }
         self.signal.tensors = {name: self._like_param(t, name) for name, t in state["signal"].items()}
         self.history = [UpdateRecord(**record) for record in state["history"]]
         self.nonfinite_steps = int(state["nonfinite_steps"])
@@ -374,9 +382,16 @@ class SparseTraining:
         self.zero_guard.masks_replaced()  # optimizer state may be nonzero where the new masks are inactive
         self.apply_masks()
 
-    def _score(self, name: str) -> Tensor:
-        weight, grad = self.params[name], self.params[name].grad
-        return self.method.score(weight, self.signal.read(name, grad), self.generator)
+    def _reduce_grow_scores(self, name: str) -> GrowCandidates:
+        # One layer at a time: a sharded layer's weight, signal and mask are gathered here and freed after.
+        param = self.params[name]
+        signal = self.signal.read(name, param.grad)
+        weight, signal = gather_full(param), None if signal is None else gather_full(signal)
+        k = int(self.layer_masks.counts[name] * self._due[name][1])
+        scores = score_chunks(self.method.score, weight, signal, self.generator)
+        return grow_candidates(
+            self.layer_masks.whole(name) if is_sharded(param) else self.layer_masks.local[name], k, scores
+        )
 
     def _all_finite(self, names: Sequence[str]) -> bool:
         grads = [self.params[name].grad for name in names]

@@ -1,0 +1,186 @@
+"""Exact top-k under one tie rule: among exactly equal values the lower flat index is selected first.
+
+``torch.topk`` breaks ties in no promised order; topology updates need one rule, the same on every
+rank and device, for the drop and the grow alike. Values must be finite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_CUT_SAMPLE = 4096
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The dtype of flat indices into a layer of ``numel`` weights: int32 where they fit.
+
+    Example:
+        >>> index_dtype(10**9), index_dtype(2**31)
+        (torch.int32, torch.int64)
+
+    """
+    return torch.int32 if numel <= 2**31 - 1 else torch.int64
+
+
+def top_k_indices(values: Tensor, k: int, *, largest: bool = True, index: Tensor | None = None) -> Tensor:
+    """Positions of the ``k`` largest (or smallest) entries of a flat tensor; ties go to the lower index.
+
+    Exact and deterministic, unlike ``torch.topk`` at ties: the ``k``-th best value is the threshold,
+    every entry strictly better is taken, then the tied entries of lowest index fill up to ``k``.
+    When ``k`` is small against the tensor, a strided sample first bounds the threshold, so only
+    about ``1.5 k`` entries go through ``torch.topk``.
+
+    Args:
+        values: A flat tensor of finite values.
+        k: How many to select; all of them if ``k >= values.numel()``.
+        largest: Select the largest values (else the smallest).
+        index: The flat index of each entry, for the tie rule (any order, distinct); None when the
+            position is the index.
+
+    Returns:
+        int64 positions into ``values``, ascending.
+
+    Example:
+        >>> top_k_indices(torch.tensor([2.0, 5.0, 2.0, -7.0, 2.0]), 3).tolist()
+        [0, 1, 2]
+        >>> top_k_indices(torch.tensor([2.0, 5.0, 2.0]), 2, index=torch.tensor([9, 4, 1])).tolist()
+        [1, 2]
+
+    """
+    numel = values.numel()
+    if k >= numel:
+        return torch.arange(numel, device=values.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=values.device)
+    if numel >= 2**16 and k * 8 <= numel:
+        bound = _sample_bound(values[::128], k, numel, largest, slack=1.5)
+        within = _reaches(values, bound, largest).nonzero().flatten()
+        # Every entry outside is worse than the bound, which at least k entries match or beat.
+        if k <= within.numel() < numel:
+            return within[
+                _top_k_mask(values[within], k, largest, None if index is None else index[within]).nonzero()[:, 0]
+            ]
+    return _top_k_mask(values, k, largest, index).nonzero().flatten()
+
+
+def _reaches(values: Tensor, bound: Tensor, largest: bool) -> Tensor:
+    return values >= bound if largest else values <= bound
+
+
+def _sample_bound(sample: Tensor, k: int, numel: int, largest: bool, *, slack: float) -> Tensor:
+    """A value that about ``slack * k`` of ``numel`` entries match or beat, read from a sample of them."""
+    # About k * sample / numel sampled entries lie beyond the true k-th value: times the slack, plus a few.
+    rank = min(sample.numel(), math.ceil(slack * k * sample.numel() / numel) + 16)
+    best = torch.topk(sample, rank, largest=largest, sorted=False).values
+    return best.min() if largest else best.max()
+
+
+def _top_k_mask(values: Tensor, k: int, largest: bool, index: Tensor | None = None) -> Tensor:
+    """A bool mask of the ``k`` best entries (``0 < k < values.numel()``), ties to the lower index."""
+    numel = values.numel()
+    if 2 * k <= numel:
+        best = torch.topk(values, k, largest=largest, sorted=False).values
+        threshold = best.min() if largest else best.max()
+    else:  # the k-th best is the (numel - k + 1)-th worst: a smaller top-k, and smaller buffers
+        worst = torch.topk(values, numel - k + 1, largest=not largest, sorted=False).values
+        threshold = worst.max() if largest else worst.min()
+    chosen = values > threshold if largest else values < threshold
+    ties = (values == threshold).nonzero().flatten()
+    need = k - int(chosen.sum())
+    if ties.numel() > need:
+        # `nonzero` lists ties by position: by index too when there is no separate index.
+        ties = ties[:need] if index is None else ties[torch.topk(index[ties], need, largest=False).indices]
+    chosen[ties] = True
+    return chosen
+
+
+class RunningTopK:
+    """The ``k`` best (value, flat index) entries of a stream whose indices come in ascending order.
+
+    Entries are kept in index order, in parts, so position order is index order and the tie rule needs
+    no index comparison. At ``1.5 k`` entries the parts are cut back, one at a time, to the entries that
+    match or beat a bound read from a sample (about ``1.1 k``, checked by a count; else exactly ``k``):
+    no top-k over the buffer and no copy of it, and a bound that rejects most of each next chunk.
+    :meth:`result` makes the one exact selection.
+    """
+
+    def __init__(self, k: int, largest: bool) -> None:
+        self.k, self.largest = k, largest
+        self.values: list[Tensor] = []
+        self.index: list[Tensor] = []
+        self.size = 0
+        self.bound: Tensor | None = None  # at least k kept entries match or beat it
+        self.last: Tensor | None = None  # after result(): the flat index of the k-th best entry
+
+    def beats_bound(self, values: Tensor) -> Tensor | None:
+        """Which entries, with indices above all pushed so far, can still be among the best; None: all."""
+        if self.bound is None:
+            return None
+        # Equal to the bound is not enough: k kept entries match or beat it, with lower indices.
+        return values > self.bound if self.largest else values < self.bound
+
+    def reaches_bound(self, values: Tensor) -> Tensor | None:
+        """Which entries match or beat the bound (any index: the ties are settled later); None: all."""
+        return None if self.bound is None else _reaches(values, self.bound, self.largest)
+
+    def push(self, values: Tensor, index: Tensor) -> None:
+        """Add entries whose indices are above all pushed so far."""
+        if values.numel() > self.k:
+            keep = _top_k_mask(values, self.k, self.largest)
+            values, index = values[keep], index[keep]
+        self.values.append(values)
+        self.index.append(index)
+        self.size += values.numel()
+        # The first cut as soon as k entries are in: from then on a bound rejects most of each chunk.
+        if self.size >= self.k + max(self.k // 2, 1) or (self.bound is None and self.size >= self.k):
+            self._cut()
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """The ``k`` best (fewer if fewer were pushed): values and flat indices, in index order."""
+        if self.size > self.k:
+            self._cut()
+        values, index = self._joined()
+        if values.numel() > self.k:
+            keep = _top_k_mask(values, self.k, self.largest)
+            values, index = values[keep], index[keep]
+        self.values, self.index, self.size = [values], [index], values.numel()
+        if self.size == self.k:
+            self.bound = values.min() if self.largest else values.max()
+            self.last = index[(values == self.bound).nonzero()[-1, 0]]
+        return values, index
+
+    def could_win(self, values: Tensor, index: Tensor) -> Tensor | None:
+        """After :meth:`result`: which entries (any index) would enter the ``k`` best; None: all."""
+        if self.last is None:
+            return None
+        better = values > self.bound if self.largest else values < self.bound
+        return better | ((values == self.bound) & (index < self.last))
+
+    def _cut(self) -> None:
+        if self.size >= 4 * _CUT_SAMPLE:
+            stride = self.size // _CUT_SAMPLE
+            sample = torch.cat([part[::stride] for part in self.values])
+            bound = _sample_bound(sample, self.k, self.size, self.largest, slack=1.1)
+            count = sum(int(_reaches(part, bound, self.largest).sum()) for part in self.values)
+            # A sample can miss (too few pass) or ties can crowd in (too many): then the exact cut.
+            if self.k <= count <= self.k + self.k // 4:
+                for i, part in enumerate(self.values):
+                    keep = _reaches(part, bound, self.largest)
+                    self.values[i], self.index[i] = part[keep], self.index[i][keep]
+                    del part, keep
+                self.size, self.bound = count, bound
+                return
+        values, index = self._joined()
+        if values.numel() > self.k:
+            keep = _top_k_mask(values, self.k, self.largest)
+            values, index = values[keep], index[keep]
+        self.values, self.index, self.size = [values], [index], values.numel()
+        self.bound = values.min() if self.largest else values.max()
+
+    def _joined(self) -> tuple[Tensor, Tensor]:
+        values, index = torch.cat(self.values), torch.cat(self.index)
+        self.values, self.index = [], []  # the parts are freed before the selection allocates
+        return values, index
