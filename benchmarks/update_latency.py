@@ -5,10 +5,10 @@
 
 One update of a set of layers, at drop fraction 0.3, from SGD-with-momentum state, three ways:
 
-- ``candidates``: the core functions SparseTraining runs, called directly. Before the step, each layer's signed gradient is reduced
-  chunk by chunk to its grow candidates (``grow_candidates`` with RigL's |gradient| score), then the
-  gradient is masked; at the update each layer drops and grows from its candidates
-  (``drop_grow_from_candidates``) and the changes are applied.
+- ``candidates``: the core functions SparseTraining runs, called directly. Before the step, each
+  layer's signed gradient is reduced chunk by chunk to its grow candidates (``grow_candidates``
+  with RigL's |gradient| score), then the gradient is masked; at the update each layer drops and
+  grows from its candidates (``drop_grow_from_candidates``) and the changes are applied.
 - ``wired``: ``SparseTraining.before_step`` and ``after_step`` themselves (the same reduction, plus the
   bookkeeping: finiteness check, masks, optimizer state).
 - ``sort``: the naive port: layer-sized scores, and a full (stable) sort of the layer for the drop and
