@@ -125,8 +125,8 @@ def choose_kernels(
     ``"sparse"`` forces sparse wherever the kernels can run (float32/float64 weights); ``"dense"`` is dense.
 
     Example:
-        >>> layers = linear_layers(nn.Sequential(nn.Linear(4096, 4096)))
-        >>> choose_kernels(layers, {"0.weight": torch.rand(4096, 4096) < 0.03}, tokens=256)
+        >>> layers = linear_layers(nn.Sequential(nn.Linear(1024, 1024)))
+        >>> choose_kernels(layers, {"0.weight": torch.rand(1024, 1024) < 0.03}, tokens=256)
         {'0.weight': 'sparse'}
 
     """
