@@ -12,15 +12,18 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from lightning_rigl.core.sharding import is_sharded
 from lightning_rigl.core.sparse_linear import SPARSE_DTYPES, SparseStructure, sparse_linear
 
 KERNELS = ("auto", "sparse", "dense")
 
 # Calibration of the "auto" rule: benchmarks/sparse_kernels.py on a 2-core CPU, fp32, 2026-11-25, with the
 # machine shared (see NOTES/BENCHMARKS). Each row (min tokens, min weights, max density) holds where every
-# measured cell was faster sparse than dense (paired median ratio <= 0.85); density 0.1 never was, nor
-# were 256x256 layers or 1 token. Rows of the flattened input (tokens) and the weight's size are minima.
-_TRAIN_LIMITS: tuple[tuple[int, int, float], ...] = ((256, 1 << 20, 0.05),)
+# measured cell was faster sparse than dense (paired median ratio <= 0.85); 256x256 layers and 1 token
+# never were. Layers of 1M-4M weights at 256 tokens were not faster beyond noise above 0.05 (0.83-1.01 at
+# 0.075, 1.02-1.12 at 0.1); 4096x4096 was up to 0.1 (0.63-0.73 at 0.075, 0.74 at 0.09, 0.85 at 0.1, 0.84
+# at 0.112, 1.19 at 0.15). Rows of the flattened input (tokens) and the weight's size are minima.
+_TRAIN_LIMITS: tuple[tuple[int, int, float], ...] = ((256, 1 << 20, 0.05), (256, 1 << 24, 0.10))
 _INFERENCE_LIMITS: tuple[tuple[int, int, float], ...] = ((256, 1 << 20, 0.05), (64, 1 << 24, 0.05))
 
 
@@ -58,6 +61,8 @@ def choose_kernel(
         ('sparse', 'dense')
         >>> choose_kernel(256, 256, 0.05, 256), choose_kernel(4096, 4096, 0.05, 1)
         ('dense', 'dense')
+        >>> choose_kernel(4096, 4096, 0.1, 256), choose_kernel(4096, 1024, 0.1, 256)
+        ('sparse', 'dense')
 
     """
     if device_type != "cpu" or dtype not in SPARSE_DTYPES or dense_gradient_every_step:
@@ -114,7 +119,7 @@ def logical_shape(module: nn.Module) -> tuple[int, int]:
 def choose_kernels(
     layers: Mapping[str, tuple[nn.Module, Tensor]],
     masks: Mapping[str, Tensor],
-    tokens: int,
+    tokens: int | Mapping[str, int],
     kernels: str = "auto",
     *,
     dense_gradient_every_step: bool = False,
@@ -122,7 +127,9 @@ def choose_kernels(
 ) -> dict[str, str]:
     """Layer name to ``"sparse"`` or ``"dense"``: :func:`choose_kernel` per layer for ``"auto"``.
 
-    ``"sparse"`` forces sparse wherever the kernels can run (float32/float64 weights); ``"dense"`` is dense.
+    ``"sparse"`` forces sparse wherever the kernels can run (float32/float64 weights, not sharded by
+    FSDP2); ``"dense"`` is dense. ``tokens`` is one count for every layer, or a count per layer name
+    (as :class:`TokenProbe` records them): a layer without a count stays dense.
 
     Example:
         >>> layers = linear_layers(nn.Sequential(nn.Linear(1024, 1024)))
@@ -134,7 +141,8 @@ def choose_kernels(
         raise ValueError(f"`kernels` must be one of {KERNELS}, got {kernels!r}.")
     choices = {}
     for name, (module, weight) in layers.items():
-        if kernels == "dense" or weight.dtype not in SPARSE_DTYPES:
+        rows = tokens.get(name) if isinstance(tokens, Mapping) else tokens
+        if kernels == "dense" or rows is None or weight.dtype not in SPARSE_DTYPES or is_sharded(weight):
             choices[name] = "dense"
         elif kernels == "sparse":
             choices[name] = "sparse"
@@ -143,13 +151,57 @@ def choose_kernels(
             choices[name] = choose_kernel(
                 *logical_shape(module),
                 density,
-                tokens,
+                rows,
                 device_type=weight.device.type,
                 dtype=weight.dtype,
                 dense_gradient_every_step=dense_gradient_every_step,
                 backward=backward,
             )
     return choices
+
+
+class TokenProbe:
+    """Records the rows of each layer's flattened input (batch x sequence) while attached.
+
+    A forward pre-hook per layer keeps the smallest row count it saw, and notes the layers called
+    under autocast (the CPU sparse kernels have no bf16/fp16: those layers should stay dense).
+    Layers never called while attached are absent from :attr:`tokens`.
+
+    Args:
+        layers: Name to (module, weight), e.g. from :func:`linear_layers`.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+        >>> probe = TokenProbe(linear_layers(model))
+        >>> _ = model(torch.randn(5, 7, 4))
+        >>> probe.remove()
+        >>> probe.tokens, probe.autocast
+        ({'0.weight': 35, '1.weight': 35}, set())
+
+    """
+
+    def __init__(self, layers: Mapping[str, tuple[nn.Module, Tensor]]) -> None:
+        self.tokens: dict[str, int] = {}
+        self.autocast: set[str] = set()
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, (module, _) in layers.items()]
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+                return
+            x = args[0]
+            rows = x.numel() // max(x.shape[-1], 1)
+            self.tokens[name] = min(rows, self.tokens.get(name, rows))
+            if torch.is_autocast_enabled(x.device.type):
+                self.autocast.add(name)
+
+        return record
+
+    def remove(self) -> None:
+        """Remove the hooks; what was recorded stays."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class SparseKernels:
