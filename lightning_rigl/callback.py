@@ -255,9 +255,9 @@ class RigLCallback(Callback):
             # holds that update's grow scores: make the update now, with the optimizer state restored.
             self.sparse.update_topology(trainer.optimizers)
             if self._choices is not None and self._sparse_kernels is None:
-                # Known choices (resumed, or a second fit): every batch computes as they say, structures
-                # built from the masks as they are now, after that update.
-                self._attach_kernels(pl_module)  # restored choices: every batch computes as before the save
+                # Known choices (resumed, or a second fit): every batch computes with them, as before the
+                # save; the structures are built from the masks after that update.
+                self._attach_kernels(pl_module)
 
     @override
     def on_train_batch_start(

@@ -262,7 +262,13 @@ def test_cli_sets_kernels_from_yaml_and_the_command_line(tmp_path, monkeypatch):
         def train_dataloader(self):
             return make_loader(64)
 
-    trainer = {"accelerator": "cpu", "max_steps": 3, "logger": False, "enable_checkpointing": False}
+    trainer = {
+        "accelerator": "cpu",
+        "max_steps": 3,
+        "logger": False,
+        "enable_checkpointing": False,
+        "default_root_dir": str(tmp_path),  # where the CLI saves its config
+    }
     config = tmp_path / "rigl.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -295,7 +301,7 @@ def test_readme_deployment_round_trip_gives_the_same_outputs(tmp_path, monkeypat
     rigl = RigLCallback(0.9, delta_t=4, t_end=100)
     model = MLP()
     make_trainer([rigl], max_steps=8).fit(model, make_loader())
-    namespace = {"model": model, "rigl": rigl, "MLP": MLP, "x": torch.randn(32, 16)}
+    namespace = {"model": model, "rigl": rigl, "MyModel": MLP, "x": torch.randn(32, 16)}
     exec(snippet, namespace)
     assert namespace["fast"] is not namespace["model"]
     torch.testing.assert_close(namespace["fast_out"], namespace["out"], rtol=1e-5, atol=1e-6)
