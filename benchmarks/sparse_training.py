@@ -61,17 +61,16 @@ class Run:
     def step(self, step: int) -> float:
         start = time.perf_counter()
         if self.kernels is not None:
-            self.kernels.set_dense_gradient(self.sparse.schedule.is_update_step(step + 1))
+            self.kernels.set_dense_gradient(self.sparse.dense_gradient_needed(step))  # as RigLCallback does
         nn.functional.cross_entropy(self.model(self.x), self.y).backward()
         if self.sparse is not None:
             self.sparse.before_step(step)
         self.opt.step()
         if self.sparse is not None:
-            updates = self.sparse.updates
-            self.sparse.after_step([self.opt])
-            if self.kernels is not None and self.sparse.updates != updates:
+            updated = self.sparse.after_step([self.opt])
+            if self.kernels is not None and updated:
                 masks = self.sparse.masks
-                for name in self.kernels.names:
+                for name in set(updated) & set(self.kernels.names):
                     self.kernels.update_structure(name, masks[name])
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - start
