@@ -305,3 +305,26 @@ def test_readme_deployment_round_trip_gives_the_same_outputs(tmp_path, monkeypat
     exec(snippet, namespace)
     assert namespace["fast"] is not namespace["model"]
     torch.testing.assert_close(namespace["fast_out"], namespace["out"], rtol=1e-5, atol=1e-6)
+
+
+class Encoder(MLP):
+    """Two Transformer encoder layers on (batch, sequence, features) inputs, mean-pooled."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+        self.net = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.net[1](self.net[0](x).mean(dim=1))
+
+
+def test_attention_projections_stay_dense_and_feed_forward_layers_go_sparse():
+    rigl, _ = fit("sparse", module=Encoder, loader=sequence_loader(), steps=4)
+    choices = rigl.kernel_choices
+    # nn.MultiheadAttention multiplies by in_proj_weight and out_proj.weight itself: no layer forward to swap.
+    assert {name for name, choice in choices.items() if choice == "dense"} == {
+        f"net.0.layers.{i}.self_attn.{weight}" for i in range(2) for weight in ("in_proj_weight", "out_proj.weight")
+    }
+    assert choices["net.0.layers.1.linear2.weight"] == choices["net.1.weight"] == "sparse"
+    assert rigl.sparse.updates == 1
