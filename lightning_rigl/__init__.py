@@ -4,6 +4,7 @@ from lightning_rigl.callback import RigLCallback
 from lightning_rigl.core import SparseTraining, UpdateSchedule, layer_sparsities
 from lightning_rigl.core.export import load_sparse, save_sparse
 from lightning_rigl.core.flops import count_flops
+from lightning_rigl.inference import sparsify
 from lightning_rigl.monitor import SparsityMonitor
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "layer_sparsities",
     "load_sparse",
     "save_sparse",
+    "sparsify",
 ]
 __version__ = "0.1.0"

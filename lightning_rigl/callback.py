@@ -6,7 +6,7 @@ import math
 import os
 import tempfile
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -28,6 +28,7 @@ from lightning_rigl.core import (
     get_method,
     select_parameters,
 )
+from lightning_rigl.core.kernels import KERNELS, SparseKernels, TokenProbe, choose_kernels, linear_layers
 from lightning_rigl.core.packing import unpack_bits
 from lightning_rigl.core.schedule import check_schedule
 from lightning_rigl.core.selection import parameter_aliases
@@ -39,6 +40,8 @@ from lightning_rigl.core.validation import (
     check_patterns,
     check_type,
 )
+
+Kernels = Literal["auto", "sparse", "dense"]
 
 SUPPORTED_STRATEGIES = (
     "single device ('auto' on one device)",
@@ -95,6 +98,16 @@ class RigLCallback(Callback):
         consistency_checks: Under data parallelism, compare a fingerprint of every mask across ranks
             at fit start and after this many first updates (-1: after every update, 0: never); a
             difference raises an error naming the layers.
+        kernels: How masked ``nn.Linear`` / Hugging Face ``Conv1D`` layers compute: ``"sparse"`` with
+            their active weights only (forward, input gradient, and the weight gradient at active
+            positions, dense only at the steps whose dense gradient the method reads), ``"dense"``
+            with the masked dense weight, ``"auto"`` sparse where a fixed rule calibrated on this
+            CPU says it is faster for the layer's shape, density and tokens per batch. Chosen once,
+            after the first training batch (which runs dense and measures the tokens), the same on
+            every rank and kept in checkpoints. Convolutions, attention's ``in_proj_weight``,
+            FSDP2-sharded and bf16/fp16 weights, and layers under autocast always stay dense; so do
+            every layer under ``"auto"`` on CUDA and with ``"snfs"``. Weights, ``state_dict``,
+            optimizer and masks are the same either way.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -118,6 +131,7 @@ class RigLCallback(Callback):
         erk_power_scale: float = 1.0,
         seed: int | None = None,
         consistency_checks: int = 3,
+        kernels: Kernels = "auto",
     ) -> None:
         with misconfiguration():
             check_fraction("sparsity", sparsity)
@@ -145,6 +159,7 @@ class RigLCallback(Callback):
             if seed is not None:
                 check_type("seed", seed, (int,), "None or an int")
             check_int("consistency_checks", consistency_checks, -1)
+            check_choice("kernels", kernels, KERNELS)
         self.sparsity = sparsity
         self.distribution = distribution
         self.method = method
@@ -159,6 +174,7 @@ class RigLCallback(Callback):
         self.erk_power_scale = erk_power_scale
         self.seed = seed
         self.consistency_checks = consistency_checks
+        self.kernels = kernels
         self.sparse: SparseTraining | None = None
         self._trainer: pl.Trainer | None = None
         self._manual_step_hooks: list[Any] = []
@@ -174,6 +190,10 @@ class RigLCallback(Callback):
         self._main_pid = os.getpid()
         self._handoff = os.path.join(tempfile.gettempdir(), f"lightning_rigl_masks_{uuid.uuid4().hex}.pt")
         self._handed_off: dict[str, Tensor] = {}
+        self._choices: dict[str, str] | None = None  # layer -> "sparse" | "dense", once chosen
+        self._loaded_choices: dict[str, str] | None = None
+        self._probe: TokenProbe | None = None
+        self._sparse_kernels: SparseKernels | None = None
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -191,6 +211,15 @@ class RigLCallback(Callback):
             self.sparse = None  # trained elsewhere: this process's run (if any) is not the latest
         masks = self.sparse.masks if self.sparse is not None else self._handed_off
         return {alias: mask for name, mask in masks.items() for alias in self._aliases.get(name, [name])}
+
+    @property
+    def kernel_choices(self) -> dict[str, str]:
+        """Masked parameter name to ``"sparse"`` or ``"dense"``: how it computes; empty until chosen.
+
+        Chosen after the first training batch of a fit (or restored from the checkpoint of a run with
+        the same ``kernels`` setting).
+        """
+        return dict(self._choices) if self._choices is not None else {}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -222,6 +251,7 @@ class RigLCallback(Callback):
                     state=self._loaded_state,
                 )
                 self._loaded_state = None
+                self._choices, self._loaded_choices = self._loaded_choices, None
             self.sparse.check_optimizers(trainer.optimizers)
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
         self._trainer = trainer
@@ -253,8 +283,31 @@ class RigLCallback(Callback):
         if self.sparse is not None:
             # A checkpoint saved between a step and its update (by a callback listed before this one)
             # holds that update's grow scores: make the update now, with the optimizer state restored.
-            self.sparse.update_topology(trainer.optimizers)
+            self._update_structures(self.sparse.update_topology(trainer.optimizers))
             self._mask_averaged_copies(trainer)
+            if self._choices is not None and self._sparse_kernels is None:
+                # Known choices (resumed, or a second fit): every batch computes with them, as before the
+                # save; the structures are built from the masks after that update.
+                self._attach_kernels(pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.sparse is None:
+            return
+        if self._choices is None:
+            if self._probe is None:
+                # The first batch runs dense and records each layer's tokens: the choice depends on them.
+                self._probe = TokenProbe(linear_layers(pl_module, list(self.sparse.params)))
+            return
+        if self._sparse_kernels is None:
+            self._attach_kernels(pl_module)
+        # Set before the forward pass, which records it for the backward; in manual optimization the
+        # batch may run one step per optimizer: dense if any of them reads the dense gradient.
+        steps = 1 if pl_module.automatic_optimization else len(trainer.optimizers)
+        needed = any(self.sparse.dense_gradient_needed(trainer.global_step + i) for i in range(steps))
+        self._sparse_kernels.set_dense_gradient(needed)
 
     @override
     def on_before_optimizer_step(
@@ -278,6 +331,8 @@ class RigLCallback(Callback):
                 "stop early. Pass `t_end` as an int (an optimizer step)."
             )
         self._fit_start_step = -1  # checked once, after the first batch
+        if self._probe is not None:
+            self._choose_kernels(trainer, pl_module)  # here, so that a checkpoint of this step holds the choice
 
     def apply_updates(self) -> None:
         """Drop and grow for the optimizer steps that ran since the last call, and keep inactive weights at 0.
@@ -289,12 +344,14 @@ class RigLCallback(Callback):
         """
         if self.sparse is None or self._trainer is None:
             return
+        updated = []
         while self._stepped:
-            self.sparse.after_step(self._trainer.optimizers, self._stepped.pop(0))
+            updated += self.sparse.after_step(self._trainer.optimizers, self._stepped.pop(0))
             if not self._optimizers_checked:
                 self._optimizers_checked = True
                 with misconfiguration():  # the state exists now: each per-element key needs a fresh value
                     self.sparse.check_optimizers(self._trainer.optimizers)
+        self._update_structures(updated)
         if self.sparse.updates > self._seen_updates:
             self._seen_updates = self.sparse.updates
             self._mask_averaged_copies(self._trainer)
@@ -304,20 +361,32 @@ class RigLCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.sparse.state_dict() if self.sparse is not None else {}
+        if self.sparse is None:
+            return {}
+        state = self.sparse.state_dict()
+        if self._choices is not None:
+            # How each layer computes: a resumed run with the same setting computes alike.
+            state["kernels"] = {"setting": self.kernels, "choices": dict(self._choices)}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
         self._restored = True
+        state_dict = dict(state_dict)
+        kernels = state_dict.pop("kernels", None)  # absent from checkpoints of earlier releases
+        # Another setting (a checkpoint moved from "sparse" to "dense") chooses anew at the first batch.
+        choices = dict(kernels["choices"]) if kernels is not None and kernels["setting"] == self.kernels else None
         if self.sparse is not None and self._trainer is not None:
             # FSDP / ModelParallel restore callback state after on_fit_start built the masks.
             with misconfiguration():
                 self.sparse.load_state_dict(state_dict)
+            self._choices = choices
         else:
             # Single device and DDP restore it before on_fit_start, which builds the masks from it.
-            self._loaded_state = dict(state_dict)
+            self._loaded_state = state_dict
+            self._loaded_choices = choices
 
     @override
     def on_load_checkpoint(
@@ -351,7 +420,44 @@ class RigLCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
 
+    def _choose_kernels(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.sparse is not None and self._probe is not None
+        self._probe.remove()
+        layers = linear_layers(pl_module, list(self.sparse.params))
+        # Layers seen under autocast get bf16/fp16 inputs, which the CPU sparse kernels do not take.
+        served = {name: layer for name, layer in layers.items() if name not in self._probe.autocast}
+        every_step = self.sparse.method.dense_gradient == "every_step"
+        choices = dict.fromkeys(self.sparse.params, "dense")
+        choices.update(
+            choose_kernels(
+                served, self.sparse.masks, self._probe.tokens, self.kernels, dense_gradient_every_step=every_step
+            )
+        )
+        self._probe = None
+        # Rank 0's choice on every rank, even if the ranks' first batches differed in length.
+        self._choices = dict(trainer.strategy.broadcast(choices, src=0))
+
+    def _attach_kernels(self, pl_module: pl.LightningModule) -> None:
+        assert self.sparse is not None and self._choices is not None
+        layers = linear_layers(pl_module, list(self.sparse.params))
+        chosen = {name: layer for name, layer in layers.items() if self._choices.get(name) == "sparse"}
+        self._sparse_kernels = SparseKernels(chosen, self.sparse.masks)
+
+    def _update_structures(self, names: list[str]) -> None:
+        """Rebuild the sparse structure of the layers among ``names`` (whose masks just changed)."""
+        names = [name for name in names if self._sparse_kernels is not None and name in self._sparse_kernels.names]
+        if names:
+            masks = self.sparse.masks
+            for name in names:
+                self._sparse_kernels.update_structure(name, masks[name])
+
     def _detach(self) -> None:
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
+        if self._sparse_kernels is not None:
+            self._sparse_kernels.detach()
+            self._sparse_kernels = None
         for handle in self._manual_step_hooks:
             handle.remove()
         self._manual_step_hooks = []

@@ -44,9 +44,11 @@ class SparsityMonitor(Callback):
 
     It sets ``pl_module.flops_per_batch`` (training FLOPs of this device's batch; forward FLOPs during
     validation) for Lightning's ``ThroughputMonitor``. At fit start and end it prints a per-layer table
-    (with rich when installed), and at fit end it draws the per-layer densities and the drop fraction
-    and ITOP curves: to TensorBoard when a ``TensorBoardLogger`` is active, else as a PNG in the log
-    directory (needs matplotlib: ``pip install lightning-rigl[plot]``).
+    (with rich when installed; once RigLCallback has chosen each layer's kernels, after the first
+    training batch, a ``kernels`` column says ``sparse`` or ``dense``), and at fit end it draws the
+    per-layer densities and the drop fraction and ITOP curves: to TensorBoard when a
+    ``TensorBoardLogger`` is active, else as a PNG in the log directory (needs matplotlib:
+    ``pip install lightning-rigl[plot]``).
 
     Without a RigLCallback it monitors the zeros of any model (a pruned one, a loaded sparse
     checkpoint). The weights it watches are RigLCallback's, else those ``include`` / ``exclude``
@@ -310,11 +312,17 @@ class SparsityMonitor(Callback):
         ]
         rows.append(["total", "", sum(active.values()), sum(numel.values()), sum(shares.values())])
         header = ["layer", "shape", "density", "active weights"] + (["FLOPs share"] if self.flops is not None else [])
-        return [header] + [
+        table = [header] + [
             [name, shape, f"{n / total:.3f}", f"{n:,} / {total:,}"]
             + ([f"{share:.1%}"] if self.flops is not None else [])
             for name, shape, n, total, share in rows
         ]
+        choices = self._rigl.kernel_choices if self._rigl is not None else {}
+        if choices:
+            # "-": a weight RigLCallback does not mask (the monitor's own include/exclude).
+            kernels = ["kernels"] + [choices.get(name, "-") for name in self._params] + [_kernels_total(choices)]
+            table = [row + [kernel] for row, kernel in zip(table, kernels, strict=True)]
+        return table
 
     def _flops_share(self, name: str) -> float:
         if self.flops is None or name not in self.flops.per_layer or not self.flops.sparse:
@@ -334,6 +342,11 @@ class SparsityMonitor(Callback):
                     f"({self.train_flops / self.dense_train_flops:.3f}x dense)"
                 )
         return "\n".join(lines)
+
+
+def _kernels_total(choices: Mapping[str, str]) -> str:
+    """The totals row of the kernels column: how many layers compute with sparse kernels."""
+    return f"{sum(choice == 'sparse' for choice in choices.values())} sparse"
 
 
 def _batch_size_or_none(batch: Any) -> int | None:

@@ -31,6 +31,7 @@ RIGL_ARGS = {
     "erk_power_scale": 0.5,
     "seed": 7,
     "consistency_checks": 0,
+    "kernels": "dense",
 }
 # Every SparsityMonitor argument but example_input (a tensor: set it in Python or as example_input_array).
 MONITOR_ARGS = {

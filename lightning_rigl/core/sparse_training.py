@@ -243,29 +243,38 @@ class SparseTraining:
         self.zero_guard.gradients_masked(names)
 
     @torch.no_grad()
-    def after_step(self, optimizers: Iterable[torch.optim.Optimizer], params: ParamsLike = None) -> None:
+    def after_step(self, optimizers: Iterable[torch.optim.Optimizer], params: ParamsLike = None) -> list[str]:
         """Make any topology update that is due after ``optimizer.step()``, and keep inactive weights at 0.
 
         Args:
             optimizers: Every optimizer of the run; state of changed connections is reset in all of them.
             params: The parameters the step updated (an optimizer); None for all.
 
+        Returns:
+            The names of the layers whose masks this call updated.
+
         """
         optimizers = list(optimizers)
         names = self.masked_names(params)
         names_by_optimizer = {optimizer: tuple(self.masked_names(optimizer)) for optimizer in optimizers}
         left_at_zero = self.zero_guard.weights_left_at_zero(names, names_by_optimizer, self._nonzero_where_inactive)
-        self.update_topology(optimizers, names)
+        updated = self.update_topology(optimizers, names)
         self.zero_guard.restart_state_once(names_by_optimizer, self._restart_inactive_state)
         self.apply_masks([self.params[name] for name in names if name not in left_at_zero])
+        return updated
 
     @torch.no_grad()
-    def update_topology(self, optimizers: Iterable[torch.optim.Optimizer], names: Iterable[str] | None = None) -> None:
+    def update_topology(
+        self, optimizers: Iterable[torch.optim.Optimizer], names: Iterable[str] | None = None
+    ) -> list[str]:
         """Drop and grow every layer among ``names`` (default: all) whose grow scores were read.
 
         :meth:`after_step` calls it; call it alone to finish updates whose scores a checkpoint saved.
+        Returns the names of the layers it updated (with several optimizers, a scheduled update may
+        reach the layers of each at a different step).
         """
         optimizers = list(optimizers)
+        updated = []
         for name in self.params if names is None else names:
             candidates = self._grow_candidates.pop(name, None)
             if candidates is None:
@@ -280,6 +289,8 @@ class SparseTraining:
             fill_positions(local_shard(param), changed, 0.0)
             reset_optimizer_state(optimizers, param, changed)
             self._record(step, fraction, all_ranks_sum(grown.numel(), [param]), self.layer_masks.counts[name])
+            updated.append(name)
+        return updated
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: tensors and Python primitives only, masks at 1 bit a weight."""

@@ -1,0 +1,149 @@
+"""A whole RigL training step with sparse kernels against dense training, and sparsify inference.
+
+    python benchmarks/sparse_training.py                 # MLP 784-4096-4096-10, 90 % and 95 % ERK
+    python benchmarks/sparse_training.py --kernels sparse --sparsities 0.95 --rounds 3
+
+Training runs, same model, data and optimizer (SGD, momentum 0.9, batch 256), driven by a plain loop:
+  dense:        no masks, dense kernels
+  rigl-dense:   SparseTraining (RigL, ERK, delta_t=100), dense kernels (the masked dense path)
+  rigl-<kernels>: the same with SparseKernels on the layers ``choose_kernels`` picks; the step before
+                an update computes the dense weight gradient (``set_dense_gradient``)
+Each round gives every run a block of ``--block`` steps in turn (interleaved: the machine's noise hits all
+runs alike) whose step indices include one RigL update step (delta_t = 100). A run's figure per round is
+its amortized step time: the median of its ordinary steps plus the extra time of the update step spread
+over delta_t steps. The table gives, over rounds, the median figure and the median of paired ratios
+to dense.
+
+Inference: the 95 % RigL model (its masks), batch 64, ``sparsify(model, masks)`` against the masked
+dense model, alternating calls under ``torch.inference_mode``; median times and of paired ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from lightning_rigl import SparseTraining, UpdateSchedule
+from lightning_rigl.core.kernels import SparseKernels, choose_kernels, linear_layers
+from lightning_rigl.inference import sparsify
+
+DELTA_T = 100
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10))
+
+
+class Run:
+    """One training run: a model, its optimizer, and optionally RigL and sparse kernels."""
+
+    def __init__(self, sparsity: float | None, kernels: str, batch: int) -> None:
+        torch.manual_seed(0)
+        self.model = mlp()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.sparse = self.kernels = None
+        self.choices: dict[str, str] = {}
+        if sparsity is not None:
+            schedule = UpdateSchedule(delta_t=DELTA_T, t_end=10**9)
+            self.sparse = SparseTraining.from_model(self.model, sparsity, "erk", schedule=schedule)
+            layers = linear_layers(self.model, list(self.sparse.params))
+            self.choices = choose_kernels(layers, self.sparse.masks, batch, kernels)
+            chosen = {name: layer for name, layer in layers.items() if self.choices[name] == "sparse"}
+            self.kernels = SparseKernels(chosen, self.sparse.masks) if chosen else None
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.randn(batch, 784, generator=gen)
+        self.y = torch.randint(0, 10, (batch,), generator=gen)
+
+    def step(self, step: int) -> float:
+        start = time.perf_counter()
+        if self.kernels is not None:
+            self.kernels.set_dense_gradient(self.sparse.dense_gradient_needed(step))  # as RigLCallback does
+        nn.functional.cross_entropy(self.model(self.x), self.y).backward()
+        if self.sparse is not None:
+            self.sparse.before_step(step)
+        self.opt.step()
+        if self.sparse is not None:
+            updated = self.sparse.after_step([self.opt])
+            if self.kernels is not None and updated:
+                masks = self.sparse.masks
+                for name in set(updated) & set(self.kernels.names):
+                    self.kernels.update_structure(name, masks[name])
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def amortized(times: list[float], update_index: int) -> float:
+    ordinary = statistics.median(t for i, t in enumerate(times) if i != update_index)
+    return ordinary + (times[update_index] - ordinary) / DELTA_T
+
+
+def training(sparsity: float, kernels: str, batch: int, rounds: int, block: int) -> None:
+    runs = {"dense": Run(None, kernels, batch), "rigl-dense": Run(sparsity, "dense", batch)}
+    runs[f"rigl-{kernels}"] = Run(sparsity, kernels, batch)
+    choices = runs[f"rigl-{kernels}"].choices
+    densities = {name: float(mask.float().mean()) for name, mask in runs["rigl-dense"].sparse.masks.items()}
+    print(f"\n## sparsity {sparsity}: layer density -> {kernels} choice")
+    for name, choice in choices.items():
+        print(f"  {name}: {densities[name]:.3f} -> {choice}")
+    figures: dict[str, list[float]] = {name: [] for name in runs}
+    first = DELTA_T - block // 2  # the block's steps straddle the update after step DELTA_T - 1
+    for round_ in range(rounds + 1):  # round 0 warms up
+        offset = round_ * DELTA_T
+        for name, run in runs.items():
+            times = [run.step(offset + first + i) for i in range(block)]
+            if round_:
+                figures[name].append(amortized(times, DELTA_T - 1 - first))
+    print("| run | amortized step ms (median) | ratio to dense (median of paired) |")
+    print("|---|---|---|")
+    for name, values in figures.items():
+        ratio = statistics.median(v / d for v, d in zip(values, figures["dense"], strict=True))
+        print(f"| {name} | {1e3 * statistics.median(values):.1f} | {ratio:.3f} |", flush=True)
+
+
+def inference(sparsity: float, kernels: str, batch: int, reps: int) -> None:
+    run = Run(sparsity, "dense", batch)
+    masked, masks = run.model.eval(), run.sparse.masks
+    fast = sparsify(masked, masks, kernels=kernels, tokens=batch)
+    x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(2))
+    pairs = []
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), masked(x), rtol=1e-4, atol=1e-4)
+        for _ in range(reps):
+            start = time.perf_counter()
+            masked(x)
+            middle = time.perf_counter()
+            fast(x)
+            pairs.append((middle - start, time.perf_counter() - middle))
+    sparse_layers = fast.sparse_kernels.names
+    print(f"\n## inference, sparsity {sparsity}, batch {batch}, sparsify(kernels={kernels!r}): sparse {sparse_layers}")
+    print("| masked dense ms | sparsify ms | speed-up (median of paired dense/sparse) |")
+    print("|---|---|---|")
+    dense_ms, sparse_ms = (1e3 * statistics.median(p[i] for p in pairs) for i in (0, 1))
+    print(f"| {dense_ms:.2f} | {sparse_ms:.2f} | {statistics.median(d / s for d, s in pairs):.2f}x |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.95])
+    parser.add_argument("--kernels", choices=["auto", "sparse"], default="auto")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--block", type=int, default=6, help="steps per run and round, one of them an update step")
+    parser.add_argument("--inference-sparsity", type=float, default=0.95)
+    parser.add_argument("--inference-batch", type=int, default=64)
+    parser.add_argument("--inference-reps", type=int, default=60)
+    parser.add_argument("--skip-training", action="store_true")
+    args = parser.parse_args()
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if not args.skip_training:
+        for sparsity in args.sparsities:
+            training(sparsity, args.kernels, args.batch, args.rounds, args.block)
+    inference(args.inference_sparsity, args.kernels, args.inference_batch, args.inference_reps)
+
+
+if __name__ == "__main__":
+    main()

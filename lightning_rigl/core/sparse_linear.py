@@ -1,0 +1,227 @@
+"""A Linear layer's three matmuls with the active weights only, as ``torch.library`` custom ops.
+
+The dense weight stays the Parameter: each call gathers its active values at a fixed CSR structure
+(O(active) work), runs ``torch.sparse.mm`` for the output and the input gradient, and writes the
+weight gradient into a zero dense gradient, at the active positions only (SDDMM) or, at the steps
+where RigL reads it, everywhere (the dense ``grad_out^T x``, exactly what dense autograd gives).
+The ops take plain index and value tensors, so ``torch.compile`` treats them as opaque calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+#: Dtypes the CPU sparse kernels (``torch.sparse.mm`` on CSR, ``sampled_addmm``) support.
+SPARSE_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class SparseStructure:
+    """Where a weight's active connections are, as CSR indices of ``W`` (out, in) and of ``W^T``.
+
+    Built from a mask at topology updates only; every step then gathers values at ``index``.
+
+    Attributes:
+        crow: CSR row pointers of ``W`` (out + 1); int32 below 2**31 weights, as all index tensors but the flat ones.
+        col: CSR column indices of ``W`` (active).
+        index: Flat position in the stored weight of each CSR value of ``W``.
+        crow_t: CSR row pointers of ``W^T`` (in + 1).
+        col_t: CSR column indices of ``W^T`` (active).
+        index_t: Flat position in the stored weight of each CSR value of ``W^T`` (``index`` permuted).
+
+    Example:
+        >>> s = SparseStructure.from_mask(torch.tensor([[True, False, True], [False, True, False]]))
+        >>> s.crow.tolist(), s.col.tolist(), s.index.tolist(), s.index_t.tolist()
+        ([0, 2, 3], [0, 2, 1], [0, 2, 4], [0, 4, 2])
+
+    """
+
+    crow: Tensor
+    col: Tensor
+    index: Tensor
+    crow_t: Tensor
+    col_t: Tensor
+    index_t: Tensor
+
+    @classmethod
+    def from_mask(cls, mask: Tensor, weight_in_out: bool = False) -> SparseStructure:
+        """The structure of the active positions of ``mask``.
+
+        Args:
+            mask: Bool (or 0/1) mask of the stored weight: (out, in), or (in, out) with ``weight_in_out``.
+            weight_in_out: The weight is stored as (in, out), as Hugging Face ``Conv1D`` does.
+
+        """
+        mask = mask.detach().bool()
+        logical = mask.t() if weight_in_out else mask
+        out_features, in_features = logical.shape
+        rows, cols = logical.nonzero().unbind(1)  # row-major: W's CSR order
+        stored = rows * in_features + cols if not weight_in_out else cols * out_features + rows
+        order_t = torch.argsort(cols * out_features + rows)  # W^T's CSR order
+        # MKL's sparse products take 32-bit indices: int64 ones are converted on every call (~30 % slower).
+        index_dtype = torch.int32 if mask.numel() < 2**31 else torch.int64
+
+        def compact(indices: Tensor) -> Tensor:
+            return indices.to(index_dtype).contiguous()
+
+        return cls(
+            crow=compact(_row_pointers(rows, out_features)),
+            col=compact(cols),
+            index=stored.contiguous(),
+            crow_t=compact(_row_pointers(cols, in_features)),
+            col_t=compact(rows[order_t]),
+            index_t=stored[order_t].contiguous(),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the logical weight ``W``."""
+        return self.crow.numel() - 1, self.crow_t.numel() - 1
+
+    def to(self, device: torch.device | str) -> SparseStructure:
+        """The same structure on ``device``."""
+        return SparseStructure(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
+
+
+def _row_pointers(rows: Tensor, num_rows: int) -> Tensor:
+    counts = torch.bincount(rows, minlength=num_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def sparse_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    structure: SparseStructure,
+    dense_gradient: bool = False,
+    weight_in_out: bool = False,
+) -> Tensor:
+    """``x W^T + b`` with the active weights of ``structure`` only (``x W + b`` for an (in, out) weight).
+
+    Differentiable in ``x``, ``weight`` and ``bias``. The weight gradient is dense ``grad_out^T x``
+    when ``dense_gradient`` (what RigL's grow score reads), else nonzero at the active positions only.
+
+    Example:
+        >>> weight = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+        >>> structure = SparseStructure.from_mask(weight != 0)
+        >>> sparse_linear(torch.tensor([[3.0, 4.0]]), weight, None, structure).tolist()
+        [[3.0, 8.0]]
+
+    """
+    s = structure
+    return torch.ops.lightning_rigl.sparse_linear(
+        x, weight, bias, s.crow, s.col, s.index, s.crow_t, s.col_t, s.index_t, dense_gradient, weight_in_out
+    )
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, rows: int, cols: int) -> Tensor:
+    return torch.sparse_csr_tensor(crow, col, values, (rows, cols), check_invariants=False)
+
+
+def _times_transpose(crow: Tensor, col: Tensor, values: Tensor, cols: int, x2d: Tensor) -> Tensor:
+    """``x2d @ A^T`` for the CSR matrix ``A`` (rows x cols): one CSR-times-dense product."""
+    rows = crow.numel() - 1
+    return torch.sparse.mm(_csr(crow, col, values, rows, cols), x2d.t()).t().contiguous()
+
+
+@torch.library.custom_op("lightning_rigl::sparse_linear", mutates_args=())
+def _sparse_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    crow: Tensor,
+    col: Tensor,
+    index: Tensor,
+    crow_t: Tensor,
+    col_t: Tensor,
+    index_t: Tensor,
+    dense_gradient: bool,
+    weight_in_out: bool,
+) -> Tensor:
+    in_features = crow_t.numel() - 1
+    x2d = x.reshape(-1, in_features)
+    values = weight.reshape(-1).index_select(0, index)
+    y = _times_transpose(crow, col, values, in_features, x2d)
+    if bias is not None:
+        y.add_(bias)
+    return y.view(*x.shape[:-1], crow.numel() - 1)
+
+
+@_sparse_linear_op.register_fake
+def _(x, weight, bias, crow, col, index, crow_t, col_t, index_t, dense_gradient, weight_in_out):
+    return x.new_empty(*x.shape[:-1], crow.shape[0] - 1)
+
+
+@torch.library.custom_op("lightning_rigl::sparse_linear_backward", mutates_args=())
+def _sparse_linear_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    crow: Tensor,
+    col: Tensor,
+    index: Tensor,
+    crow_t: Tensor,
+    col_t: Tensor,
+    index_t: Tensor,
+    dense_gradient: bool,
+    weight_in_out: bool,
+) -> tuple[Tensor, Tensor]:
+    out_features, in_features = crow.numel() - 1, crow_t.numel() - 1
+    g2d, x2d = grad_out.reshape(-1, out_features), x.reshape(-1, in_features)
+    flat = weight.reshape(-1)
+    grad_x = _times_transpose(crow_t, col_t, flat.index_select(0, index_t), out_features, g2d)
+    if dense_gradient:
+        grad_w = x2d.t() @ g2d if weight_in_out else g2d.t() @ x2d  # unmasked, as dense autograd gives it
+    else:
+        pattern = _csr(crow, col, flat.index_select(0, index), out_features, in_features)
+        active = torch.sparse.sampled_addmm(pattern, g2d.t(), x2d, beta=0.0).values()
+        grad_w = torch.zeros_like(weight).view(-1).index_copy_(0, index, active).view_as(weight)
+    return grad_x.view_as(x), grad_w
+
+
+@_sparse_linear_backward_op.register_fake
+def _(grad_out, x, weight, crow, col, index, crow_t, col_t, index_t, dense_gradient, weight_in_out):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, *structure, dense_gradient, weight_in_out = inputs
+    ctx.save_for_backward(x, weight, *structure)
+    ctx.flags = (dense_gradient, weight_in_out)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight, *structure = ctx.saved_tensors
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    grad_x = grad_w = grad_b = None
+    if needs_x or needs_w:
+        grad_x, grad_w = _sparse_linear_backward_op(grad_out, x, weight, *structure, *ctx.flags)
+    if needs_b and ctx.has_bias:
+        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return (grad_x if needs_x else None, grad_w if needs_w else None, grad_b) + (None,) * 8
+
+
+_sparse_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# FlopCounterMode cannot see inside a custom op: count each like the dense matmuls it replaces.
+@register_flop_formula(torch.ops.lightning_rigl.sparse_linear)
+def _sparse_linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _prod(x_shape) * weight_shape[0] * weight_shape[1] // x_shape[-1]
+
+
+@register_flop_formula(torch.ops.lightning_rigl.sparse_linear_backward)
+def _sparse_linear_backward_flops(grad_out_shape, x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _sparse_linear_flops(x_shape, weight_shape)
+
+
+def _prod(shape) -> int:
+    result = 1
+    for size in shape:
+        result *= size
+    return result
