@@ -225,12 +225,14 @@ def _assert_table_rows(out, rigl, separator):
         row = next(line for line in out.splitlines() if name in line)
         cells = [cell.strip() for cell in row.strip().strip(separator).split(separator)]
         share = f"{100 * active[name] / sum(active.values()):.1f}%"
+        kernels = [rigl.kernel_choices[name]] if len(cells) == 6 else []  # shown once chosen
         assert cells == [
             name,
             "x".join(map(str, rigl.sparse.params[name].shape)),
             f"{active[name] / NUMEL[name]:.3f}",
             f"{active[name]:,} / {NUMEL[name]:,}",
             share,
+            *kernels,
         ]
     assert f"{sum(active.values()):,} / {sum(NUMEL.values()):,}" in out
     assert f"dense {F_DENSE / 1000:.2f} k" in out
@@ -252,7 +254,9 @@ def test_prints_the_table_with_rich_when_installed(capsys):
     make_trainer([SparsityMonitor(plot=False), rigl], max_steps=2).fit(_mlp(), make_loader())
     out = capsys.readouterr().out
     assert "SparsityMonitor at fit end" in out and "FLOPs share" in out
-    _assert_table_rows(out.split("SparsityMonitor at fit end")[1], rigl, "│")
+    at_end = out.split("SparsityMonitor at fit end")[1]
+    assert "kernels" in at_end
+    _assert_table_rows(at_end, rigl, "│")
 
 
 def test_saves_a_png_in_the_log_dir_without_tensorboard(tmp_path):
