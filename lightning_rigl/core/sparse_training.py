@@ -73,7 +73,7 @@ class SparseTraining:
         ...     model(torch.randn(4, 8)).sum().backward()
         ...     sparse.before_step(step)
         ...     opt.step()
-        ...     sparse.after_step([opt])
+        ...     _ = sparse.after_step([opt])  # the names of the layers it updated
         ...     opt.zero_grad()
         >>> sparse.updates, int(sparse.masks["0.weight"].sum())
         (2, 48)
