@@ -473,7 +473,7 @@ class RigLCallback(Callback):
             if callback is not self:
                 for value in vars(callback).values():
                     if isinstance(value, torch.nn.Module) and value is not trainer.lightning_module:
-                        self.sparse.apply_masks_to_copy(value)
+                        self.sparse.layer_masks.apply_to_copy(value)
 
     def _t_end_counts_batches(self, pl_module: pl.LightningModule) -> bool:
         return isinstance(self.t_end, float) and not pl_module.automatic_optimization and self._fit_start_step >= 0

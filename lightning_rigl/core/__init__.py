@@ -1,12 +1,13 @@
 """The torch-only core: nothing here imports Lightning, so a plain PyTorch loop can drive it."""
 
-from lightning_rigl.core.distribution import DISTRIBUTIONS, Distribution, layer_sparsities
+from lightning_rigl.core.distribution import DISTRIBUTIONS, Distribution, layer_sparsities, resolve_sparsities
 from lightning_rigl.core.flops import FlopsCount, LayerFlops, count_active, count_flops, training_flops_per_sample
+from lightning_rigl.core.history import UpdateRecord
 from lightning_rigl.core.methods import METHODS, METHODS_BY_NAME, GrowSignal, Method, MethodName, get_method
 from lightning_rigl.core.optim_state import reset_optimizer_state
 from lightning_rigl.core.schedule import DECAYS, Decay, UpdateSchedule
 from lightning_rigl.core.selection import default_parameter_names, select_parameters
-from lightning_rigl.core.sparse_training import SparseTraining, UpdateRecord
+from lightning_rigl.core.sparse_training import SparseTraining
 from lightning_rigl.core.topology import drop_and_grow, num_active, random_mask
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "num_active",
     "random_mask",
     "reset_optimizer_state",
+    "resolve_sparsities",
     "select_parameters",
     "training_flops_per_sample",
 ]

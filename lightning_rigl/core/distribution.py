@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, get_args
 
+from lightning_rigl.core.selection import resolve_custom_sparsity
 from lightning_rigl.core.validation import check_choice, check_fraction, check_number
 
 Distribution = Literal["erk", "er", "uniform"]
@@ -129,3 +130,29 @@ def _solve_scaled(
             continue
         break
     return {name: 0.0 if name in dense else max(0.0, 1.0 - epsilon * raw[name]) for name in shapes}
+
+
+def resolve_sparsities(
+    shapes: Mapping[str, Sequence[int]],
+    sparsity: float,
+    distribution: str = "erk",
+    *,
+    dense_first_layer: bool | None = None,
+    custom_sparsity: Mapping[str, float] | None = None,
+    erk_power_scale: float = 1.0,
+) -> dict[str, float]:
+    """The per-layer sparsities RigLCallback's arguments resolve to, for layers of ``shapes`` in model order.
+
+    ``custom_sparsity`` keys may be fnmatch patterns; ``dense_first_layer=None`` keeps the first layer
+    dense for ``"uniform"`` only, as the paper does. See :func:`layer_sparsities` for the rest.
+
+    Example:
+        >>> resolve_sparsities({"a": (4, 4), "b": (8, 4)}, 0.5, "uniform")
+        {'a': 0.0, 'b': 0.5}
+    """
+    names = list(shapes)
+    if dense_first_layer is None:
+        dense_first_layer = distribution == "uniform"
+    custom = resolve_custom_sparsity(dict(custom_sparsity) if custom_sparsity else None, names)
+    dense = [names[0]] if names and dense_first_layer and names[0] not in custom else []
+    return layer_sparsities(shapes, sparsity, distribution, dense=dense, custom=custom, erk_power_scale=erk_power_scale)

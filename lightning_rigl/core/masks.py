@@ -117,5 +117,32 @@ class LayerMasks:
         self.ever_active[name] |= new
         return grown.reshape(-1).nonzero().flatten(), gone.reshape(-1).nonzero().flatten()
 
+    @torch.no_grad()
+    def apply_to_copy(self, model: nn.Module) -> list[str]:
+        """Zero the inactive weights in a copy of the masked model, such as an averaged one (EMA, SWA).
+
+        Parameters are matched by name and shape; an ``AveragedModel``'s ``module.`` prefix is allowed.
+
+        Returns:
+            The masked names found in ``model``.
+
+        Example:
+            >>> layer = nn.Linear(4, 4)
+            >>> masks = LayerMasks({"weight": layer.weight})
+            >>> masks.replace({"weight": torch.arange(16).reshape(4, 4) % 2 == 0})
+            >>> average = torch.optim.swa_utils.AveragedModel(nn.Linear(4, 4))
+            >>> masks.apply_to_copy(average), int(average.module.weight.count_nonzero())
+            (['weight'], 8)
+        """
+        copies = dict(model.named_parameters())
+        found = []
+        for name, param in self.params.items():
+            copy = copies.get(name, copies.get(f"module.{name}"))
+            if copy is None or copy.shape != param.shape or copy is param:
+                continue
+            local_shard(copy).mul_(self.local[name].to(local_shard(copy).device, copy.dtype))
+            found.append(name)
+        return found
+
     def _whole(self, name: str, masks: Mapping[str, Tensor]) -> Tensor:
         return full_like_param(masks[name], self.params[name]).bool()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -11,37 +11,20 @@ from torch import Tensor, nn
 
 from lightning_rigl.core.candidates import GrowCandidates, grow_candidates, score_chunks
 from lightning_rigl.core.distributed import all_ranks_sum, all_ranks_true, check_masks_agree_across_ranks
-from lightning_rigl.core.distribution import layer_sparsities
+from lightning_rigl.core.distribution import resolve_sparsities
+from lightning_rigl.core.history import UpdateRecord, record_update
 from lightning_rigl.core.masking import fill_positions, multiply_by_masks, nonzero_where_inactive
 from lightning_rigl.core.masks import LayerMasks
 from lightning_rigl.core.methods import Method, get_method
 from lightning_rigl.core.optim_state import check_restartable, reset_optimizer_state
 from lightning_rigl.core.saved_state import STATE_VERSION, check_same_run, check_saved_shapes, migrate_state
 from lightning_rigl.core.schedule import UpdateSchedule
-from lightning_rigl.core.selection import resolve_custom_sparsity, select_parameters
+from lightning_rigl.core.selection import select_parameters
 from lightning_rigl.core.sharding import distribute_like_param, gather_full, is_sharded, local_shard, wrap_like_param
 from lightning_rigl.core.topology import num_active, random_mask
 from lightning_rigl.core.zero_guard import ZeroGuard
 
 ParamsLike = torch.optim.Optimizer | Iterable[Tensor] | None
-
-
-@dataclass
-class UpdateRecord:
-    """One topology update, summed over the layers it changed.
-
-    Attributes:
-        step: The optimizer step after which it was scheduled (``trainer.global_step`` after that step).
-        drop_fraction: The schedule's drop fraction at ``step``.
-        changed: Connections grown that were inactive before (as many were dropped for good).
-        active: Active connections of the updated layers.
-
-    """
-
-    step: int
-    drop_fraction: float
-    changed: int = 0
-    active: int = 0
 
 
 class SparseTraining:
@@ -138,14 +121,14 @@ class SparseTraining:
         paper does. Other keyword arguments go to the constructor.
         """
         params = select_parameters(model, include, exclude)
-        if dense_first_layer is None:
-            dense_first_layer = distribution == "uniform"
-        custom = resolve_custom_sparsity(custom_sparsity, list(params))
-        first = next(iter(params))
-        dense = [first] if dense_first_layer and first not in custom else []
         shapes = {name: tuple(p.shape) for name, p in params.items()}
-        sparsities = layer_sparsities(
-            shapes, sparsity, distribution, dense=dense, custom=custom, erk_power_scale=erk_power_scale
+        sparsities = resolve_sparsities(
+            shapes,
+            sparsity,
+            distribution,
+            dense_first_layer=dense_first_layer,
+            custom_sparsity=custom_sparsity,
+            erk_power_scale=erk_power_scale,
         )
         return cls(params, sparsities, **kwargs)
 
@@ -288,7 +271,8 @@ class SparseTraining:
             changed = torch.cat([grown, gone])
             fill_positions(local_shard(param), changed, 0.0)
             reset_optimizer_state(optimizers, param, changed)
-            self._record(step, fraction, all_ranks_sum(grown.numel(), [param]), self.layer_masks.counts[name])
+            changed = all_ranks_sum(grown.numel(), [param])
+            record_update(self.history, step, fraction, changed, self.layer_masks.counts[name])
             updated.append(name)
         return updated
 
@@ -342,33 +326,6 @@ class SparseTraining:
         """
         self.layer_masks.replace(masks)
         self._masks_replaced()
-
-    @torch.no_grad()
-    def apply_masks_to_copy(self, model: nn.Module) -> list[str]:
-        """Zero the inactive weights in a copy of the masked model, such as an averaged one (EMA, SWA).
-
-        Parameters are matched by name and shape; an ``AveragedModel``'s ``module.`` prefix is allowed.
-
-        Returns:
-            The masked names found in ``model``.
-
-        Example:
-            >>> layer = nn.Linear(4, 4)
-            >>> sparse = SparseTraining({"weight": layer.weight}, {"weight": 0.5})
-            >>> average = torch.optim.swa_utils.AveragedModel(nn.Linear(4, 4))
-            >>> sparse.apply_masks_to_copy(average), int(average.module.weight.count_nonzero())
-            (['weight'], 8)
-        """
-        copies = dict(model.named_parameters())
-        found = []
-        for name, param in self.params.items():
-            copy = copies.get(name, copies.get(f"module.{name}"))
-            if copy is None or copy.shape != param.shape or copy is param:
-                continue
-            mask = self.layer_masks.local[name]
-            local_shard(copy).mul_(mask.to(local_shard(copy).device, copy.dtype))
-            found.append(name)
-        return found
 
     def check_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Raise a ValueError naming any optimizer whose state for a regrown connection cannot be restarted.
@@ -424,9 +381,3 @@ class SparseTraining:
     def _like_param(self, tensor: Tensor, name: str) -> Tensor:
         param = self.params[name]
         return distribute_like_param(tensor.to(local_shard(param).device), param)
-
-    def _record(self, step: int, fraction: float, changed: int, active: int) -> None:
-        if not self.history or self.history[-1].step != step:
-            self.history.append(UpdateRecord(step, fraction))
-        self.history[-1].changed += changed
-        self.history[-1].active += active
