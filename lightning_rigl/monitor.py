@@ -9,14 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException as LightningMisconfiguration
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_rigl._lightning import misconfiguration
+from lightning_rigl._lightning import MisconfigurationException, lightning_classes, misconfiguration
 from lightning_rigl.callback import RigLCallback
 from lightning_rigl.core.flops import FlopsCount, count_active, count_flops, training_flops_per_sample
 from lightning_rigl.core.selection import select_parameters
@@ -292,7 +291,8 @@ class SparsityMonitor(Callback):
             densities = {name: 1 - sparsity for name, sparsity in sparsities.items()}
             numel = {name: p.numel() for name, p in self._params.items()}
             figure = draw_figure(densities, numel, history, self.itop_curve)
-            tensorboards = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+            tensorboard = lightning_classes("loggers", "TensorBoardLogger")  # either package's
+            tensorboards = [logger for logger in trainer.loggers if isinstance(logger, tensorboard)]
             for logger in tensorboards:
                 logger.experiment.add_figure("sparsity_monitor", figure, global_step=trainer.global_step)
             if not tensorboards:
@@ -339,5 +339,5 @@ class SparsityMonitor(Callback):
 def _batch_size_or_none(batch: Any) -> int | None:
     try:
         return extract_batch_size(batch)
-    except MisconfigurationException:  # no tensor in the batch: FLOPs per batch are unknown
+    except LightningMisconfiguration:  # no tensor in the batch: FLOPs per batch are unknown
         return None
