@@ -225,7 +225,10 @@ class SparsityMonitor(Callback):
             try:
                 flops = count_flops(pl_module, example, batch_size=self.example_batch_size)
             except ValueError as error:
-                raise MisconfigurationException(f"SparsityMonitor could not count FLOPs: {error}") from error
+                raise MisconfigurationException(
+                    f"SparsityMonitor could not count FLOPs: {str(error).rstrip('.')}. Pass an `example_input` "
+                    "(or set `example_input_array`) that the model's forward takes."
+                ) from error
         return flops
 
     def _active(self) -> dict[str, int]:
@@ -233,7 +236,7 @@ class SparsityMonitor(Callback):
         return count_active(self._params, self._rigl.masks if self._rigl is not None else None)
 
     def _sparsities(self, active: Mapping[str, int]) -> dict[str, float]:
-        return {name: 1.0 - n / self._params[name].numel() for name, n in active.items()}
+        return {name: 1.0 - _density(n, self._params[name].numel()) for name, n in active.items()}
 
     def _updates(self) -> int:
         return self._rigl.sparse.updates if self._rigl is not None and self._rigl.sparse is not None else 0
@@ -256,7 +259,7 @@ class SparsityMonitor(Callback):
         active = self._active()
         sparsities = self._sparsities(active)
         numel = sum(p.numel() for p in self._params.values())
-        metrics = {"sparsity/global": 1.0 - sum(active.values()) / numel}
+        metrics = {"sparsity/global": 1.0 - _density(sum(active.values()), numel)}
         metrics.update({f"sparsity/{name}": s for name, s in sparsities.items()})
         if self.flops is not None:
             self.flops = self.flops.with_sparsity(sparsities)  # the zeros may move without RigL (pruning)
@@ -311,7 +314,7 @@ class SparsityMonitor(Callback):
         rows.append(["total", "", sum(active.values()), sum(numel.values()), sum(shares.values())])
         header = ["layer", "shape", "density", "active weights"] + (["FLOPs share"] if self.flops is not None else [])
         return [header] + [
-            [name, shape, f"{n / total:.3f}", f"{n:,} / {total:,}"]
+            [name, shape, f"{_density(n, total):.3f}", f"{n:,} / {total:,}"]
             + ([f"{share:.1%}"] if self.flops is not None else [])
             for name, shape, n, total, share in rows
         ]
@@ -334,6 +337,10 @@ class SparsityMonitor(Callback):
                     f"({self.train_flops / self.dense_train_flops:.3f}x dense)"
                 )
         return "\n".join(lines)
+
+
+def _density(active: int, numel: int) -> float:
+    return active / numel if numel else 1.0  # a zero-size weight (a Linear with 0 features) has no zeros
 
 
 def _batch_size_or_none(batch: Any) -> int | None:
