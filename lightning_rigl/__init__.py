@@ -1,5 +1,6 @@
 """lightning-rigl: sparse training from scratch with RigL as a PyTorch Lightning callback."""
 
+from lightning_rigl._lightning import refuse_cli_values_in_one_line
 from lightning_rigl.callback import RigLCallback
 from lightning_rigl.core import SparseTraining, UpdateSchedule, layer_sparsities
 from lightning_rigl.core.export import load_sparse, save_sparse
@@ -19,3 +20,5 @@ __all__ = [
     "sparsify",
 ]
 __version__ = "0.1.0"
+
+refuse_cli_values_in_one_line(RigLCallback, SparsityMonitor)  # LightningCLI: a refused value in one line

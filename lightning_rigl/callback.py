@@ -11,13 +11,11 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_rigl._lightning import misconfiguration
+from lightning_rigl._lightning import MisconfigurationException, lightning_classes, misconfiguration
 from lightning_rigl.core import (
     DISTRIBUTIONS,
     Decay,
@@ -48,20 +46,31 @@ SUPPORTED_STRATEGIES = (
     "DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook', multi-node)",
     "FSDP2 (ModelParallelStrategy with tensor_parallel_size=1 and fully_shard in configure_model)",
 )
+SUPPORTED_CLASSES = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy")
+REFUSED_SUBCLASSES = ("DeepSpeedStrategy", "XLAStrategy", "SingleDeviceXLAStrategy")
 
 
 def _check_strategy(strategy: Any) -> None:
-    """Refuse the strategies where RigL's masks could not be kept exact (see README's strategy table)."""
+    """Refuse the strategies where RigL's masks could not be kept exact (see README's strategy table).
+
+    Strategies of ``lightning.pytorch`` and of ``pytorch_lightning`` alike.
+
+    Example:
+        >>> from lightning.pytorch.strategies import DDPStrategy
+        >>> _check_strategy(DDPStrategy())  # supported: no error
+    """
     tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)
-    if isinstance(strategy, ModelParallelStrategy) and tensor_parallel != 1:
+    if isinstance(strategy, lightning_classes("strategies", "ModelParallelStrategy")) and tensor_parallel != 1:
         raise MisconfigurationException(
             f"RigLCallback does not support tensor parallelism (ModelParallelStrategy with tensor_parallel_size="
             f"{tensor_parallel}). Supported: {'; '.join(SUPPORTED_STRATEGIES)}."
         )
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)):
+    # DeepSpeed and XLA derive from DDPStrategy / SingleDeviceStrategy: refused by name before the check below.
+    refused = isinstance(strategy, lightning_classes("strategies", *REFUSED_SUBCLASSES))
+    if refused or not isinstance(strategy, lightning_classes("strategies", *SUPPORTED_CLASSES)):
         raise MisconfigurationException(
             f"RigLCallback does not support the strategy {type(strategy).__name__}: its masks could not be kept "
-            "exact there (FSDP1 flattens parameters; DeepSpeed hides gradients). "
+            "exact there (FSDP1 flattens parameters; DeepSpeed hides gradients; XLA is untested). "
             f"Supported: {'; '.join(SUPPORTED_STRATEGIES)}."
         )
 

@@ -9,14 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException as LightningMisconfiguration
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_rigl._lightning import misconfiguration
+from lightning_rigl._lightning import MisconfigurationException, lightning_classes, misconfiguration
 from lightning_rigl.callback import RigLCallback
 from lightning_rigl.core.flops import FlopsCount, count_active, count_flops, training_flops_per_sample
 from lightning_rigl.core.selection import select_parameters
@@ -228,7 +227,10 @@ class SparsityMonitor(Callback):
             try:
                 flops = count_flops(pl_module, example, batch_size=self.example_batch_size)
             except ValueError as error:
-                raise MisconfigurationException(f"SparsityMonitor could not count FLOPs: {error}") from error
+                raise MisconfigurationException(
+                    f"SparsityMonitor could not count FLOPs: {str(error).rstrip('.')}. Pass an `example_input` "
+                    "(or set `example_input_array`) that the model's forward takes."
+                ) from error
         return flops
 
     def _active(self) -> dict[str, int]:
@@ -236,7 +238,7 @@ class SparsityMonitor(Callback):
         return count_active(self._params, self._rigl.masks if self._rigl is not None else None)
 
     def _sparsities(self, active: Mapping[str, int]) -> dict[str, float]:
-        return {name: 1.0 - n / self._params[name].numel() for name, n in active.items()}
+        return {name: 1.0 - _density(n, self._params[name].numel()) for name, n in active.items()}
 
     def _updates(self) -> int:
         return self._rigl.sparse.updates if self._rigl is not None and self._rigl.sparse is not None else 0
@@ -259,7 +261,7 @@ class SparsityMonitor(Callback):
         active = self._active()
         sparsities = self._sparsities(active)
         numel = sum(p.numel() for p in self._params.values())
-        metrics = {"sparsity/global": 1.0 - sum(active.values()) / numel}
+        metrics = {"sparsity/global": 1.0 - _density(sum(active.values()), numel)}
         metrics.update({f"sparsity/{name}": s for name, s in sparsities.items()})
         if self.flops is not None:
             self.flops = self.flops.with_sparsity(sparsities)  # the zeros may move without RigL (pruning)
@@ -294,7 +296,8 @@ class SparsityMonitor(Callback):
             densities = {name: 1 - sparsity for name, sparsity in sparsities.items()}
             numel = {name: p.numel() for name, p in self._params.items()}
             figure = draw_figure(densities, numel, history, self.itop_curve)
-            tensorboards = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+            tensorboard = lightning_classes("loggers", "TensorBoardLogger")  # either package's
+            tensorboards = [logger for logger in trainer.loggers if isinstance(logger, tensorboard)]
             for logger in tensorboards:
                 logger.experiment.add_figure("sparsity_monitor", figure, global_step=trainer.global_step)
             if not tensorboards:
@@ -313,7 +316,7 @@ class SparsityMonitor(Callback):
         rows.append(["total", "", sum(active.values()), sum(numel.values()), sum(shares.values())])
         header = ["layer", "shape", "density", "active weights"] + (["FLOPs share"] if self.flops is not None else [])
         table = [header] + [
-            [name, shape, f"{n / total:.3f}", f"{n:,} / {total:,}"]
+            [name, shape, f"{_density(n, total):.3f}", f"{n:,} / {total:,}"]
             + ([f"{share:.1%}"] if self.flops is not None else [])
             for name, shape, n, total, share in rows
         ]
@@ -349,8 +352,12 @@ def _kernels_total(choices: Mapping[str, str]) -> str:
     return f"{sum(choice == 'sparse' for choice in choices.values())} sparse"
 
 
+def _density(active: int, numel: int) -> float:
+    return active / numel if numel else 1.0  # a zero-size weight (a Linear with 0 features) has no zeros
+
+
 def _batch_size_or_none(batch: Any) -> int | None:
     try:
         return extract_batch_size(batch)
-    except MisconfigurationException:  # no tensor in the batch: FLOPs per batch are unknown
+    except LightningMisconfiguration:  # no tensor in the batch: FLOPs per batch are unknown
         return None

@@ -38,7 +38,8 @@ def print_table(rows: list[list[str]], title: str) -> None:
     """Print a header row, body rows and a totals row: with rich when it is installed, plain text otherwise.
 
     The first column is left-aligned, the others right-aligned; the title's first line heads the table
-    and its other lines go below it.
+    and its other lines go below it. A name wider than rich's column folds onto the next line rather
+    than losing its end: in a transformer the end is what tells layers apart.
 
     Example:
         >>> rows = [["layer", "density"], ["fc.weight", "0.100"], ["total", "0.100"]]
@@ -51,7 +52,8 @@ def print_table(rows: list[list[str]], title: str) -> None:
 
         table = Table(title=title.splitlines()[0], caption="\n".join(title.splitlines()[1:]) or None)
         for i, header in enumerate(rows[0]):
-            table.add_column(header, justify="left" if i == 0 else "right")
+            # Names fold; numbers never wrap.
+            table.add_column(header, justify="left" if i == 0 else "right", overflow="fold", no_wrap=i > 0)
         for row in rows[1:-1]:
             table.add_row(*row)
         table.add_section()

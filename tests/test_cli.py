@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -154,9 +156,75 @@ def test_t_end_from_the_command_line_keeps_int_and_float_apart(given, expected):
     assert t_end == expected and type(t_end) is type(expected)
 
 
-def test_a_value_the_callback_refuses_stops_the_cli_with_its_message():
-    with pytest.raises(Exception, match=r"`sparsity` must be in \[0, 1\)"):
+def test_a_value_the_callback_refuses_stops_the_cli_with_its_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         cli("--trainer.callbacks+=RigLCallback", "--trainer.callbacks.sparsity=1.5", run=False)
+    assert exit_info.value.code == 2  # as a parse error
+    assert "error: RigLCallback: `sparsity` must be in [0, 1), got 1.5." in capsys.readouterr().err
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from {package}.cli import LightningCLI
+from {model_module} import MLP
+
+LightningCLI(MLP, run=False)
+"""
+
+
+def run_script(tmp_path, *args: str, package: str = "lightning.pytorch") -> subprocess.CompletedProcess:
+    """Runs a LightningCLI script on tests.conftest.MLP (on its pytorch_lightning twin for that package)."""
+    model_module = "tests.test_pytorch_lightning" if package == "pytorch_lightning" else "tests.conftest"
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(root=str(Path(__file__).parent.parent), package=package, model_module=model_module))
+    command = [sys.executable, str(script), "--seed_everything=false", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def assert_one_clean_line(result: subprocess.CompletedProcess, line: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Union" not in result.stderr
+    assert result.stderr.strip().splitlines() == [line]
+
+
+@pytest.mark.parametrize(
+    ("init_args", "message"),
+    [
+        ({"sparsity": 1.5}, "`sparsity` must be in [0, 1), got 1.5."),
+        ({"delta_t": -5}, "`delta_t` must be an int >= 1, got -5."),
+        ({"custom_sparsity": {"x": 1.5}}, "`custom_sparsity['x']` must be in [0, 1), got 1.5."),
+    ],
+    ids=["sparsity", "delta_t", "custom_sparsity"],
+)
+def test_a_refused_value_in_a_yaml_config_is_one_line_naming_the_argument(tmp_path, init_args, message):
+    callbacks = [{"class_path": "lightning_rigl.RigLCallback", "init_args": init_args}]
+    config = tmp_path / "rigl.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    assert_one_clean_line(run_script(tmp_path, "--config", str(config)), f"train.py: error: RigLCallback: {message}")
+
+
+def test_a_refused_value_on_the_command_line_is_one_line_naming_the_argument(tmp_path):
+    result = run_script(tmp_path, "--trainer.callbacks+=lightning_rigl.RigLCallback", "--trainer.callbacks.delta_t=-5")
+    assert_one_clean_line(result, "train.py: error: RigLCallback: `delta_t` must be an int >= 1, got -5.")
+
+
+def test_a_value_sparsity_monitor_refuses_is_one_line_naming_the_argument(tmp_path):
+    result = run_script(
+        tmp_path, "--trainer.callbacks+=lightning_rigl.SparsityMonitor", "--trainer.callbacks.example_batch_size=0"
+    )
+    line = (
+        "train.py: error: SparsityMonitor: `example_batch_size` must be None (dim 0 of the example input) "
+        "or an int >= 1, got 0."
+    )
+    assert_one_clean_line(result, line)
+
+
+def test_a_refused_value_under_pytorch_lightning_cli_is_one_line_naming_the_argument(tmp_path):
+    pytest.importorskip("pytorch_lightning")
+    args = ["--trainer.callbacks+=lightning_rigl.pytorch_lightning.RigLCallback", "--trainer.callbacks.sparsity=1.5"]
+    result = run_script(tmp_path, *args, package="pytorch_lightning")
+    assert_one_clean_line(result, "train.py: error: RigLCallback: `sparsity` must be in [0, 1), got 1.5.")
 
 
 def test_a_value_outside_a_literal_is_refused_at_parse_time(capsys):

@@ -4,7 +4,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -106,6 +112,8 @@ def test_planted_divergence_raises_naming_the_layer(tmp_path):
     ("strategy", "words"),
     [
         (FSDPStrategy(), ["FSDPStrategy", "Supported", "DDP", "FSDP2"]),
+        # A DDPStrategy subclass; DeepSpeed is not installed: an instance without __init__ suffices here.
+        (DeepSpeedStrategy.__new__(DeepSpeedStrategy), ["DeepSpeedStrategy", "DeepSpeed hides gradients"]),
         (ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2), ["tensor_parallel_size=2", "Supported"]),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any, overload
 
@@ -66,6 +67,9 @@ def save_sparse(
         masks: Optional name to bool mask (``RigLCallback.masks``): store exactly these positions, so
             an active weight that happens to be 0 stays in the mask. Default: the non-zeros.
 
+    Raises:
+        ValueError: A mask whose shape is not its tensor's, naming the tensor and both shapes.
+
     Example:
         >>> layer = nn.Linear(100, 100)
         >>> with torch.no_grad():
@@ -77,6 +81,13 @@ def save_sparse(
     """
     state = model.state_dict() if isinstance(model, nn.Module) else model
     masks = masks or {}
+    for name, mask in masks.items():
+        if name in state and tuple(mask.shape) != tuple(state[name].shape):
+            raise ValueError(
+                f"`masks[{name!r}]` has shape {tuple(mask.shape)}, but the tensor {name!r} has shape "
+                f"{tuple(state[name].shape)}: a mask must have its tensor's shape (pass `RigLCallback.masks` "
+                "of this model)."
+            )
     tensors = {name: _encode(tensor, masks.get(name)) for name, tensor in state.items()}
     torch.save({"format": FORMAT, "version": 1, "tensors": tensors}, path)
 
@@ -99,9 +110,17 @@ def load_sparse(
         The dense ``state_dict``, or ``model`` with it loaded.
 
     Raises:
-        ValueError: If the file was not written by :func:`save_sparse`.
+        ValueError: If the file was not written by :func:`save_sparse`, or cannot be read (corrupt or
+            truncated), naming the file.
     """
-    saved = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise  # about the path, not the bytes: they name the file already
+    except (RuntimeError, EOFError, OSError, IndexError, pickle.UnpicklingError) as error:  # torch.load's, by damage
+        raise ValueError(
+            f"{os.fspath(path)!r} cannot be read as a {FORMAT} file (corrupt or truncated?): {error}"
+        ) from error
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not a {FORMAT} file (written by lightning_rigl.save_sparse).")
     state = {name: _decode(entry) for name, entry in saved["tensors"].items()}

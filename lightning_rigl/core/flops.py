@@ -1,13 +1,15 @@
 """FLOPs of a sparse network, counted the way the RigL paper counts them.
 
 Forward FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (its per-operation formulas,
-a multiply-add counting 2), attributed to the weight each counted operation multiplies by and
-scaled by that weight's density. Operations that multiply no weight (attention scores) stay dense;
+a multiply-add counting 2), attributed to the weight each counted operation multiplies by (itself,
+a view of it, or a copy autocast cast it to) and scaled by that weight's density. Operations that
+multiply no weight (attention scores, also CPU's fused ``scaled_dot_product_attention``) stay dense;
 element-wise work (activations, norms, biases, pooling) is not counted by ``FlopCounterMode``.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lightning_rigl.core.methods import METHODS, get_method
 from lightning_rigl.core.sharding import gather_full
@@ -103,7 +105,9 @@ def count_flops(
     Runs one forward pass under ``FlopCounterMode`` (in eval mode and without gradients, so no
     running statistics change; attention's fused fast path is turned off for the pass because
     ``FlopCounterMode`` cannot see inside it) and attributes each counted operation to the weight it
-    multiplies by. That weight's FLOPs are then scaled by its density.
+    multiplies by, also through a copy autocast made (``bf16-mixed``). That weight's FLOPs are then
+    scaled by its density. CPU's fused ``scaled_dot_product_attention`` counts as CUDA's does: its
+    two matmuls.
 
     Args:
         model: Any module.
@@ -117,8 +121,9 @@ def count_flops(
         Forward FLOPs per sample: ``.dense`` (f_D), ``.sparse`` (f_S) and ``.per_layer``.
 
     Raises:
-        ValueError: A ``sparsity`` name that is no parameter of ``model``, a value outside [0, 1], or
-            a ``batch_size`` < 1.
+        ValueError: A ``sparsity`` name that is no parameter of ``model``, a value outside [0, 1], a
+            ``batch_size`` < 1, or an ``example_input`` the model's forward fails on (naming it and
+            the error).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -215,6 +220,22 @@ def _density(param: Tensor) -> float:
     return float(torch.count_nonzero(param)) / param.numel()
 
 
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    # CPU's fused attention kernel has no formula in FlopCounterMode (it would count 0): count its
+    # two matmuls, Q K^T and A V, as the formula of CUDA's kernels does.
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_MISSING_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def _describe(example_input: Any) -> str:
+    """Shapes of the tensors in an example input, for an error message."""
+    shapes = [tuple(t.shape) for t in tree_flatten(example_input)[0] if isinstance(t, Tensor)]
+    kind = type(example_input).__name__
+    return f"a {kind} of shape {shapes[0]}" if isinstance(example_input, Tensor) else f"a {kind} of shapes {shapes}"
+
+
 def _count(model: nn.Module, example_input: Any) -> _ByWeight:
     """One forward pass under ``FlopCounterMode``, its FLOPs charged to the weights."""
     modes = {module: module.training for module in model.modules()}
@@ -222,13 +243,20 @@ def _count(model: nn.Module, example_input: Any) -> _ByWeight:
     try:
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter, _ByWeight(counter, model) as by_weight:
-            if isinstance(example_input, (tuple, list)):
-                model(*example_input)
-            elif isinstance(example_input, dict):
-                model(**example_input)
-            else:
-                model(example_input)
+        counter = FlopCounterMode(display=False, custom_mapping=_MISSING_FORMULAS)
+        with torch.no_grad(), counter, _ByWeight(counter, model) as by_weight:
+            try:
+                if isinstance(example_input, (tuple, list)):
+                    model(*example_input)
+                elif isinstance(example_input, dict):
+                    model(**example_input)
+                else:
+                    model(example_input)
+            except (RuntimeError, TypeError, ValueError, IndexError) as error:
+                raise ValueError(
+                    f"`example_input` ({_describe(example_input)}) does not fit the forward of "
+                    f"{type(model).__name__}: {error}"
+                ) from error
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for module, training in modes.items():
@@ -245,11 +273,19 @@ class _ByWeight(TorchDispatchMode):
         self.model = model
         self.flops: dict[str, int] = {}  # parameter name -> FLOPs of the ops that multiply by it
         self.density: dict[str, float] = {}
+        # id of a cast copy of a weight (autocast's) -> (a weak reference to the copy, the weight's name and
+        # the weight): a freed copy's id may be reused, the reference tells.
+        self.casts: dict[int, tuple[weakref.ref, str, nn.Parameter]] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         before = self.counter.get_total_flops()
         out = func(*args, **(kwargs or {}))
         counted = self.counter.get_total_flops() - before
+        if func is torch.ops.aten._to_copy.default and isinstance(out, Tensor):
+            # Autocast hands matmuls a copy of the weight in the lower precision: remember whose copy it is.
+            weight = self._weight_operand(args[:1], {})
+            if weight is not None:
+                self.casts[id(out)] = (weakref.ref(out), *weight)
         if counted:
             weight = self._weight_operand(args, kwargs)
             if weight is not None:
@@ -270,4 +306,7 @@ class _ByWeight(TorchDispatchMode):
                 base = tensor._base if tensor._base is not None else tensor
                 if id(base) in params:
                     return params[id(base)]
+                cast = self.casts.get(id(base))
+                if cast is not None and cast[0]() is base:
+                    return cast[1], cast[2]
         return None
