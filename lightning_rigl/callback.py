@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-import uuid
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -15,64 +12,22 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_rigl._lightning import MisconfigurationException, lightning_classes, misconfiguration
+from lightning_rigl._lightning import MisconfigurationException, misconfiguration
+from lightning_rigl._spawn import MaskHandoff
+from lightning_rigl._strategies import check_strategy
 from lightning_rigl.core import (
-    DISTRIBUTIONS,
     Decay,
     Distribution,
     MethodName,
     SparseTraining,
     UpdateSchedule,
-    get_method,
     select_parameters,
 )
-from lightning_rigl.core.kernels import KERNELS, SparseKernels, TokenProbe, choose_kernels, linear_layers
-from lightning_rigl.core.packing import unpack_bits
-from lightning_rigl.core.schedule import check_schedule
+from lightning_rigl.core.arguments import check_run_arguments
+from lightning_rigl.core.layer_kernels import LayerKernels
 from lightning_rigl.core.selection import parameter_aliases
-from lightning_rigl.core.validation import (
-    check_choice,
-    check_fraction,
-    check_int,
-    check_number,
-    check_patterns,
-    check_type,
-)
 
 Kernels = Literal["auto", "sparse", "dense"]
-
-SUPPORTED_STRATEGIES = (
-    "single device ('auto' on one device)",
-    "DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook', multi-node)",
-    "FSDP2 (ModelParallelStrategy with tensor_parallel_size=1 and fully_shard in configure_model)",
-)
-SUPPORTED_CLASSES = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy")
-REFUSED_SUBCLASSES = ("DeepSpeedStrategy", "XLAStrategy", "SingleDeviceXLAStrategy")
-
-
-def _check_strategy(strategy: Any) -> None:
-    """Refuse the strategies where RigL's masks could not be kept exact (see README's strategy table).
-
-    Strategies of ``lightning.pytorch`` and of ``pytorch_lightning`` alike.
-
-    Example:
-        >>> from lightning.pytorch.strategies import DDPStrategy
-        >>> _check_strategy(DDPStrategy())  # supported: no error
-    """
-    tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)
-    if isinstance(strategy, lightning_classes("strategies", "ModelParallelStrategy")) and tensor_parallel != 1:
-        raise MisconfigurationException(
-            f"RigLCallback does not support tensor parallelism (ModelParallelStrategy with tensor_parallel_size="
-            f"{tensor_parallel}). Supported: {'; '.join(SUPPORTED_STRATEGIES)}."
-        )
-    # DeepSpeed and XLA derive from DDPStrategy / SingleDeviceStrategy: refused by name before the check below.
-    refused = isinstance(strategy, lightning_classes("strategies", *REFUSED_SUBCLASSES))
-    if refused or not isinstance(strategy, lightning_classes("strategies", *SUPPORTED_CLASSES)):
-        raise MisconfigurationException(
-            f"RigLCallback does not support the strategy {type(strategy).__name__}: its masks could not be kept "
-            "exact there (FSDP1 flattens parameters; DeepSpeed hides gradients; XLA is untested). "
-            f"Supported: {'; '.join(SUPPORTED_STRATEGIES)}."
-        )
 
 
 class RigLCallback(Callback):
@@ -143,32 +98,23 @@ class RigLCallback(Callback):
         kernels: Kernels = "auto",
     ) -> None:
         with misconfiguration():
-            check_fraction("sparsity", sparsity)
-            check_choice("distribution", distribution, DISTRIBUTIONS)
-            get_method(method)
-            check_type("t_end", t_end, (int, float), "an int >= 0 (optimizer steps) or a float in (0, 1]")
-            if isinstance(t_end, float) and not 0.0 < t_end <= 1.0:
-                raise ValueError(
-                    f"`t_end` as a float is a fraction of the run and must be in (0, 1], got {t_end!r}; "
-                    "pass an int for an absolute optimizer step."
-                )
-            if isinstance(t_end, int):
-                check_int("t_end", t_end, 0)
-            check_schedule(delta_t, alpha, decay)
-            check_patterns("include", include)
-            check_patterns("exclude", exclude)
-            if dense_first_layer is not None:
-                check_type("dense_first_layer", dense_first_layer, (bool,), "None or a bool")
-            if custom_sparsity is not None:
-                check_type("custom_sparsity", custom_sparsity, (dict,), "None or a dict of name to sparsity")
-                for name, value in custom_sparsity.items():
-                    check_type("custom_sparsity", name, (str,), "keyed by parameter names (str)")
-                    check_fraction(f"custom_sparsity[{name!r}]", value)
-            check_number("erk_power_scale", erk_power_scale, 0.0)
-            if seed is not None:
-                check_type("seed", seed, (int,), "None or an int")
-            check_int("consistency_checks", consistency_checks, -1)
-            check_choice("kernels", kernels, KERNELS)
+            check_run_arguments(
+                sparsity=sparsity,
+                distribution=distribution,
+                method=method,
+                delta_t=delta_t,
+                t_end=t_end,
+                alpha=alpha,
+                decay=decay,
+                include=include,
+                exclude=exclude,
+                dense_first_layer=dense_first_layer,
+                custom_sparsity=custom_sparsity,
+                erk_power_scale=erk_power_scale,
+                seed=seed,
+                consistency_checks=consistency_checks,
+                kernels=kernels,
+            )
         self.sparsity = sparsity
         self.distribution = distribution
         self.method = method
@@ -195,14 +141,10 @@ class RigLCallback(Callback):
         self._restored = False
         self._aliases: dict[str, list[str]] = {}  # masked name -> every name of that Parameter
         self._fit_start_step = 0
-        # ddp_spawn / ddp_fork train in child processes; rank 0 hands its masks back through this file.
-        self._main_pid = os.getpid()
-        self._handoff = os.path.join(tempfile.gettempdir(), f"lightning_rigl_masks_{uuid.uuid4().hex}.pt")
+        self._handoff = MaskHandoff()  # ddp_spawn / ddp_fork: rank 0's masks back to the main process
         self._handed_off: dict[str, Tensor] = {}
-        self._choices: dict[str, str] | None = None  # layer -> "sparse" | "dense", once chosen
+        self._kernels = LayerKernels(kernels)
         self._loaded_choices: dict[str, str] | None = None
-        self._probe: TokenProbe | None = None
-        self._sparse_kernels: SparseKernels | None = None
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -211,12 +153,9 @@ class RigLCallback(Callback):
         A tied weight is listed under each of its names. After a ``ddp_spawn`` or ``ddp_fork`` fit they
         are rank 0's masks, handed back to the main process.
         """
-        if os.getpid() == self._main_pid and os.path.exists(self._handoff):
-            saved = torch.load(self._handoff, weights_only=True)
-            os.remove(self._handoff)
-            self._handed_off = {
-                name: unpack_bits(saved["masks"][name], shape) for name, shape in saved["shapes"].items()
-            }
+        received = self._handoff.receive()
+        if received is not None:
+            self._handed_off = received
             self.sparse = None  # trained elsewhere: this process's run (if any) is not the latest
         masks = self.sparse.masks if self.sparse is not None else self._handed_off
         return {alias: mask for name, mask in masks.items() for alias in self._aliases.get(name, [name])}
@@ -228,12 +167,12 @@ class RigLCallback(Callback):
         Chosen after the first training batch of a fit (or restored from the checkpoint of a run with
         the same ``kernels`` setting).
         """
-        return dict(self._choices) if self._choices is not None else {}
+        return dict(self._kernels.choices) if self._kernels.choices is not None else {}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            _check_strategy(trainer.strategy)
+            check_strategy(trainer.strategy)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -260,7 +199,7 @@ class RigLCallback(Callback):
                     state=self._loaded_state,
                 )
                 self._loaded_state = None
-                self._choices, self._loaded_choices = self._loaded_choices, None
+                self._kernels.choices, self._loaded_choices = self._loaded_choices, None
             self.sparse.check_optimizers(trainer.optimizers)
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
         self._trainer = trainer
@@ -292,12 +231,12 @@ class RigLCallback(Callback):
         if self.sparse is not None:
             # A checkpoint saved between a step and its update (by a callback listed before this one)
             # holds that update's grow scores: make the update now, with the optimizer state restored.
-            self._update_structures(self.sparse.update_topology(trainer.optimizers))
+            self._kernels.masks_changed(self.sparse, self.sparse.update_topology(trainer.optimizers))
             self._mask_averaged_copies(trainer)
-            if self._choices is not None and self._sparse_kernels is None:
+            if self._kernels.choices is not None and not self._kernels.attached:
                 # Known choices (resumed, or a second fit): every batch computes with them, as before the
                 # save; the structures are built from the masks after that update.
-                self._attach_kernels(pl_module)
+                self._kernels.attach(pl_module, self.sparse)
 
     @override
     def on_train_batch_start(
@@ -305,18 +244,11 @@ class RigLCallback(Callback):
     ) -> None:
         if self.sparse is None:
             return
-        if self._choices is None:
-            if self._probe is None:
-                # The first batch runs dense and records each layer's tokens: the choice depends on them.
-                self._probe = TokenProbe(linear_layers(pl_module, list(self.sparse.params)))
-            return
-        if self._sparse_kernels is None:
-            self._attach_kernels(pl_module)
-        # Set before the forward pass, which records it for the backward; in manual optimization the
-        # batch may run one step per optimizer: dense if any of them reads the dense gradient.
+        # Known before the forward pass; in manual optimization the batch may run one step per
+        # optimizer: the dense gradient if any of them reads it.
         steps = 1 if pl_module.automatic_optimization else len(trainer.optimizers)
         needed = any(self.sparse.dense_gradient_needed(trainer.global_step + i) for i in range(steps))
-        self._sparse_kernels.set_dense_gradient(needed)
+        self._kernels.begin_batch(pl_module, self.sparse, needed)
 
     @override
     def on_before_optimizer_step(
@@ -340,8 +272,8 @@ class RigLCallback(Callback):
                 "stop early. Pass `t_end` as an int (an optimizer step)."
             )
         self._fit_start_step = -1  # checked once, after the first batch
-        if self._probe is not None:
-            self._choose_kernels(trainer, pl_module)  # here, so that a checkpoint of this step holds the choice
+        if self.sparse is not None:  # chosen here, so that a checkpoint of this step holds the choice
+            self._kernels.end_batch(pl_module, self.sparse, lambda choices: trainer.strategy.broadcast(choices, src=0))
 
     def apply_updates(self) -> None:
         """Drop and grow for the optimizer steps that ran since the last call, and keep inactive weights at 0.
@@ -360,7 +292,7 @@ class RigLCallback(Callback):
                 self._optimizers_checked = True
                 with misconfiguration():  # the state exists now: each per-element key needs a fresh value
                     self.sparse.check_optimizers(self._trainer.optimizers)
-        self._update_structures(updated)
+        self._kernels.masks_changed(self.sparse, updated)
         if self.sparse.updates > self._seen_updates:
             self._seen_updates = self.sparse.updates
             self._mask_averaged_copies(self._trainer)
@@ -373,9 +305,9 @@ class RigLCallback(Callback):
         if self.sparse is None:
             return {}
         state = self.sparse.state_dict()
-        if self._choices is not None:
+        if self._kernels.choices is not None:
             # How each layer computes: a resumed run with the same setting computes alike.
-            state["kernels"] = {"setting": self.kernels, "choices": dict(self._choices)}
+            state["kernels"] = {"setting": self.kernels, "choices": dict(self._kernels.choices)}
         return state
 
     @override
@@ -391,7 +323,7 @@ class RigLCallback(Callback):
             # FSDP / ModelParallel restore callback state after on_fit_start built the masks.
             with misconfiguration():
                 self.sparse.load_state_dict(state_dict)
-            self._choices = choices
+            self._kernels.choices = choices
         else:
             # Single device and DDP restore it before on_fit_start, which builds the masks from it.
             self._loaded_state = state_dict
@@ -413,13 +345,8 @@ class RigLCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if os.getpid() == self._main_pid or self.sparse is None:
-            return
-        # A child process of ddp_spawn / ddp_fork: the main process gets the weights back, not this callback.
-        packed = self.sparse.layer_masks.packed()["masks"]  # a collective under FSDP2: every rank calls it
-        if trainer.is_global_zero:
-            shapes = {name: list(p.shape) for name, p in self.sparse.params.items()}
-            torch.save({"masks": packed, "shapes": shapes}, self._handoff)
+        if self.sparse is not None:
+            self._handoff.send(self.sparse, trainer.is_global_zero)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -429,44 +356,8 @@ class RigLCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
 
-    def _choose_kernels(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.sparse is not None and self._probe is not None
-        self._probe.remove()
-        layers = linear_layers(pl_module, list(self.sparse.params))
-        # Layers seen under autocast get bf16/fp16 inputs, which the CPU sparse kernels do not take.
-        served = {name: layer for name, layer in layers.items() if name not in self._probe.autocast}
-        every_step = self.sparse.method.dense_gradient == "every_step"
-        choices = dict.fromkeys(self.sparse.params, "dense")
-        choices.update(
-            choose_kernels(
-                served, self.sparse.masks, self._probe.tokens, self.kernels, dense_gradient_every_step=every_step
-            )
-        )
-        self._probe = None
-        # Rank 0's choice on every rank, even if the ranks' first batches differed in length.
-        self._choices = dict(trainer.strategy.broadcast(choices, src=0))
-
-    def _attach_kernels(self, pl_module: pl.LightningModule) -> None:
-        assert self.sparse is not None and self._choices is not None
-        layers = linear_layers(pl_module, list(self.sparse.params))
-        chosen = {name: layer for name, layer in layers.items() if self._choices.get(name) == "sparse"}
-        self._sparse_kernels = SparseKernels(chosen, self.sparse.masks)
-
-    def _update_structures(self, names: list[str]) -> None:
-        """Rebuild the sparse structure of the layers among ``names`` (whose masks just changed)."""
-        names = [name for name in names if self._sparse_kernels is not None and name in self._sparse_kernels.names]
-        if names:
-            masks = self.sparse.masks
-            for name in names:
-                self._sparse_kernels.update_structure(name, masks[name])
-
     def _detach(self) -> None:
-        if self._probe is not None:
-            self._probe.remove()
-            self._probe = None
-        if self._sparse_kernels is not None:
-            self._sparse_kernels.detach()
-            self._sparse_kernels = None
+        self._kernels.detach()
         for handle in self._manual_step_hooks:
             handle.remove()
         self._manual_step_hooks = []

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_rigl import RigLCallback
-from lightning_rigl.callback import _check_strategy
+from lightning_rigl._strategies import check_strategy
 from lightning_rigl.core import num_active
 from tests.conftest import MLP, make_loader, make_trainer
 
@@ -119,12 +119,12 @@ def test_planted_divergence_raises_naming_the_layer(tmp_path):
 )
 def test_unsupported_strategies_are_refused_naming_them(strategy, words):
     with pytest.raises(MisconfigurationException) as error:
-        _check_strategy(strategy)
+        check_strategy(strategy)
     for word in words:
         assert word in str(error.value)
 
 
 def test_supported_strategies_pass():
-    _check_strategy(SingleDeviceStrategy("cpu"))
-    _check_strategy(DDPStrategy())
-    _check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    check_strategy(SingleDeviceStrategy("cpu"))
+    check_strategy(DDPStrategy())
+    check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))

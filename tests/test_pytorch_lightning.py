@@ -24,7 +24,7 @@ from pytorch_lightning.strategies import (  # noqa: E402
 from pytorch_lightning.utilities.exceptions import MisconfigurationException  # noqa: E402
 
 import lightning_rigl  # noqa: E402
-from lightning_rigl.callback import _check_strategy  # noqa: E402
+from lightning_rigl._strategies import check_strategy  # noqa: E402
 from lightning_rigl.core import num_active  # noqa: E402
 from lightning_rigl.pytorch_lightning import RigLCallback, SparsityMonitor  # noqa: E402
 from tests.conftest import DestroyProcessGroup, make_loader  # noqa: E402
@@ -202,15 +202,15 @@ def test_two_process_ddp_spawn_fit_keeps_equal_exact_masks_on_both_ranks(tmp_pat
 )
 def test_pytorch_lightning_strategies_rigl_cannot_keep_exact_are_refused_naming_them(strategy, words):
     with pytest.raises(MisconfigurationException) as error:
-        _check_strategy(strategy)
+        check_strategy(strategy)
     for word in words:
         assert word in str(error.value)
 
 
 def test_pytorch_lightning_supported_strategies_pass():
-    _check_strategy(SingleDeviceStrategy("cpu"))
-    _check_strategy(DDPStrategy())
-    _check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    check_strategy(SingleDeviceStrategy("cpu"))
+    check_strategy(DDPStrategy())
+    check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
 
 
 @pytest.mark.parametrize(

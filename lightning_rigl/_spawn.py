@@ -1,0 +1,46 @@
+"""Masks back from the child processes of ``ddp_spawn`` / ``ddp_fork``, which return only the weights."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+
+import torch
+from torch import Tensor
+
+from lightning_rigl.core import SparseTraining
+from lightning_rigl.core.packing import unpack_bits
+
+
+class MaskHandoff:
+    """A file through which rank 0 of a spawned or forked fit hands its masks to the process that made it.
+
+    Created in the main process (its pid and a unique path travel to the children with the callback);
+    a child's rank 0 :meth:`send` s at fit end; the main process :meth:`receive` s them once.
+
+    Example:
+        >>> MaskHandoff().receive() is None  # nothing was sent
+        True
+    """
+
+    def __init__(self) -> None:
+        self.main_pid = os.getpid()
+        self.path = os.path.join(tempfile.gettempdir(), f"lightning_rigl_masks_{uuid.uuid4().hex}.pt")
+
+    def send(self, sparse: SparseTraining, is_global_zero: bool) -> None:
+        """In a child process, write the run's masks (rank 0); every rank calls it (a collective under FSDP2)."""
+        if os.getpid() == self.main_pid:
+            return
+        packed = sparse.layer_masks.packed()["masks"]
+        if is_global_zero:
+            shapes = {name: list(p.shape) for name, p in sparse.params.items()}
+            torch.save({"masks": packed, "shapes": shapes}, self.path)
+
+    def receive(self) -> dict[str, Tensor] | None:
+        """In the main process, the masks a child sent (bool, by name), once; None when none came."""
+        if os.getpid() != self.main_pid or not os.path.exists(self.path):
+            return None
+        saved = torch.load(self.path, weights_only=True)
+        os.remove(self.path)
+        return {name: unpack_bits(saved["masks"][name], shape) for name, shape in saved["shapes"].items()}

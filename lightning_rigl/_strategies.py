@@ -1,0 +1,40 @@
+"""Which Lightning strategies RigLCallback supports: those where its masks stay exact, in both Lightning packages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_rigl._lightning import MisconfigurationException, lightning_classes
+
+SUPPORTED_STRATEGIES = (
+    "single device ('auto' on one device)",
+    "DDP ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook', multi-node)",
+    "FSDP2 (ModelParallelStrategy with tensor_parallel_size=1 and fully_shard in configure_model)",
+)
+SUPPORTED_CLASSES = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy")
+REFUSED_SUBCLASSES = ("DeepSpeedStrategy", "XLAStrategy", "SingleDeviceXLAStrategy")
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse the strategies where RigL's masks could not be kept exact (see README's strategy table).
+
+    Strategies of ``lightning.pytorch`` and of ``pytorch_lightning`` alike.
+
+    Example:
+        >>> from lightning.pytorch.strategies import DDPStrategy
+        >>> check_strategy(DDPStrategy())  # supported: no error
+    """
+    tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)
+    if isinstance(strategy, lightning_classes("strategies", "ModelParallelStrategy")) and tensor_parallel != 1:
+        raise MisconfigurationException(
+            f"RigLCallback does not support tensor parallelism (ModelParallelStrategy with tensor_parallel_size="
+            f"{tensor_parallel}). Supported: {'; '.join(SUPPORTED_STRATEGIES)}."
+        )
+    # DeepSpeed and XLA derive from DDPStrategy / SingleDeviceStrategy: refused by name before the check below.
+    refused = isinstance(strategy, lightning_classes("strategies", *REFUSED_SUBCLASSES))
+    if refused or not isinstance(strategy, lightning_classes("strategies", *SUPPORTED_CLASSES)):
+        raise MisconfigurationException(
+            f"RigLCallback does not support the strategy {type(strategy).__name__}: its masks could not be kept "
+            "exact there (FSDP1 flattens parameters; DeepSpeed hides gradients; XLA is untested). "
+            f"Supported: {'; '.join(SUPPORTED_STRATEGIES)}."
+        )

@@ -1,0 +1,101 @@
+"""How the masked Linear-type layers of a run compute, from the choice of kernels to the attached ones.
+
+The first batch of a fit runs on dense kernels while a :class:`~lightning_rigl.core.kernels.TokenProbe`
+records each layer's rows; then every layer gets ``"sparse"`` or ``"dense"``
+(:func:`~lightning_rigl.core.kernels.choose_kernels`), the same on every rank. From the next batch on the
+chosen layers compute with :class:`~lightning_rigl.core.kernels.SparseKernels`, with the dense weight
+gradient switched on for the steps that read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from lightning_rigl.core.kernels import SparseKernels, TokenProbe, choose_kernels, linear_layers
+from lightning_rigl.core.sparse_training import SparseTraining
+
+
+class LayerKernels:
+    """The kernel choice of a run (``"auto"``, ``"sparse"`` or ``"dense"``) and the kernels it attached.
+
+    Args:
+        setting: ``kernels`` as the user gave it.
+        choices: Layer name to ``"sparse"`` or ``"dense"`` if already known (a resumed run).
+
+    Example:
+        >>> kernels = LayerKernels("auto")
+        >>> kernels.choices is None  # chosen after the first batch
+        True
+    """
+
+    def __init__(self, setting: str, choices: dict[str, str] | None = None) -> None:
+        self.setting = setting
+        self.choices = choices
+        self._probe: TokenProbe | None = None
+        self._kernels: SparseKernels | None = None
+
+    def begin_batch(self, model: nn.Module, sparse: SparseTraining, dense_gradient: bool) -> None:
+        """Before a (micro-)batch's forward pass: record its rows (first batch), or compute with the choices.
+
+        Args:
+            model: The model whose masked layers compute.
+            sparse: The run.
+            dense_gradient: Whether this batch's optimizer step reads the dense weight gradient.
+        """
+        if self.choices is None:
+            if self._probe is None:
+                # The first batch runs dense and records each layer's tokens: the choice depends on them.
+                self._probe = TokenProbe(linear_layers(model, list(sparse.params)))
+            return
+        if self._kernels is None:
+            self.attach(model, sparse)
+        assert self._kernels is not None
+        self._kernels.set_dense_gradient(dense_gradient)  # recorded by the forward for the backward
+
+    def end_batch(self, model: nn.Module, sparse: SparseTraining, broadcast: Callable[[dict], dict]) -> None:
+        """After the first batch: choose each layer's kernels; ``broadcast`` makes rank 0's choice every rank's."""
+        if self._probe is None:
+            return
+        self._probe.remove()
+        layers = linear_layers(model, list(sparse.params))
+        # Layers seen under autocast get bf16/fp16 inputs, which the CPU sparse kernels do not take.
+        served = {name: layer for name, layer in layers.items() if name not in self._probe.autocast}
+        every_step = sparse.method.dense_gradient == "every_step"
+        choices = dict.fromkeys(sparse.params, "dense")
+        choices.update(
+            choose_kernels(served, sparse.masks, self._probe.tokens, self.setting, dense_gradient_every_step=every_step)
+        )
+        self._probe = None
+        self.choices = dict(broadcast(choices))  # even if the ranks' first batches differed in length
+
+    def attach(self, model: nn.Module, sparse: SparseTraining) -> None:
+        """Make the layers chosen ``"sparse"`` compute with their active weights (structures from the masks)."""
+        assert self.choices is not None
+        layers = linear_layers(model, list(sparse.params))
+        chosen = {name: layer for name, layer in layers.items() if self.choices.get(name) == "sparse"}
+        self._kernels = SparseKernels(chosen, sparse.masks)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the chosen kernels are in place."""
+        return self._kernels is not None
+
+    def masks_changed(self, sparse: SparseTraining, names: list[str]) -> None:
+        """Rebuild the sparse structure of the layers among ``names``, whose masks just changed."""
+        names = [name for name in names if self._kernels is not None and name in self._kernels.names]
+        if names:
+            assert self._kernels is not None
+            masks = sparse.masks
+            for name in names:
+                self._kernels.update_structure(name, masks[name])
+
+    def detach(self) -> None:
+        """Give every layer its own forward back and stop recording."""
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
+        if self._kernels is not None:
+            self._kernels.detach()
+            self._kernels = None
