@@ -20,7 +20,7 @@ from lightning_rigl.callback import RigLCallback
 from lightning_rigl.core.flops import FlopsCount, count_active, count_flops, training_flops_per_sample
 from lightning_rigl.core.selection import select_parameters
 from lightning_rigl.core.validation import check_patterns, check_type
-from lightning_rigl.report import draw_figure, optional_import, print_table, si
+from lightning_rigl.report import density, draw_figure, optional_import, print_table, summary, table_rows
 
 
 class SparsityMonitor(Callback):
@@ -238,7 +238,7 @@ class SparsityMonitor(Callback):
         return count_active(self._params, self._rigl.masks if self._rigl is not None else None)
 
     def _sparsities(self, active: Mapping[str, int]) -> dict[str, float]:
-        return {name: 1.0 - _density(n, self._params[name].numel()) for name, n in active.items()}
+        return {name: 1.0 - density(n, self._params[name].numel()) for name, n in active.items()}
 
     def _updates(self) -> int:
         return self._rigl.sparse.updates if self._rigl is not None and self._rigl.sparse is not None else 0
@@ -261,7 +261,7 @@ class SparsityMonitor(Callback):
         active = self._active()
         sparsities = self._sparsities(active)
         numel = sum(p.numel() for p in self._params.values())
-        metrics = {"sparsity/global": 1.0 - _density(sum(active.values()), numel)}
+        metrics = {"sparsity/global": 1.0 - density(sum(active.values()), numel)}
         metrics.update({f"sparsity/{name}": s for name, s in sparsities.items()})
         if self.flops is not None:
             self.flops = self.flops.with_sparsity(sparsities)  # the zeros may move without RigL (pruning)
@@ -290,7 +290,10 @@ class SparsityMonitor(Callback):
         if not trainer.is_global_zero:
             return
         if self.table:
-            print_table(self._table_rows(active), self._summary(when))
+            print_table(
+                table_rows(self._params, active, self.flops, self._rigl.kernel_choices if self._rigl else {}),
+                summary(when, self.flops, self.train_flops, self.dense_train_flops),
+            )
         if plot and optional_import("matplotlib") is not None:
             history = self._rigl.sparse.history if self._rigl is not None and self._rigl.sparse is not None else []
             densities = {name: 1 - sparsity for name, sparsity in sparsities.items()}
@@ -304,56 +307,6 @@ class SparsityMonitor(Callback):
                 directory = log_dir or trainer.default_root_dir  # a custom logger may have no directory
                 os.makedirs(directory, exist_ok=True)
                 figure.savefig(os.path.join(directory, f"sparsity_step{trainer.global_step}.png"))
-
-    def _table_rows(self, active: Mapping[str, int]) -> list[list[str]]:
-        """Header, one row per watched weight, totals; FLOPs shares are of the sparse forward FLOPs."""
-        shares = {name: self._flops_share(name) for name in self._params}
-        numel = {name: p.numel() for name, p in self._params.items()}
-        rows = [
-            [name, "x".join(map(str, p.shape)), active[name], numel[name], shares[name]]
-            for name, p in self._params.items()
-        ]
-        rows.append(["total", "", sum(active.values()), sum(numel.values()), sum(shares.values())])
-        header = ["layer", "shape", "density", "active weights"] + (["FLOPs share"] if self.flops is not None else [])
-        table = [header] + [
-            [name, shape, f"{_density(n, total):.3f}", f"{n:,} / {total:,}"]
-            + ([f"{share:.1%}"] if self.flops is not None else [])
-            for name, shape, n, total, share in rows
-        ]
-        choices = self._rigl.kernel_choices if self._rigl is not None else {}
-        if choices:
-            # "-": a weight RigLCallback does not mask (the monitor's own include/exclude).
-            kernels = ["kernels"] + [choices.get(name, "-") for name in self._params] + [_kernels_total(choices)]
-            table = [row + [kernel] for row, kernel in zip(table, kernels, strict=True)]
-        return table
-
-    def _flops_share(self, name: str) -> float:
-        if self.flops is None or name not in self.flops.per_layer or not self.flops.sparse:
-            return 0.0
-        return self.flops.per_layer[name].sparse / self.flops.sparse
-
-    def _summary(self, when: str) -> str:
-        lines = [f"SparsityMonitor at {when}"]
-        if self.flops is not None:
-            lines.append(
-                f"forward FLOPs per sample: dense {si(self.flops.dense)}, sparse {si(self.flops.sparse)} "
-                f"({self.flops.ratio:.3f}x)"
-            )
-            if self.dense_train_flops:
-                lines.append(
-                    f"training FLOPs so far: {si(self.train_flops)} "
-                    f"({self.train_flops / self.dense_train_flops:.3f}x dense)"
-                )
-        return "\n".join(lines)
-
-
-def _kernels_total(choices: Mapping[str, str]) -> str:
-    """The totals row of the kernels column: how many layers compute with sparse kernels."""
-    return f"{sum(choice == 'sparse' for choice in choices.values())} sparse"
-
-
-def _density(active: int, numel: int) -> float:
-    return active / numel if numel else 1.0  # a zero-size weight (a Linear with 0 features) has no zeros
 
 
 def _batch_size_or_none(batch: Any) -> int | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lightning_rigl.core import UpdateRecord
+from torch import Tensor
+
+from lightning_rigl.core import FlopsCount, UpdateRecord
 
 
 def optional_import(module: str) -> Any:
@@ -117,3 +119,68 @@ def draw_figure(
     else:
         curves.text(0.5, 0.5, "no RigLCallback", ha="center", va="center", transform=curves.transAxes)
     return figure
+
+
+def table_rows(
+    params: Mapping[str, Tensor], active: Mapping[str, int], flops: FlopsCount | None, kernels: Mapping[str, str]
+) -> list[list[str]]:
+    """Header, one row per watched weight and a totals row; FLOPs shares are of the sparse forward FLOPs.
+
+    Args:
+        params: Watched weights by name.
+        active: Active weights of each.
+        flops: The model's FLOPs count (no FLOPs columns when None).
+        kernels: Layer name to ``"sparse"`` / ``"dense"`` (a kernels column when not empty).
+
+    Example:
+        >>> import torch
+        >>> table_rows({"fc.weight": torch.zeros(4, 5)}, {"fc.weight": 2}, None, {})[1]
+        ['fc.weight', '4x5', '0.100', '2 / 20']
+    """
+
+    def share(name: str) -> float:
+        if flops is None or name not in flops.per_layer or not flops.sparse:
+            return 0.0
+        return flops.per_layer[name].sparse / flops.sparse
+
+    numel = {name: p.numel() for name, p in params.items()}
+    rows = [[name, "x".join(map(str, p.shape)), active[name], numel[name], share(name)] for name, p in params.items()]
+    rows.append(["total", "", sum(active.values()), sum(numel.values()), sum(share(name) for name in params)])
+    header = ["layer", "shape", "density", "active weights"] + (["FLOPs share"] if flops is not None else [])
+    table = [header] + [
+        [name, shape, f"{density(n, total):.3f}", f"{n:,} / {total:,}"] + ([f"{part:.1%}"] if flops is not None else [])
+        for name, shape, n, total, part in rows
+    ]
+    if kernels:
+        # "-": a weight RigLCallback does not mask (the monitor's own include/exclude).
+        total = f"{sum(choice == 'sparse' for choice in kernels.values())} sparse"
+        column = ["kernels"] + [kernels.get(name, "-") for name in params] + [total]
+        table = [row + [kernel] for row, kernel in zip(table, column, strict=True)]
+    return table
+
+
+def summary(when: str, flops: FlopsCount | None, train_flops: float, dense_train_flops: float) -> str:
+    """The table's title and caption: when, forward FLOPs per sample, training FLOPs so far.
+
+    Example:
+        >>> summary("fit end", None, 0.0, 0.0)
+        'SparsityMonitor at fit end'
+    """
+    lines = [f"SparsityMonitor at {when}"]
+    if flops is not None:
+        lines.append(
+            f"forward FLOPs per sample: dense {si(flops.dense)}, sparse {si(flops.sparse)} ({flops.ratio:.3f}x)"
+        )
+        if dense_train_flops:
+            lines.append(f"training FLOPs so far: {si(train_flops)} ({train_flops / dense_train_flops:.3f}x dense)")
+    return "\n".join(lines)
+
+
+def density(active: int, numel: int) -> float:
+    """Fraction of active weights; 1.0 for a zero-size weight (a Linear with 0 features has no zeros).
+
+    Example:
+        >>> density(3, 12), density(0, 0)
+        (0.25, 1.0)
+    """
+    return active / numel if numel else 1.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -17,10 +16,10 @@ from lightning_rigl.core.masking import fill_positions, multiply_by_masks, nonze
 from lightning_rigl.core.masks import LayerMasks
 from lightning_rigl.core.methods import Method, get_method
 from lightning_rigl.core.optim_state import check_restartable, reset_optimizer_state
-from lightning_rigl.core.saved_state import STATE_VERSION, check_same_run, check_saved_shapes, migrate_state
+from lightning_rigl.core.saved_state import migrate_state, restore_state, save_state
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import select_parameters
-from lightning_rigl.core.sharding import distribute_like_param, gather_full, is_sharded, local_shard, wrap_like_param
+from lightning_rigl.core.sharding import gather_full, is_sharded, local_shard, wrap_like_param
 from lightning_rigl.core.topology import num_active, random_mask
 from lightning_rigl.core.zero_guard import ZeroGuard
 
@@ -86,10 +85,11 @@ class SparseTraining:
         self.history: list[UpdateRecord] = []
         self.nonfinite_steps = 0
         self._name_of = {id(p): name for name, p in self.params.items()}
-        self._due: dict[str, tuple[int, float]] = {}  # layer -> (scheduled step, drop fraction)
-        # Due layers whose grow scores were read (before the step), reduced to what growth needs, until
-        # their update (after it): no buffer the size of the layer is held in between.
-        self._grow_candidates: dict[str, GrowCandidates] = {}
+        #: Layers whose update is scheduled and not made yet: name -> (scheduled step, drop fraction).
+        self.due_updates: dict[str, tuple[int, float]] = {}
+        #: Due layers whose grow scores were read (before the step), reduced to what growth needs, until
+        #: their update (after it): no buffer the size of the layer is held in between.
+        self.grow_candidates: dict[str, GrowCandidates] = {}
         self.layer_masks = LayerMasks(self.params)
         if state is not None:
             self.load_state_dict(state)  # no fresh draw: it would zero weights the saved masks keep
@@ -185,7 +185,7 @@ class SparseTraining:
         reads = self.method.dense_gradient
         if reads != "update_steps":
             return reads == "every_step"
-        return bool(self._due) or (self.schedule is not None and self.schedule.is_update_step(step + 1))
+        return bool(self.due_updates) or (self.schedule is not None and self.schedule.is_update_step(step + 1))
 
     @torch.no_grad()
     def apply_masks(self, params: ParamsLike = None) -> None:
@@ -206,8 +206,8 @@ class SparseTraining:
         """
         names = [name for name in self.masked_names(params) if self.params[name].grad is not None]
         if self.method.updates and self.schedule is not None and self.schedule.is_update_step(step + 1):
-            self._due.update(dict.fromkeys(self.params, (step + 1, self.schedule.drop_fraction(step + 1))))
-        due = [name for name in names if name in self._due]
+            self.due_updates.update(dict.fromkeys(self.params, (step + 1, self.schedule.drop_fraction(step + 1))))
+        due = [name for name in names if name in self.due_updates]
         observed = names if self.method.dense_gradient == "every_step" else due
         if observed:
             finite = self._all_finite(observed)
@@ -215,9 +215,9 @@ class SparseTraining:
                 for name in names:
                     self.signal.observe(name, self.params[name].grad)
             for name in due:
-                self._grow_candidates.pop(name, None)
+                self.grow_candidates.pop(name, None)
                 if finite:
-                    self._grow_candidates[name] = self._reduce_grow_scores(name)
+                    self.grow_candidates[name] = self._reduce_grow_scores(name)
             if due and not finite:
                 # No update from this step; the layers stay due and retry at their next finite step.
                 self.nonfinite_steps += 1
@@ -259,11 +259,11 @@ class SparseTraining:
         optimizers = list(optimizers)
         updated = []
         for name in self.params if names is None else names:
-            candidates = self._grow_candidates.pop(name, None)
+            candidates = self.grow_candidates.pop(name, None)
             if candidates is None:
                 continue
             param = self.params[name]
-            step, fraction = self._due.pop(name)
+            step, fraction = self.due_updates.pop(name)
             grown, gone = self.layer_masks.drop_and_grow(name, candidates)
             # The paper's grow init: new connections start at 0 with fresh optimizer state; a weight
             # dropped and regrown in this update keeps its value and state. A dropped weight is zeroed
@@ -278,45 +278,16 @@ class SparseTraining:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: tensors and Python primitives only, masks at 1 bit a weight."""
-        return {
-            "version": STATE_VERSION,
-            "method": self.method.name,
-            "shapes": {name: list(p.shape) for name, p in self.params.items()},
-            "sparsities": dict(self.sparsities),
-            **self.layer_masks.packed(),
-            "generator": self.generator.get_state(),
-            "due_updates": {name: [step, fraction] for name, (step, fraction) in self._due.items()},
-            "grow_candidates": {
-                name: candidates.to("cpu").as_dict() for name, candidates in self._grow_candidates.items()
-            },
-            "signal": {name: gather_full(tensor).detach().cpu() for name, tensor in self.signal.tensors.items()},
-            "history": [asdict(record) for record in self.history],
-            "nonfinite_steps": self.nonfinite_steps,
-        }
+        return save_state(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (any saved version); the masked parameters must match.
+        """Restore :meth:`state_dict`'s output (any saved version) into this run; see :func:`restore_state`.
 
         Raises:
-            ValueError: Names or shapes that differ from this run's masked parameters, or a state
-                version this release cannot read.
-
+            ValueError: Names or shapes that differ from this run's masked parameters, another method or
+                other per-layer sparsities, or a state version this release cannot read.
         """
-        state = migrate_state(state)
-        check_saved_shapes(state["shapes"], {name: p.shape for name, p in self.params.items()})
-        check_same_run(state, self.method.name, self.sparsities)
-        self.layer_masks.load_packed(state["masks"], state["ever_active"])
-        self._masks_replaced()
-        self.sparsities = {name: float(state["sparsities"][name]) for name in self.params}
-        self.generator.set_state(state["generator"])
-        self._due = {name: (int(step), float(fraction)) for name, (step, fraction) in state["due_updates"].items()}
-        self._grow_candidates = {
-            name: GrowCandidates.from_dict(saved).to(local_shard(self.params[name]).device)
-            for name, saved in state["grow_candidates"].items()
-        }
-        self.signal.tensors = {name: self._like_param(t, name) for name, t in state["signal"].items()}
-        self.history = [UpdateRecord(**record) for record in state["history"]]
-        self.nonfinite_steps = int(state["nonfinite_steps"])
+        restore_state(self, state)
 
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
         """Replace the masks (bool or 0/1 tensors by name) and zero the weights they make inactive.
@@ -325,7 +296,7 @@ class SparseTraining:
         weight's full shape, also for sharded weights (each rank keeps its shard).
         """
         self.layer_masks.replace(masks)
-        self._masks_replaced()
+        self.masks_replaced()
 
     def check_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Raise a ValueError naming any optimizer whose state for a regrown connection cannot be restarted.
@@ -346,7 +317,8 @@ class SparseTraining:
         """
         check_masks_agree_across_ranks(self.layer_masks.local, self.params)
 
-    def _masks_replaced(self) -> None:
+    def masks_replaced(self) -> None:
+        """Forget what the old masks made true: zero the weights they made inactive, restart the optimizer check."""
         self.zero_guard.masks_replaced()  # optimizer state may be nonzero where the new masks are inactive
         self.apply_masks()
 
@@ -355,7 +327,7 @@ class SparseTraining:
         param = self.params[name]
         signal = self.signal.read(name, param.grad)
         weight, signal = gather_full(param), None if signal is None else gather_full(signal)
-        k = int(self.layer_masks.counts[name] * self._due[name][1])
+        k = int(self.layer_masks.counts[name] * self.due_updates[name][1])
         scores = score_chunks(self.method.score, weight, signal, self.generator)
         return grow_candidates(
             self.layer_masks.whole(name) if is_sharded(param) else self.layer_masks.local[name], k, scores
@@ -377,7 +349,3 @@ class SparseTraining:
 
     def _restart_inactive_state(self, optimizer: torch.optim.Optimizer, name: str) -> None:
         reset_optimizer_state([optimizer], self.params[name], self.layer_masks.local[name] == 0)
-
-    def _like_param(self, tensor: Tensor, name: str) -> Tensor:
-        param = self.params[name]
-        return distribute_like_param(tensor.to(local_shard(param).device), param)
