@@ -1,12 +1,10 @@
 """Runs users bring: resumed with other arguments, weight averaging, testing the best checkpoint, ddp_spawn,
 manual optimization with a fractional t_end. Each is the run that was asked for, or a clear error."""
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
 
 from lightning_rigl import RigLCallback, load_sparse, save_sparse
 from tests.conftest import MLP, make_loader, make_trainer
@@ -168,17 +166,3 @@ def test_an_int_t_end_with_several_manual_steps_a_batch_counts_optimizer_steps()
     rigl = RigLCallback(0.8, delta_t=4, t_end=24)
     make_trainer([rigl], max_steps=-1, max_epochs=2).fit(TwoStepsPerBatch(), make_loader())
     assert [record.step for record in rigl.sparse.history] == [4, 8, 12, 16, 20]
-
-
-def test_a_weight_tied_to_a_layer_it_shares_is_reported_under_both_names():
-    class Tied(MLP):
-        def __init__(self):
-            super().__init__()
-            self.head = nn.Linear(32, 32)
-            self.net[2].weight = self.head.weight
-
-    pl.seed_everything(0)
-    rigl = RigLCallback(0.5)
-    model = Tied()
-    make_trainer([rigl], max_steps=2).fit(model, make_loader())
-    assert torch.equal(rigl.masks["head.weight"], rigl.masks["net.2.weight"])
