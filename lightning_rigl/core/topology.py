@@ -56,7 +56,6 @@ def drop_grow_indices(
     grow_scores: Tensor,
     drop_fraction: float,
     *,
-    overwrite_scores: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[Tensor, Tensor]:
     """One RigL topology update of one layer from dense scores, as flat indices: ``(dropped, grown)``.
@@ -73,7 +72,6 @@ def drop_grow_indices(
         weight: The layer's weights (same shape).
         grow_scores: Score of each position for growth (same shape, finite).
         drop_fraction: Fraction of active weights to replace, in [0, 1].
-        overwrite_scores: Ignored: the scores are only read now (kept for callers of the earlier version).
         chunk_size: Flat positions a chunk.
 
     Returns:
@@ -94,9 +92,7 @@ def drop_grow_indices(
     return drop_grow_from_candidates(mask, weight, candidates, chunk_size=chunk_size)
 
 
-def drop_and_grow(
-    mask: Tensor, weight: Tensor, grow_scores: Tensor, drop_fraction: float, *, overwrite_scores: bool = False
-) -> tuple[Tensor, Tensor]:
+def drop_and_grow(mask: Tensor, weight: Tensor, grow_scores: Tensor, drop_fraction: float) -> tuple[Tensor, Tensor]:
     """One RigL topology update of one layer, as masks (see :func:`drop_grow_indices`).
 
     Returns:
@@ -112,7 +108,7 @@ def drop_and_grow(
         ([0, 1, 0, 0, 1, 1, 1, 0], [4])
 
     """
-    dropped, grown_at = drop_grow_indices(mask, weight, grow_scores, drop_fraction, overwrite_scores=overwrite_scores)
+    dropped, grown_at = drop_grow_indices(mask, weight, grow_scores, drop_fraction)
     old = mask.reshape(-1).bool()
     new_mask = old.clone()
     new_mask[dropped] = False
