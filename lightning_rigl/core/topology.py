@@ -38,11 +38,11 @@ def random_mask(shape: torch.Size | tuple[int, ...], n_active: int, generator: t
     return mask.view(shape)
 
 
-def count_active(mask: Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> int:
+def active_in_mask(mask: Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> int:
     """Active entries of a mask (float or bool), counted chunk by chunk: no layer-sized bool copy.
 
     Example:
-        >>> count_active(torch.tensor([0.0, 1, 1, 0, 1]), chunk_size=2)
+        >>> active_in_mask(torch.tensor([0.0, 1, 1, 0, 1]), chunk_size=2)
         3
 
     """
@@ -86,7 +86,7 @@ def drop_grow_indices(
         ([1, 3], [1, 4])
 
     """
-    k = int(count_active(mask, chunk_size=chunk_size) * drop_fraction)
+    k = int(active_in_mask(mask, chunk_size=chunk_size) * drop_fraction)
     flat_scores = grow_scores.detach().reshape(-1)
     candidates = grow_candidates(mask, k, lambda start, stop: flat_scores[start:stop], chunk_size=chunk_size)
     return drop_grow_from_candidates(mask, weight, candidates, chunk_size=chunk_size)
