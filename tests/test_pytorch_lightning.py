@@ -29,6 +29,7 @@ from lightning_rigl.core import num_active  # noqa: E402
 from lightning_rigl.pytorch_lightning import RigLCallback, SparsityMonitor  # noqa: E402
 from tests.conftest import DestroyProcessGroup, make_loader  # noqa: E402
 from tests.test_cli import command_line  # noqa: E402
+from tests.test_monitor import RecordingLogger as LightningRecordingLogger  # noqa: E402
 
 
 class MLP(pl.LightningModule):
@@ -54,24 +55,8 @@ class MLP(pl.LightningModule):
         return make_loader(128, 16)
 
 
-class RecordingLogger(Logger):
-    def __init__(self):
-        super().__init__()
-        self.steps = {}
-
-    @property
-    def name(self):
-        return "recording"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.steps.setdefault(step, {}).update(metrics)
+class RecordingLogger(LightningRecordingLogger, Logger):
+    """test_monitor's recording logger, also a pytorch_lightning Logger (the Trainer checks the type)."""
 
 
 def trainer(callbacks, **kwargs) -> pl.Trainer:
