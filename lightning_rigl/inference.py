@@ -48,7 +48,7 @@ def sparsify(
 
     """
     sparse_model = copy.deepcopy(model)
-    params = dict(sparse_model.named_parameters())
+    params = dict(sparse_model.named_parameters(remove_duplicate=False))  # a tied weight under each name
     if masks is None:
         masks = {name: weight.detach() != 0 for name, (_, weight) in linear_layers(sparse_model).items()}
     for name, mask in masks.items():

@@ -273,3 +273,26 @@ def test_rigl_training_with_sparse_kernels_has_the_same_masks_and_weights_in_flo
         assert torch.equal(sparse_masks[name], mask), name
     for name, value in dense_state.items():
         torch.testing.assert_close(sparse_state[name], value, rtol=1e-10, atol=1e-12)
+
+
+def test_sparsify_serves_a_model_whose_head_is_tied_to_its_embedding():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.hidden = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.embed.weight  # "head.weight" is not in named_parameters()
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.hidden(self.embed(ids))))
+
+    torch.manual_seed(0)
+    model = TiedLM()
+    with torch.no_grad():
+        model.hidden.weight[torch.rand(16, 16) < 0.9] = 0
+    fast = sparsify(model)  # default masks: the nonzero pattern of every Linear, the tied head included
+    ids = torch.randint(0, 50, (4, 8))
+    with torch.inference_mode():
+        assert torch.allclose(fast(ids), model(ids), atol=1e-6)
+    assert fast.head.weight is fast.embed.weight
