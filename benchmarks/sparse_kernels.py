@@ -7,6 +7,8 @@ Modes, each timed against its dense counterpart (the weight holds zeros at inact
   fwd:        the forward pass under no_grad (inference; dense is ``F.linear``)
   train:      forward + input gradient + weight gradient at the active positions (an ordinary RigL step)
   train_dg:   the same with the dense weight gradient (an update step: RigL reads the full gradient)
+  train_nx:   forward + weight gradient at the active positions, no input gradient (a first layer,
+              whose input needs none: dense autograd skips that product too)
 Sparse and dense alternate within one process (dense, sparse, dense, sparse, ...), so bursts of noise
 from other jobs on the machine hit both; a cell reports both medians and the median of the paired
 ratios sparse / dense (below 1: sparse is faster).
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from lightning_rigl.core.sparse_linear import SparseStructure, sparse_linear
 
-MODES = ("fwd", "train", "train_dg")
+MODES = ("fwd", "train", "train_dg", "train_nx")
 
 
 def _step(mode: str, x: torch.Tensor, weight: torch.Tensor, structure: SparseStructure | None) -> Callable[[], None]:
@@ -42,7 +44,7 @@ def _step(mode: str, x: torch.Tensor, weight: torch.Tensor, structure: SparseStr
             y = F.linear(x, weight)
         else:
             y = sparse_linear(x, weight, None, structure, dense_gradient=mode == "train_dg")
-        torch.autograd.backward(y, torch.ones_like(y), inputs=[x, weight])
+        torch.autograd.backward(y, torch.ones_like(y), inputs=[x, weight] if x.requires_grad else [weight])
         x.grad = weight.grad = None
 
     return run
@@ -61,7 +63,7 @@ def measure(
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand(out_features, in_features, generator=gen) < density
     weight = (torch.randn(out_features, in_features, generator=gen) * mask).requires_grad_()
-    x = torch.randn(tokens, in_features, generator=gen, requires_grad=mode != "fwd")
+    x = torch.randn(tokens, in_features, generator=gen, requires_grad=mode in ("train", "train_dg"))
     structure = SparseStructure.from_mask(mask)
     dense, sparse = _step(mode, x, weight, None), _step(mode, x, weight, structure)
     for fn in (dense, sparse, dense, sparse):  # warm-up

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lightning_rigl import SparseTraining, UpdateSchedule
-from lightning_rigl.core.kernels import SparseKernels, choose_kernels, linear_layers
+from lightning_rigl.core.kernels import SparseKernels, TokenProbe, choose_kernels, linear_layers
 from lightning_rigl.inference import sparsify
 
 DELTA_T = 100
@@ -51,7 +51,13 @@ class Run:
             schedule = UpdateSchedule(delta_t=DELTA_T, t_end=10**9)
             self.sparse = SparseTraining.from_model(self.model, sparsity, "erk", schedule=schedule)
             layers = linear_layers(self.model, list(self.sparse.params))
-            self.choices = choose_kernels(layers, self.sparse.masks, batch, kernels)
+            # As RigLCallback does: a first forward records each layer's rows and whose input needs a gradient.
+            probe = TokenProbe(layers)
+            self.model(torch.randn(batch, 784))
+            probe.remove()
+            self.choices = choose_kernels(
+                layers, self.sparse.masks, probe.tokens, kernels, input_gradient=probe.input_gradient
+            )
             chosen = {name: layer for name, layer in layers.items() if self.choices[name] == "sparse"}
             self.kernels = SparseKernels(chosen, self.sparse.masks) if chosen else None
         gen = torch.Generator().manual_seed(1)

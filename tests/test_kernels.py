@@ -3,10 +3,11 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
 from lightning_rigl import SparseTraining, UpdateSchedule, count_flops, load_sparse, save_sparse
-from lightning_rigl.core.kernels import SparseKernels, choose_kernel, choose_kernels, linear_layers
+from lightning_rigl.core.kernels import SparseKernels, TokenProbe, choose_kernel, choose_kernels, linear_layers
 from lightning_rigl.core.sparse_linear import SparseStructure, sparse_linear
 from lightning_rigl.inference import sparsify
 
@@ -77,6 +78,23 @@ def test_dense_gradient_mode_gives_the_unmasked_dense_gradient():
     _, _, dense_mode_grad_w, _ = grads(layer, x)
     torch.testing.assert_close(dense_mode_grad_w, grad_w, **F64)
     assert dense_mode_grad_w[~mask].abs().min() > 0  # inactive positions carry the grow signal
+
+
+@pytest.mark.parametrize("dense_gradient", [False, True])
+def test_an_input_without_gradient_gets_the_weight_gradient_and_no_input_product(dense_gradient):
+    layer, mask = masked_layer()
+    x = signed_input(5, 9).detach()  # a first layer: the data needs no gradient
+    upstream = torch.randn(5, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    (want,) = torch.autograd.grad(layer(x), [layer.weight], upstream)
+    kernels = SparseKernels(linear_layers(nn.Sequential(layer)), {"0.weight": mask})
+    kernels.set_dense_gradient(dense_gradient)
+    (got,) = torch.autograd.grad(layer(x), [layer.weight], upstream)
+    torch.testing.assert_close(got, want if dense_gradient else want * mask, **F64)
+    with FlopCounterMode(display=False) as counter:  # no input-gradient product counted: none was computed
+        layer(x).backward(upstream)
+    assert counter.get_total_flops() == 2 * 2 * 5 * 6 * 9
 
 
 def test_float32_matches_masked_dense_to_1e_5():
@@ -166,6 +184,19 @@ def test_auto_is_dense_for_a_single_token_and_for_half_dense_layers():
     assert choose_kernel(4096, 4096, 0.5, tokens=1024) == "dense"
 
 
+def test_auto_allows_denser_first_layers_whose_input_needs_no_gradient():
+    layers = linear_layers(nn.Sequential(nn.Linear(784, 4096), nn.ReLU(), nn.Linear(4096, 784)))
+    masks = {name: torch.rand_like(w) < 0.12 for name, (_, w) in layers.items()}
+    probe = TokenProbe(layers)
+    layers["0.weight"][0](torch.randn(256, 784))  # as in training: the data needs no gradient, the hidden does
+    layers["2.weight"][0](torch.randn(256, 4096, requires_grad=True))
+    probe.remove()
+    assert probe.input_gradient == {"2.weight"}
+    choices = choose_kernels(layers, masks, probe.tokens, input_gradient=probe.input_gradient)
+    assert choices == {"0.weight": "sparse", "2.weight": "dense"}
+    assert set(choose_kernels(layers, masks, probe.tokens).values()) == {"dense"}  # default: all need one
+
+
 def test_convolutions_are_not_served():
     model = nn.Sequential(nn.Conv1d(3, 3, 1), nn.Linear(3, 3))
     assert list(linear_layers(model)) == ["1.weight"]
@@ -236,6 +267,26 @@ def test_sparsify_runs_without_autograd(context):
     expected = fast(x).detach()
     with context():
         torch.testing.assert_close(fast(x), expected, **F64)
+
+
+def test_sparsify_recomputes_after_the_weights_change_in_place_or_are_loaded():
+    model, masks = big_sparse_mlp()
+    fast = sparsify(model, masks, kernels="sparse")
+    x = torch.randn(4, 32, dtype=torch.float64)
+
+    def masked_dense():
+        hidden = torch.relu(x @ (fast[0].weight * masks["0.weight"]).T + fast[0].bias)
+        return hidden @ (fast[2].weight * masks["2.weight"]).T + fast[2].bias
+
+    with torch.inference_mode():
+        first = fast(x)
+        torch.testing.assert_close(fast(x), first, **F64)  # the cached active values
+    with torch.no_grad():
+        fast[0].weight.mul_(-2.0)  # in place: the cached values are stale now
+        torch.testing.assert_close(fast(x), masked_dense(), **F64)
+        fast.load_state_dict({name: value * 0.5 for name, value in fast.state_dict().items()})
+        torch.testing.assert_close(fast(x), masked_dense(), **F64)
+    assert not torch.allclose(fast(x), first)
 
 
 def test_sparsify_auto_keeps_small_layers_dense():

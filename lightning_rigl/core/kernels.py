@@ -7,24 +7,33 @@ changes, to :func:`~lightning_rigl.core.sparse_linear.sparse_linear` at the mask
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from lightning_rigl.core.sharding import is_sharded
-from lightning_rigl.core.sparse_linear import SPARSE_DTYPES, SparseStructure, sparse_linear
+from lightning_rigl.core.sparse_linear import SPARSE_DTYPES, SparseStructure, active_values, sparse_linear
 
 KERNELS = ("auto", "sparse", "dense")
 
-# Calibration of the "auto" rule: benchmarks/sparse_kernels.py on a 2-core CPU, fp32, 2026-11-25, with the
-# machine shared (see NOTES/BENCHMARKS). Each row (min tokens, min weights, max density) holds where every
-# measured cell was faster sparse than dense (paired median ratio <= 0.85); 256x256 layers and 1 token
-# never were. Layers of 1M-4M weights at 256 tokens were not faster beyond noise above 0.05 (0.83-1.01 at
-# 0.075, 1.02-1.12 at 0.1); 4096x4096 was up to 0.1 (0.63-0.73 at 0.075, 0.74 at 0.09, 0.85 at 0.1, 0.84
-# at 0.112, 1.19 at 0.15). Rows of the flattened input (tokens) and the weight's size are minima.
-_TRAIN_LIMITS: tuple[tuple[int, int, float], ...] = ((256, 1 << 20, 0.05), (256, 1 << 24, 0.10))
-_INFERENCE_LIMITS: tuple[tuple[int, int, float], ...] = ((256, 1 << 20, 0.05), (64, 1 << 24, 0.05))
+# Calibration of the "auto" rule: `benchmarks/sparse_kernels.py` on a quiet 2-core CPU, fp32, 2026-11-25
+# (BENCHMARKS.md, "Sparse kernels"). Each row (min tokens, min weights, max density) holds where every measured
+# cell of that size and those tokens was at most about 0.9x of dense, most of them 0.5-0.85x; the rule takes the
+# most permissive row a layer meets. Layers under 2^19 weights (256x256) and fewer than 32 rows never won.
+# "train": forward, input gradient and weight gradient; "train_no_input_grad": a first layer, whose input
+# needs no gradient (dense autograd skips that product too); "inference": the forward alone.
+_LIMITS: dict[str, tuple[tuple[int, int, float], ...]] = {
+    "train": ((256, 1 << 19, 0.05), (32, 1 << 20, 0.05), (256, 1 << 20, 0.10), (32, 1 << 21, 0.10)),
+    "train_no_input_grad": (
+        (256, 1 << 19, 0.10),
+        (32, 1 << 20, 0.05),
+        (256, 1 << 20, 0.10),
+        (32, 1 << 21, 0.10),
+        (256, 1 << 21, 0.13),
+    ),
+    "inference": ((64, 1 << 19, 0.05), (32, 1 << 20, 0.05), (32, 1 << 21, 0.10), (64, 1 << 21, 0.12)),
+}
 
 
 def choose_kernel(
@@ -37,6 +46,7 @@ def choose_kernel(
     dtype: torch.dtype = torch.float32,
     dense_gradient_every_step: bool = False,
     backward: bool = True,
+    input_gradient: bool = True,
 ) -> str:
     """``"sparse"`` or ``"dense"``: the kernels a Linear layer should compute with, by a fixed rule.
 
@@ -54,20 +64,21 @@ def choose_kernel(
         device_type: ``"cpu"``, ``"cuda"``, ...
         dtype: The weight's dtype.
         dense_gradient_every_step: The method reads the dense weight gradient at every step.
-        backward: Training (forward and both backward products); ``False`` for inference.
+        backward: Training (forward and backward products); ``False`` for inference.
+        input_gradient: The layer's input needs a gradient (``False`` for a first layer: no such product).
 
     Example:
         >>> choose_kernel(4096, 4096, 0.05, 256), choose_kernel(4096, 4096, 0.05, 256, dtype=torch.bfloat16)
         ('sparse', 'dense')
         >>> choose_kernel(256, 256, 0.05, 256), choose_kernel(4096, 4096, 0.05, 1)
         ('dense', 'dense')
-        >>> choose_kernel(4096, 4096, 0.1, 256), choose_kernel(4096, 1024, 0.1, 256)
-        ('sparse', 'dense')
+        >>> choose_kernel(4096, 784, 0.12, 256), choose_kernel(4096, 784, 0.12, 256, input_gradient=False)
+        ('dense', 'sparse')
 
     """
     if device_type != "cpu" or dtype not in SPARSE_DTYPES or dense_gradient_every_step:
         return "dense"
-    limits = _TRAIN_LIMITS if backward else _INFERENCE_LIMITS
+    limits = _LIMITS["train" if input_gradient else "train_no_input_grad"] if backward else _LIMITS["inference"]
     size = out_features * in_features
     best = max(
         (limit for min_tokens, min_size, limit in limits if tokens >= min_tokens and size >= min_size), default=0
@@ -124,12 +135,14 @@ def choose_kernels(
     *,
     dense_gradient_every_step: bool = False,
     backward: bool = True,
+    input_gradient: Container[str] | None = None,
 ) -> dict[str, str]:
     """Layer name to ``"sparse"`` or ``"dense"``: :func:`choose_kernel` per layer for ``"auto"``.
 
     ``"sparse"`` forces sparse wherever the kernels can run (float32/float64 weights, not sharded by
     FSDP2); ``"dense"`` is dense. ``tokens`` is one count for every layer, or a count per layer name
-    (as :class:`TokenProbe` records them): a layer without a count stays dense.
+    (as :class:`TokenProbe` records them): a layer without a count stays dense. ``input_gradient``
+    names the layers whose input needs a gradient (None: every layer's does).
 
     Example:
         >>> layers = linear_layers(nn.Sequential(nn.Linear(1024, 1024)))
@@ -156,6 +169,7 @@ def choose_kernels(
                 dtype=weight.dtype,
                 dense_gradient_every_step=dense_gradient_every_step,
                 backward=backward,
+                input_gradient=input_gradient is None or name in input_gradient,
             )
     return choices
 
@@ -164,7 +178,8 @@ class TokenProbe:
     """Records the rows of each layer's flattened input (batch x sequence) while attached.
 
     A forward pre-hook per layer keeps the smallest row count it saw, and notes the layers called
-    under autocast (the CPU sparse kernels have no bf16/fp16: those layers should stay dense).
+    under autocast (the CPU sparse kernels have no bf16/fp16: those layers should stay dense) and
+    those whose input needed a gradient (a first layer's does not, which makes its backward cheaper).
     Layers never called while attached are absent from :attr:`tokens`.
 
     Args:
@@ -175,14 +190,15 @@ class TokenProbe:
         >>> probe = TokenProbe(linear_layers(model))
         >>> _ = model(torch.randn(5, 7, 4))
         >>> probe.remove()
-        >>> probe.tokens, probe.autocast
-        ({'0.weight': 35, '1.weight': 35}, set())
+        >>> probe.tokens, probe.autocast, probe.input_gradient
+        ({'0.weight': 35, '1.weight': 35}, set(), {'1.weight'})
 
     """
 
     def __init__(self, layers: Mapping[str, tuple[nn.Module, Tensor]]) -> None:
         self.tokens: dict[str, int] = {}
         self.autocast: set[str] = set()
+        self.input_gradient: set[str] = set()
         self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, (module, _) in layers.items()]
 
     def _hook(self, name: str):
@@ -194,6 +210,8 @@ class TokenProbe:
             self.tokens[name] = min(rows, self.tokens.get(name, rows))
             if torch.is_autocast_enabled(x.device.type):
                 self.autocast.add(name)
+            if torch.is_grad_enabled() and x.requires_grad:
+                self.input_gradient.add(name)
 
         return record
 
@@ -287,10 +305,28 @@ class _SparseForward:
     def __init__(self, kernels: SparseKernels, name: str, module: nn.Module) -> None:
         self.kernels, self.name, self.module = kernels, name, module
         self.in_out = bool(weight_in_out(module))
+        # Inference only: ((the weight's address, its version), the structure, the active values).
+        self._cached: tuple[tuple[int, int], SparseStructure, Tensor] | None = None
 
     def __call__(self, x: Tensor) -> Tensor:
         module, weight = self.module, self.module.weight
         if x.dtype != weight.dtype or weight.dtype not in SPARSE_DTYPES or torch.is_autocast_enabled(x.device.type):
             return type(module).forward(module, x)
         structure = self.kernels._structure(self.name, weight.device)
-        return sparse_linear(x, weight, module.bias, structure, self.kernels.dense_gradient, self.in_out)
+        values = self._inference_values(weight, structure)
+        return sparse_linear(x, weight, module.bias, structure, self.kernels.dense_gradient, self.in_out, values)
+
+    def _inference_values(self, weight: Tensor, structure: SparseStructure) -> Tensor | None:
+        """Without autograd, the active values gathered once and again only when the weight changes.
+
+        Any in-place write bumps the weight's version and a new tensor has another address, so a
+        cached gather is never stale. ``None`` (gather per call) while training, compiling, or for an
+        inference tensor (no version counter).
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or weight.is_inference():
+            self._cached = None
+            return None
+        key = (weight.data_ptr(), weight._version)
+        if self._cached is None or self._cached[0] != key or self._cached[1] is not structure:
+            self._cached = (key, structure, active_values(weight, structure))
+        return self._cached[2]

@@ -65,7 +65,14 @@ class LayerKernels:
         every_step = sparse.method.dense_gradient == "every_step"
         choices = dict.fromkeys(sparse.params, "dense")
         choices.update(
-            choose_kernels(served, sparse.masks, self._probe.tokens, self.setting, dense_gradient_every_step=every_step)
+            choose_kernels(
+                served,
+                sparse.masks,
+                self._probe.tokens,
+                self.setting,
+                dense_gradient_every_step=every_step,
+                input_gradient=self._probe.input_gradient,
+            )
         )
         self._probe = None
         self.choices = dict(broadcast(choices))  # even if the ranks' first batches differed in length

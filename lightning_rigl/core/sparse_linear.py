@@ -31,12 +31,13 @@ class SparseStructure:
         index: Flat position in the stored weight of each CSR value of ``W``.
         crow_t: CSR row pointers of ``W^T`` (in + 1).
         col_t: CSR column indices of ``W^T`` (active).
-        index_t: Flat position in the stored weight of each CSR value of ``W^T`` (``index`` permuted).
+        perm_t: For each CSR value of ``W^T``, its place among the CSR values of ``W`` (``W^T``'s values
+            are ``values[perm_t]``: gathered from the compact values, not from the weight again).
 
     Example:
         >>> s = SparseStructure.from_mask(torch.tensor([[True, False, True], [False, True, False]]))
-        >>> s.crow.tolist(), s.col.tolist(), s.index.tolist(), s.index_t.tolist()
-        ([0, 2, 3], [0, 2, 1], [0, 2, 4], [0, 4, 2])
+        >>> s.crow.tolist(), s.col.tolist(), s.index.tolist(), s.perm_t.tolist()
+        ([0, 2, 3], [0, 2, 1], [0, 2, 4], [0, 2, 1])
 
     """
 
@@ -45,7 +46,7 @@ class SparseStructure:
     index: Tensor
     crow_t: Tensor
     col_t: Tensor
-    index_t: Tensor
+    perm_t: Tensor
 
     @classmethod
     def from_mask(cls, mask: Tensor, weight_in_out: bool = False) -> SparseStructure:
@@ -74,7 +75,7 @@ class SparseStructure:
             index=stored.contiguous(),
             crow_t=compact(_row_pointers(cols, in_features)),
             col_t=compact(rows[order_t]),
-            index_t=stored[order_t].contiguous(),
+            perm_t=compact(order_t),
         )
 
     @property
@@ -99,11 +100,14 @@ def sparse_linear(
     structure: SparseStructure,
     dense_gradient: bool = False,
     weight_in_out: bool = False,
+    values: Tensor | None = None,
 ) -> Tensor:
     """``x W^T + b`` with the active weights of ``structure`` only (``x W + b`` for an (in, out) weight).
 
     Differentiable in ``x``, ``weight`` and ``bias``. The weight gradient is dense ``grad_out^T x``
     when ``dense_gradient`` (what RigL's grow score reads), else nonzero at the active positions only.
+    The active values are gathered once per call (or given as ``values``, the weight's entries at
+    ``structure.index``) and serve the forward and both backward products.
 
     Example:
         >>> weight = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
@@ -113,9 +117,22 @@ def sparse_linear(
 
     """
     s = structure
+    if values is None:
+        values = active_values(weight, structure)
     return torch.ops.lightning_rigl.sparse_linear(
-        x, weight, bias, s.crow, s.col, s.index, s.crow_t, s.col_t, s.index_t, dense_gradient, weight_in_out
+        x, weight, values, bias, s.crow, s.col, s.index, s.crow_t, s.col_t, s.perm_t, dense_gradient, weight_in_out
     )
+
+
+def active_values(weight: Tensor, structure: SparseStructure) -> Tensor:
+    """The weight's entries at the structure's active positions, in ``W``'s CSR order: O(active) work.
+
+    Example:
+        >>> weight = torch.tensor([[1.0, 5.0], [3.0, 2.0]])
+        >>> active_values(weight, SparseStructure.from_mask(torch.eye(2, dtype=torch.bool))).tolist()
+        [1.0, 2.0]
+    """
+    return weight.detach().reshape(-1).index_select(0, structure.index)
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, rows: int, cols: int) -> Tensor:
@@ -132,27 +149,26 @@ def _times_transpose(crow: Tensor, col: Tensor, values: Tensor, cols: int, x2d: 
 def _sparse_linear_op(
     x: Tensor,
     weight: Tensor,
+    values: Tensor,
     bias: Tensor | None,
     crow: Tensor,
     col: Tensor,
     index: Tensor,
     crow_t: Tensor,
     col_t: Tensor,
-    index_t: Tensor,
+    perm_t: Tensor,
     dense_gradient: bool,
     weight_in_out: bool,
 ) -> Tensor:
     in_features = crow_t.numel() - 1
-    x2d = x.reshape(-1, in_features)
-    values = weight.reshape(-1).index_select(0, index)
-    y = _times_transpose(crow, col, values, in_features, x2d)
+    y = _times_transpose(crow, col, values, in_features, x.reshape(-1, in_features))
     if bias is not None:
         y.add_(bias)
     return y.view(*x.shape[:-1], crow.numel() - 1)
 
 
 @_sparse_linear_op.register_fake
-def _(x, weight, bias, crow, col, index, crow_t, col_t, index_t, dense_gradient, weight_in_out):
+def _(x, weight, values, bias, crow, col, index, crow_t, col_t, perm_t, dense_gradient, weight_in_out):
     return x.new_empty(*x.shape[:-1], crow.shape[0] - 1)
 
 
@@ -161,49 +177,57 @@ def _sparse_linear_backward_op(
     grad_out: Tensor,
     x: Tensor,
     weight: Tensor,
+    values: Tensor,
     crow: Tensor,
     col: Tensor,
     index: Tensor,
     crow_t: Tensor,
     col_t: Tensor,
-    index_t: Tensor,
+    perm_t: Tensor,
     dense_gradient: bool,
     weight_in_out: bool,
+    needs_input_grad: bool,
+    needs_weight_grad: bool,
 ) -> tuple[Tensor, Tensor]:
+    """The input gradient and the weight gradient; an empty tensor for the one not needed."""
     out_features, in_features = crow.numel() - 1, crow_t.numel() - 1
     g2d, x2d = grad_out.reshape(-1, out_features), x.reshape(-1, in_features)
-    flat = weight.reshape(-1)
-    grad_x = _times_transpose(crow_t, col_t, flat.index_select(0, index_t), out_features, g2d)
-    if dense_gradient:
+    grad_x = grad_w = x.new_empty(0)
+    if needs_input_grad:  # the first layer's input needs none: dense autograd skips it too
+        values_t = values.index_select(0, perm_t)  # W^T's order, from the compact values
+        grad_x = _times_transpose(crow_t, col_t, values_t, out_features, g2d).view_as(x)
+    if needs_weight_grad and dense_gradient:
         grad_w = x2d.t() @ g2d if weight_in_out else g2d.t() @ x2d  # unmasked, as dense autograd gives it
-    else:
-        pattern = _csr(crow, col, flat.index_select(0, index), out_features, in_features)
+    elif needs_weight_grad:
+        pattern = _csr(crow, col, values, out_features, in_features)  # values ignored (beta=0): the pattern
         active = torch.sparse.sampled_addmm(pattern, g2d.t(), x2d, beta=0.0).values()
         grad_w = torch.zeros_like(weight).view(-1).index_copy_(0, index, active).view_as(weight)
-    return grad_x.view_as(x), grad_w
+    return grad_x, grad_w
 
 
 @_sparse_linear_backward_op.register_fake
-def _(grad_out, x, weight, crow, col, index, crow_t, col_t, index_t, dense_gradient, weight_in_out):
-    return torch.empty_like(x), torch.empty_like(weight)
+def _(grad_out, x, weight, values, crow, col, index, crow_t, col_t, perm_t, dense_gradient, weight_in_out, nx, nw):
+    return (torch.empty_like(x) if nx else x.new_empty(0)), (torch.empty_like(weight) if nw else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, *structure, dense_gradient, weight_in_out = inputs
-    ctx.save_for_backward(x, weight, *structure)
+    x, weight, values, bias, *structure, dense_gradient, weight_in_out = inputs
+    ctx.save_for_backward(x, weight, values, *structure)
     ctx.flags = (dense_gradient, weight_in_out)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out):
-    x, weight, *structure = ctx.saved_tensors
-    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    x, weight, values, *structure = ctx.saved_tensors
+    needs_x, needs_w, _, needs_b = ctx.needs_input_grad[:4]
     grad_x = grad_w = grad_b = None
     if needs_x or needs_w:
-        grad_x, grad_w = _sparse_linear_backward_op(grad_out, x, weight, *structure, *ctx.flags)
+        grad_x, grad_w = _sparse_linear_backward_op(
+            grad_out, x, weight, values, *structure, *ctx.flags, needs_x, needs_w
+        )
     if needs_b and ctx.has_bias:
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return (grad_x if needs_x else None, grad_w if needs_w else None, grad_b) + (None,) * 8
+    return (grad_x if needs_x else None, grad_w if needs_w else None, None, grad_b) + (None,) * 8
 
 
 _sparse_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -217,7 +241,8 @@ def _sparse_linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs)
 
 @register_flop_formula(torch.ops.lightning_rigl.sparse_linear_backward)
 def _sparse_linear_backward_flops(grad_out_shape, x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _sparse_linear_flops(x_shape, weight_shape)
+    needs_input_grad, needs_weight_grad = args[-2:]
+    return (int(needs_input_grad) + int(needs_weight_grad)) * _sparse_linear_flops(x_shape, weight_shape)
 
 
 def _prod(shape) -> int:
