@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_rigl import SparseTraining, UpdateSchedule
 from lightning_rigl.core.candidates import (
     drop_grow_from_candidates,
     grow_candidates,
@@ -13,7 +14,7 @@ from lightning_rigl.core.candidates import (
 )
 from lightning_rigl.core.methods import gradient_magnitude, uniform_random
 from lightning_rigl.core.top_k import index_dtype, top_k_indices
-from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices
+from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices, num_active, random_mask
 
 MASK = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0])
 WEIGHT = torch.tensor([-9.0, 1, 4, -1, 5, 8, -2, 3])
@@ -115,6 +116,42 @@ def test_scores_are_read_once_chunk_by_chunk_in_order():
     assert calls == [(0, 4), (4, 8), (8, 10)]
 
 
+def test_without_sampling_large_layers_are_read_once_in_order_too():
+    calls = []
+
+    def scores(start, stop):
+        calls.append((start, stop))
+        return torch.ones(stop - start)
+
+    grow_candidates(torch.zeros(2**18), 100, scores, chunk_size=2**16, sample=False)
+    assert calls == [(start, start + 2**16) for start in range(0, 2**18, 2**16)]
+
+
+def sampled_windows(numel, windows=64, width=512):
+    starts = torch.linspace(0, numel - width, windows).long()
+    return (starts.unsqueeze(1) + torch.arange(width)).flatten()
+
+
+@pytest.mark.parametrize("chunk_size", [2**14 + 3, 2**18])
+def test_a_sample_that_misleads_falls_back_to_the_exact_pass(chunk_size):
+    # The sampled windows hold the best scores and the largest weights, the rest ties at one value: the
+    # sampled bounds let fewer than k entries through, and the result must still be the full sort's.
+    numel = 2**18
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(numel, generator=g) < 0.5
+    grad = torch.full((numel,), 0.5)
+    grad[sampled_windows(numel)] = -torch.rand(64 * 512, generator=g) - 1.0  # signed: |grad| is the score
+    weight = torch.full((numel,), 100.0)
+    weight[sampled_windows(numel)] = torch.rand(64 * 512, generator=g)
+    weight = (weight * torch.where(torch.rand(numel, generator=g) < 0.5, -1.0, 1.0)) * mask
+    k = 30000  # more than the sampled windows' inactive (about 16 k) or active entries
+    assert rigl_update(mask, weight, grad, k, chunk_size) == reference(mask, weight, grad.abs(), k)
+    calls = []
+    found = grow_candidates(mask, k, lambda a, b: calls.append((a, b)) or grad[a:b].abs(), chunk_size=chunk_size)
+    chunks = -(-numel // chunk_size)
+    assert found.values.numel() == k and len(calls) == 64 + 2 * chunks  # sampled, ran, then ran again
+
+
 def test_no_scores_are_read_when_nothing_is_replaced():
     found = grow_candidates(torch.ones(10), 0, lambda start, stop: pytest.fail("read"), chunk_size=4)
     assert found.values.numel() == found.active_values.numel() == 0
@@ -204,3 +241,21 @@ def test_candidate_path_is_exact_on_large_layers(numel, density, drop_fraction, 
     grad = draw(grad_ties, numel, g)
     k = int(int(mask.sum()) * drop_fraction)
     assert rigl_update(mask, weight, grad, k, chunk_size) == reference(mask, weight, grad.abs(), k)
+
+
+def test_set_on_a_large_layer_grows_where_the_whole_layers_draw_says():
+    # SET's scores are a random stream: they must be read once, in order, also where sampling would pay.
+    weight = torch.nn.Parameter(torch.randn(400, 400, generator=torch.Generator().manual_seed(6)))
+    schedule = UpdateSchedule(delta_t=1, t_end=10, alpha=0.3)
+    sparse = SparseTraining({"w": weight}, {"w": 0.9}, method="set", schedule=schedule, seed=7)
+    stream = torch.Generator().manual_seed(7)
+    mask = random_mask(weight.shape, num_active(weight.numel(), 0.9), stream)  # the same draw as the run's
+    assert torch.equal(sparse.masks["w"], mask)
+    weight.grad = torch.zeros_like(weight)
+    sparse.before_step(0)
+    sparse.after_step([])
+    k = int(int(mask.sum()) * schedule.drop_fraction(1))
+    dropped, grown = reference(mask, weight.detach() * mask, torch.rand(weight.numel(), generator=stream), k)
+    expected = mask.clone().view(-1)
+    expected[dropped], expected[grown] = False, True
+    assert torch.equal(sparse.masks["w"].view(-1), expected)

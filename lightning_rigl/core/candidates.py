@@ -101,7 +101,9 @@ def score_chunks(score: ScoreFn, weight: Tensor, signal: Tensor | None, generato
     return chunk
 
 
-def grow_candidates(mask: Tensor, k: int, scores: ChunkScores, *, chunk_size: int = DEFAULT_CHUNK) -> GrowCandidates:
+def grow_candidates(
+    mask: Tensor, k: int, scores: ChunkScores, *, chunk_size: int = DEFAULT_CHUNK, sample: bool = True
+) -> GrowCandidates:
     """Reduce a layer's grow scores, chunk by chunk, to what an update that replaces ``k`` needs.
 
     Call it where the dense gradient (or the score signal) is read, before the optimizer step and
@@ -111,8 +113,12 @@ def grow_candidates(mask: Tensor, k: int, scores: ChunkScores, *, chunk_size: in
         mask: The layer's mask (any shape, float or bool, non-zero where active); the stored mask itself.
         k: Connections to replace: ``int(n_active * drop_fraction)``.
         scores: The grow scores of a range of flat positions (see :func:`score_chunks`); called once per
-            chunk, in order.
+            chunk, in order (after the sample's windows, if ``sample``).
         chunk_size: Flat positions a chunk.
+        sample: ``scores`` may first be read at a few spread windows (scores that do not depend on the
+            order of the calls; not SET's random draws): a sampled bound then keeps most of each chunk
+            out of the running selection. Exact either way: if the sample misleads, the pass runs again
+            without it.
 
     Returns:
         The candidates; their size is about ``k`` plus the active positions scoring above the ``k``-th
@@ -128,7 +134,8 @@ def grow_candidates(mask: Tensor, k: int, scores: ChunkScores, *, chunk_size: in
     """
     flat_mask = mask.reshape(-1)
     numel, dtype = flat_mask.numel(), index_dtype(flat_mask.numel())
-    inactive = RunningTopK(k, largest=True)
+    hint = _sampled_hint(flat_mask, scores, k, largest=True, active=False) if sample else None
+    inactive = RunningTopK(k, largest=True, hint=hint)
     active_values: list[Tensor] = []
     active_index: list[Tensor] = []
     for start in range(0, numel if k > 0 else 0, chunk_size):
@@ -154,6 +161,8 @@ def grow_candidates(mask: Tensor, k: int, scores: ChunkScores, *, chunk_size: in
             active_at = at[is_active]
         active_values.append(chunk[active_at])
         active_index.append(_flat_index(active_at, start, dtype))
+    if inactive.missed_hint():
+        return grow_candidates(mask, k, scores, chunk_size=chunk_size, sample=False)
     if k > 0:
         values, index = inactive.result()
     else:
@@ -181,15 +190,21 @@ def smallest_active(mask: Tensor, weight: Tensor, k: int, *, chunk_size: int = D
     """
     flat_mask, flat_weight = mask.reshape(-1), weight.detach().reshape(-1)
     numel, dtype = flat_mask.numel(), index_dtype(flat_mask.numel())
-    stream = RunningTopK(k, largest=False)
-    for start in range(0, numel if k > 0 else 0, chunk_size):
-        stop = min(start + chunk_size, numel)
-        at = _is_active(flat_mask[start:stop]).nonzero().flatten()
-        magnitude = flat_weight[start:stop][at].abs()
-        better = stream.beats_bound(magnitude)
-        if better is not None:
-            at, magnitude = at[better], magnitude[better]
-        stream.push(magnitude, _flat_index(at, start, dtype))
+
+    def magnitudes(start: int, stop: int) -> Tensor:
+        return flat_weight[start:stop].abs()
+
+    for hint in (_sampled_hint(flat_mask, magnitudes, k, largest=False, active=True), None):
+        stream = RunningTopK(k, largest=False, hint=hint)
+        for start in range(0, numel if k > 0 else 0, chunk_size):
+            stop = min(start + chunk_size, numel)
+            magnitude, active = magnitudes(start, stop), _is_active(flat_mask[start:stop])
+            better = stream.beats_bound(magnitude)
+            # Once a bound (or a hint) is set, few active weights of a chunk beat it: list only those.
+            at = (active if better is None else better.logical_and_(active)).nonzero().flatten()
+            stream.push(magnitude[at], _flat_index(at, start, dtype))
+        if not stream.missed_hint():
+            break
     return stream.result()[1] if k > 0 else torch.empty(0, dtype=dtype, device=mask.device)
 
 
@@ -230,6 +245,30 @@ def drop_grow_from_candidates(
     index = torch.cat([candidates.index, dropped[found]])
     grown = index[top_k_indices(values, k, index=index)]
     return dropped.long(), grown.long()
+
+
+def _sampled_hint(
+    flat_mask: Tensor, read: ChunkScores, k: int, *, largest: bool, active: bool, windows: int = 64, width: int = 512
+) -> Tensor | None:
+    """A value that about ``1.5 k`` of the layer's active (or inactive) entries reach, read from a sample.
+
+    The sample is ``windows`` runs of ``width`` positions spread over the layer, so it sees every part
+    of it. None where sampling does not pay (small layers, ``k`` near the number of entries).
+    """
+    numel = flat_mask.numel()
+    if k <= 0 or numel < 4 * windows * width or 8 * k > numel:
+        return None
+    parts = []
+    for start in torch.linspace(0, numel - width, windows).long().tolist():
+        kind = _is_active(flat_mask[start : start + width])
+        parts.append(read(start, start + width).reshape(-1)[kind if active else ~kind])
+    sample = torch.cat(parts)
+    # Entries of the sample beyond the hint stand for about 1.5 k of the layer's, plus a margin of a few.
+    rank = math.ceil(1.5 * k * windows * width / numel) + 16
+    if rank > sample.numel():
+        return None
+    best = torch.topk(sample, rank, largest=largest, sorted=False).values
+    return best.min() if largest else best.max()
 
 
 def _is_active(mask_chunk: Tensor) -> Tensor:

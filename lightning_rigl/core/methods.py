@@ -113,6 +113,8 @@ class Method:
         name: The name users pass as ``method``.
         score: The grow score function; ``None`` for a mask that never changes.
         signal: The :class:`GrowSignal` type the score reads.
+        random_score: The score draws from the generator, so its values depend on the order in which
+            parts of a layer are scored: read it once, chunk by chunk, in order.
 
     Example:
         >>> METHODS_BY_NAME["rigl"].dense_gradient, METHODS_BY_NAME["static"].updates
@@ -122,6 +124,7 @@ class Method:
     name: str
     score: ScoreFn | None
     signal: type[GrowSignal] = GrowSignal
+    random_score: bool = False
 
     @property
     def updates(self) -> bool:
@@ -136,7 +139,7 @@ class Method:
 
 METHODS_BY_NAME: dict[str, Method] = {
     "rigl": Method("rigl", gradient_magnitude, CurrentGradient),
-    "set": Method("set", uniform_random),
+    "set": Method("set", uniform_random, random_score=True),
     "snfs": Method("snfs", gradient_magnitude, GradientMovingAverage),
     "static": Method("static", None),
 }

@@ -329,9 +329,8 @@ class SparseTraining:
         weight, signal = gather_full(param), None if signal is None else gather_full(signal)
         k = int(self.layer_masks.counts[name] * self.due_updates[name][1])
         scores = score_chunks(self.method.score, weight, signal, self.generator)
-        return grow_candidates(
-            self.layer_masks.whole(name) if is_sharded(param) else self.layer_masks.local[name], k, scores
-        )
+        mask = self.layer_masks.whole(name) if is_sharded(param) else self.layer_masks.local[name]
+        return grow_candidates(mask, k, scores, sample=not self.method.random_score)
 
     def _all_finite(self, names: Sequence[str]) -> bool:
         grads = [self.params[name].grad for name in names]

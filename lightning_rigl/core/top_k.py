@@ -107,8 +107,12 @@ class RunningTopK:
     :meth:`result` makes the one exact selection.
     """
 
-    def __init__(self, k: int, largest: bool) -> None:
+    def __init__(self, k: int, largest: bool, hint: Tensor | None = None) -> None:
         self.k, self.largest = k, largest
+        #: Entries worse than the hint are never kept, until a bound is set; a hint is a guess (from a
+        #: sample), so the caller checks that at least k entries reached it (:meth:`missed_hint`).
+        self.hint = hint
+        self.pushed = 0
         self.values: list[Tensor] = []
         self.index: list[Tensor] = []
         self.size = 0
@@ -118,7 +122,7 @@ class RunningTopK:
     def beats_bound(self, values: Tensor) -> Tensor | None:
         """Which entries, with indices above all pushed so far, can still be among the best; None: all."""
         if self.bound is None:
-            return None
+            return None if self.hint is None else _reaches(values, self.hint, self.largest)
         # Equal to the bound is not enough: k kept entries match or beat it, with lower indices.
         return values > self.bound if self.largest else values < self.bound
 
@@ -134,9 +138,14 @@ class RunningTopK:
         self.values.append(values)
         self.index.append(index)
         self.size += values.numel()
+        self.pushed += values.numel()
         # The first cut as soon as k entries are in: from then on a bound rejects most of each chunk.
         if self.size >= self.k + max(self.k // 2, 1) or (self.bound is None and self.size >= self.k):
             self._cut()
+
+    def missed_hint(self) -> bool:
+        """Whether a hint rejected entries that may belong to the ``k`` best: fewer than ``k`` reached it."""
+        return self.hint is not None and self.pushed < self.k
 
     def result(self) -> tuple[Tensor, Tensor]:
         """The ``k`` best (fewer if fewer were pushed): values and flat indices, in index order."""
@@ -168,9 +177,10 @@ class RunningTopK:
             # A sample can miss (too few pass) or ties can crowd in (too many): then the exact cut.
             if self.k <= count <= self.k + self.k // 4:
                 for i, part in enumerate(self.values):
-                    keep = _reaches(part, bound, self.largest)
-                    self.values[i], self.index[i] = part[keep], self.index[i][keep]
-                    del part, keep
+                    # One `nonzero` for both tensors (a bool index would run one for each), part by part.
+                    at = _reaches(part, bound, self.largest).nonzero().flatten()
+                    self.values[i], self.index[i] = part[at], self.index[i][at]
+                    del part, at
                 self.size, self.bound = count, bound
                 return
         values, index = self._joined()
