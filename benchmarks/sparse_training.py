@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from lightning_rigl import SparseTraining, UpdateSchedule
-from lightning_rigl.core.kernels import SparseKernels, TokenProbe, choose_kernels, linear_layers
+from lightning_rigl.core.kernel_choice import TokenProbe, choose_kernels
+from lightning_rigl.core.kernels import SparseKernels, linear_layers
 from lightning_rigl.inference import sparsify
 
 DELTA_T = 100

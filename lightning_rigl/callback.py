@@ -12,7 +12,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_rigl._lightning import MisconfigurationException, misconfiguration
+from lightning_rigl._averaging import mask_averaged_copies
+from lightning_rigl._lightning import misconfiguration
 from lightning_rigl._spawn import MaskHandoff
 from lightning_rigl._strategies import check_strategy
 from lightning_rigl.core import (
@@ -25,6 +26,7 @@ from lightning_rigl.core import (
 )
 from lightning_rigl.core.arguments import check_run_arguments
 from lightning_rigl.core.layer_kernels import LayerKernels
+from lightning_rigl.core.schedule import check_steps_per_batch, resolve_t_end
 from lightning_rigl.core.selection import parameter_aliases
 
 Kernels = Literal["auto", "sparse", "dense"]
@@ -209,7 +211,7 @@ class RigLCallback(Callback):
         self._checks_left = self.consistency_checks  # counted per fit, so a resumed run checks too
         if self._checks_left:
             self.sparse.check_masks_agree_across_ranks()
-        self._mask_averaged_copies(trainer)
+        mask_averaged_copies(trainer, self.sparse.layer_masks, self)
         if not pl_module.automatic_optimization:
             # Manual optimization may step several times in one batch, with forward passes in between:
             # each step's update and re-zeroing must come right after it, not at the batch end. The
@@ -232,7 +234,7 @@ class RigLCallback(Callback):
             # A checkpoint saved between a step and its update (by a callback listed before this one)
             # holds that update's grow scores: make the update now, with the optimizer state restored.
             self._kernels.masks_changed(self.sparse, self.sparse.update_topology(trainer.optimizers))
-            self._mask_averaged_copies(trainer)
+            mask_averaged_copies(trainer, self.sparse.layer_masks, self)
             if self._kernels.choices is not None and not self._kernels.attached:
                 # Known choices (resumed, or a second fit): every batch computes with them, as before the
                 # save; the structures are built from the masks after that update.
@@ -265,13 +267,10 @@ class RigLCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.apply_updates()
-        if self._t_end_counts_batches(pl_module) and trainer.global_step - self._fit_start_step > 1:
-            raise MisconfigurationException(
-                f"`t_end={self.t_end}` is a fraction of the run, resolved against its batches, but this batch made "
-                f"{trainer.global_step - self._fit_start_step} optimizer steps (manual optimization): updates would "
-                "stop early. Pass `t_end` as an int (an optimizer step)."
-            )
-        self._fit_start_step = -1  # checked once, after the first batch
+        if self._fit_start_step >= 0 and not pl_module.automatic_optimization:
+            with misconfiguration():  # checked once, after the first batch
+                check_steps_per_batch(self.t_end, trainer.global_step - self._fit_start_step)
+        self._fit_start_step = -1
         if self.sparse is not None:  # chosen here, so that a checkpoint of this step holds the choice
             self._kernels.end_batch(pl_module, self.sparse, lambda choices: trainer.strategy.broadcast(choices, src=0))
 
@@ -295,7 +294,7 @@ class RigLCallback(Callback):
         self._kernels.masks_changed(self.sparse, updated)
         if self.sparse.updates > self._seen_updates:
             self._seen_updates = self.sparse.updates
-            self._mask_averaged_copies(self._trainer)
+            mask_averaged_copies(self._trainer, self.sparse.layer_masks, self)
             if self._checks_left:
                 self._checks_left -= self._checks_left > 0
                 self.sparse.check_masks_agree_across_ranks()
@@ -305,9 +304,8 @@ class RigLCallback(Callback):
         if self.sparse is None:
             return {}
         state = self.sparse.state_dict()
-        if self._kernels.choices is not None:
-            # How each layer computes: a resumed run with the same setting computes alike.
-            state["kernels"] = {"setting": self.kernels, "choices": dict(self._kernels.choices)}
+        if self._kernels.choices is not None:  # how each layer computes: a resumed run computes alike
+            state["kernels"] = self._kernels.state()
         return state
 
     @override
@@ -316,9 +314,8 @@ class RigLCallback(Callback):
             return
         self._restored = True
         state_dict = dict(state_dict)
-        kernels = state_dict.pop("kernels", None)  # absent from checkpoints of earlier releases
-        # Another setting (a checkpoint moved from "sparse" to "dense") chooses anew at the first batch.
-        choices = dict(kernels["choices"]) if kernels is not None and kernels["setting"] == self.kernels else None
+        # Absent from checkpoints of earlier releases; under another setting, chosen anew at the first batch.
+        choices = self._kernels.saved_choices(state_dict.pop("kernels", None))
         if self.sparse is not None and self._trainer is not None:
             # FSDP / ModelParallel restore callback state after on_fit_start built the masks.
             with misconfiguration():
@@ -364,37 +361,11 @@ class RigLCallback(Callback):
         self._stepped = []
         self._trainer = None
 
-    def _mask_averaged_copies(self, trainer: pl.Trainer) -> None:
-        # Averaging callbacks (WeightAveraging / EMA, StochasticWeightAveraging) keep a copy of the model
-        # that they swap in for validation, save in checkpoints and copy back at the end. Averages keep
-        # a 0 where the weights stay 0, so masking the copy whenever the masks change is enough.
-        assert self.sparse is not None
-        for callback in trainer.callbacks:
-            if callback is not self:
-                for value in vars(callback).values():
-                    if isinstance(value, torch.nn.Module) and value is not trainer.lightning_module:
-                        self.sparse.layer_masks.apply_to_copy(value)
-
-    def _t_end_counts_batches(self, pl_module: pl.LightningModule) -> bool:
-        return isinstance(self.t_end, float) and not pl_module.automatic_optimization and self._fit_start_step >= 0
-
     def _t_end_steps(self, trainer: pl.Trainer) -> int:
-        if isinstance(self.t_end, int):
-            return self.t_end
-        if not trainer.lightning_module.automatic_optimization and len(trainer.optimizers) > 1:
-            raise ValueError(
-                f"`t_end={self.t_end}` is a fraction of the run, but with manual optimization and "
-                f"{len(trainer.optimizers)} optimizers Lightning counts the run in batches, not optimizer steps, "
-                "so updates would stop early. Pass `t_end` as an int (an optimizer step)."
-            )
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total <= 0:
-            raise ValueError(
-                f"`t_end={self.t_end}` is a fraction of the run, but the run's number of optimizer steps is "
-                f"unknown (trainer.estimated_stepping_batches = {total}). Pass `t_end` as an int (an optimizer "
-                "step), or set `max_steps` or `max_epochs` with a sized dataloader."
-            )
-        return int(self.t_end * total)
+        manual = not trainer.lightning_module.automatic_optimization
+        steps = len(trainer.optimizers) if manual else 1
+        total = trainer.estimated_stepping_batches if isinstance(self.t_end, float) else math.inf
+        return resolve_t_end(self.t_end, total, batch_steps=steps)
 
     def _shared_seed(self, trainer: pl.Trainer) -> int:
         if self.seed is not None:

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.kernels import SparseKernels, choose_kernels, linear_layers
+from lightning_rigl.core.kernel_choice import choose_kernels
+from lightning_rigl.core.kernels import SparseKernels, linear_layers
 
 
 def sparsify(
@@ -25,7 +26,7 @@ def sparsify(
         model: A trained model.
         masks: Parameter name to bool mask; default: the nonzero pattern of every Linear/Conv1D
             weight. Names of other layers (convolutions) are zeroed but keep dense kernels.
-        kernels: ``"auto"`` (sparse where :func:`~lightning_rigl.core.kernels.choose_kernel` finds it
+        kernels: ``"auto"`` (sparse where :func:`~lightning_rigl.core.kernel_choice.choose_kernel` finds it
             faster for inference at ``tokens``), ``"sparse"`` (every float32/float64 layer), ``"dense"``.
         tokens: Rows of the flattened input per call the copy will see (batch x sequence); used by ``"auto"``.
 

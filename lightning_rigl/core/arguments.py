@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_rigl.core.distribution import DISTRIBUTIONS
-from lightning_rigl.core.kernels import KERNELS
+from lightning_rigl.core.kernel_choice import KERNELS
 from lightning_rigl.core.methods import get_method
 from lightning_rigl.core.schedule import check_schedule
 from lightning_rigl.core.validation import (

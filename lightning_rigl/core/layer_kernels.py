@@ -1,19 +1,21 @@
 """How the masked Linear-type layers of a run compute, from the choice of kernels to the attached ones.
 
-The first batch of a fit runs on dense kernels while a :class:`~lightning_rigl.core.kernels.TokenProbe`
+The first batch of a fit runs on dense kernels while a :class:`~lightning_rigl.core.kernel_choice.TokenProbe`
 records each layer's rows; then every layer gets ``"sparse"`` or ``"dense"``
-(:func:`~lightning_rigl.core.kernels.choose_kernels`), the same on every rank. From the next batch on the
+(:func:`~lightning_rigl.core.kernel_choice.choose_kernels`), the same on every rank. From the next batch on the
 chosen layers compute with :class:`~lightning_rigl.core.kernels.SparseKernels`, with the dense weight
 gradient switched on for the steps that read it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
 
-from lightning_rigl.core.kernels import SparseKernels, TokenProbe, choose_kernels, linear_layers
+from lightning_rigl.core.kernel_choice import TokenProbe, choose_kernels
+from lightning_rigl.core.kernels import SparseKernels, linear_layers
 from lightning_rigl.core.sparse_training import SparseTraining
 
 
@@ -83,6 +85,17 @@ class LayerKernels:
         layers = linear_layers(model, list(sparse.params))
         chosen = {name: layer for name, layer in layers.items() if self.choices.get(name) == "sparse"}
         self._kernels = SparseKernels(chosen, sparse.masks)
+
+    def state(self) -> dict[str, Any] | None:
+        """The setting and the choices, for a checkpoint; None until chosen."""
+        return None if self.choices is None else {"setting": self.setting, "choices": dict(self.choices)}
+
+    def saved_choices(self, saved: Mapping[str, Any] | None) -> dict[str, str] | None:
+        """The choices of a saved :meth:`state` if it was made under this setting (else None: choose anew).
+
+        A checkpoint moved from ``"sparse"`` to ``"dense"`` must not keep computing sparse.
+        """
+        return dict(saved["choices"]) if saved is not None and saved["setting"] == self.setting else None
 
     @property
     def attached(self) -> bool:

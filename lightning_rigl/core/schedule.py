@@ -23,6 +23,51 @@ def check_schedule(delta_t: int, alpha: float, decay: str) -> None:
     check_choice("decay", decay, DECAYS)
 
 
+def resolve_t_end(t_end: int | float, total_steps: float, *, batch_steps: int = 1) -> int:
+    """``t_end`` as an optimizer step: an int is one already, a float in (0, 1] is a fraction of the run.
+
+    Args:
+        t_end: An optimizer step, or a fraction of ``total_steps``.
+        total_steps: The run's optimizer steps as the trainer estimates them (``inf`` or ``0`` if unknown).
+        batch_steps: Optimizer steps one batch makes, as far as known before the run: the number of
+            optimizers under manual optimization (whose runs the trainer counts in batches), else 1.
+
+    Raises:
+        ValueError: A fraction that cannot be resolved: an unknown run length, or batches that make
+            several optimizer steps (updates would stop early).
+
+    Example:
+        >>> resolve_t_end(0.75, 1000), resolve_t_end(600, float("inf"))
+        (750, 600)
+    """
+    if isinstance(t_end, int):
+        return t_end
+    check_steps_per_batch(t_end, batch_steps, f"with manual optimization and {batch_steps} optimizers")
+    if not math.isfinite(total_steps) or total_steps <= 0:
+        raise ValueError(
+            f"`t_end={t_end}` is a fraction of the run, but the run's number of optimizer steps is unknown "
+            f"(trainer.estimated_stepping_batches = {total_steps}). Pass `t_end` as an int (an optimizer step), "
+            "or set `max_steps` or `max_epochs` with a sized dataloader."
+        )
+    return int(t_end * total_steps)
+
+
+def check_steps_per_batch(t_end: int | float, batch_steps: int, cause: str = "") -> None:
+    """Raise if a fractional ``t_end``, resolved against batches, meets batches of several optimizer steps.
+
+    Example:
+        >>> check_steps_per_batch(0.75, 1), check_steps_per_batch(600, 3)
+        (None, None)
+    """
+    if isinstance(t_end, float) and batch_steps > 1:
+        raise ValueError(
+            f"`t_end={t_end}` is a fraction of the run, resolved against its batches, but "
+            f"{cause or f'a batch made {batch_steps} optimizer steps (manual optimization)'}: Lightning counts "
+            "such a run in batches, not optimizer steps, so updates would stop early. Pass `t_end` as an int "
+            "(an optimizer step)."
+        )
+
+
 @dataclass(frozen=True)
 class UpdateSchedule:
     """Every ``delta_t`` optimizer steps until ``t_end``, drop a decaying fraction of active weights.
