@@ -7,12 +7,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_rigl._averaging import mask_averaged_copies
+from lightning_rigl._checkpoint_hooks import CheckpointHooks
 from lightning_rigl._lightning import misconfiguration
 from lightning_rigl._spawn import MaskHandoff
 from lightning_rigl._strategies import check_strategy
@@ -32,7 +31,7 @@ from lightning_rigl.core.selection import parameter_aliases
 Kernels = Literal["auto", "sparse", "dense"]
 
 
-class RigLCallback(Callback):
+class RigLCallback(CheckpointHooks):
     """Train a sparse network from scratch with RigL (Evci et al., 2020) or SET, SNFS or a static mask.
 
     At fit start the callback picks the weights to mask, spreads ``sparsity`` over them with
@@ -222,13 +221,7 @@ class RigLCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Every strategy has restored its checkpoint by now (FSDP and ModelParallel only after on_fit_start).
-        if trainer.ckpt_path is not None and not self._restored:
-            rank_zero_warn(
-                f"Resumed from {trainer.ckpt_path}, which holds no RigLCallback state (a dense or weights-only "
-                "checkpoint?): training goes on with fresh random masks, which zeroed part of the loaded weights."
-            )
-        self._restored = False
+        self._warn_unless_restored(trainer)  # every strategy has restored its checkpoint by now
         self._fit_start_step = trainer.global_step  # restored by now
         if self.sparse is not None:
             # A checkpoint saved between a step and its update (by a callback listed before this one)
@@ -298,47 +291,6 @@ class RigLCallback(Callback):
             if self._checks_left:
                 self._checks_left -= self._checks_left > 0
                 self.sparse.check_masks_agree_across_ranks()
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        if self.sparse is None:
-            return {}
-        state = self.sparse.state_dict()
-        if self._kernels.choices is not None:  # how each layer computes: a resumed run computes alike
-            state["kernels"] = self._kernels.state()
-        return state
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        self._restored = True
-        state_dict = dict(state_dict)
-        # Absent from checkpoints of earlier releases; under another setting, chosen anew at the first batch.
-        choices = self._kernels.saved_choices(state_dict.pop("kernels", None))
-        if self.sparse is not None and self._trainer is not None:
-            # FSDP / ModelParallel restore callback state after on_fit_start built the masks.
-            with misconfiguration():
-                self.sparse.load_state_dict(state_dict)
-            self._kernels.choices = choices
-        else:
-            # Single device and DDP restore it before on_fit_start, which builds the masks from it.
-            self._loaded_state = state_dict
-            self._loaded_choices = choices
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if trainer.state.fn == "fit" or not state:
-            return  # a fit restores through load_state_dict
-        # validate / test / predict from a checkpoint: the masks become that checkpoint's, so what is
-        # exported after `trainer.test(ckpt_path="best")` is the tested model's.
-        with misconfiguration():
-            params = select_parameters(pl_module, self.include, self.exclude)
-            self.sparse = SparseTraining.from_state(params, state)
-            self._aliases = parameter_aliases(pl_module, self.sparse.params)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
