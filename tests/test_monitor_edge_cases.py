@@ -84,7 +84,7 @@ def test_attention_flops_reach_the_monitor_dense_while_projections_are_scaled():
     assert metrics["flops/dense_forward"] == pytest.approx(expected.dense)
 
 
-def test_a_zero_size_linear_is_watched_without_error_at_sparsity_zero():
+def test_a_zero_size_linear_is_left_out_without_error():
     class WithEmpty(MLP):
         def __init__(self):
             super().__init__()
@@ -99,7 +99,7 @@ def test_a_zero_size_linear_is_watched_without_error_at_sparsity_zero():
         WithEmpty(), make_loader()
     )
     metrics = _last_logged(logger)
-    assert metrics["sparsity/empty.weight"] == 0.0
+    assert "sparsity/empty.weight" not in metrics and "sparsity/net.0.weight" in metrics  # nothing to watch
     assert metrics["flops/dense_forward"] == F_DENSE  # a Linear with 0 outputs costs nothing
 
 
@@ -148,3 +148,25 @@ def test_the_rich_table_keeps_every_long_name_whole(capsys, monkeypatch):
     out = capsys.readouterr().out.split("SparsityMonitor at fit end")[1]
     assert _rich_names(out) == list(rigl.masks)
     assert any(len(name) > 40 for name in rigl.masks)  # longer than the column
+
+
+def test_rigl_trains_next_to_a_zero_size_linear_leaving_it_out_of_the_masks():
+    class WithEmpty(MLP):
+        def __init__(self):
+            super().__init__()
+            self.empty = nn.Linear(32, 0)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return super().training_step(batch, batch_idx) + self.empty(self.net[0](x)).sum()
+
+    rigl = RigLCallback(0.8, delta_t=2, t_end=6)
+    logger = RecordingLogger()
+    make_trainer([rigl, SparsityMonitor(plot=False)], max_steps=6, log_every_n_steps=2, logger=logger).fit(
+        WithEmpty(), make_loader()
+    )
+    assert "empty.weight" not in rigl.masks and rigl.sparse.updates == 2
+    masked = sum(mask.numel() for mask in rigl.masks.values())
+    assert sum(int(mask.sum()) for mask in rigl.masks.values()) == pytest.approx(0.2 * masked, rel=0.02)
+    with pytest.raises(MisconfigurationException, match=r"nothing to mask \(include=\['empty.weight'\]"):
+        make_trainer([RigLCallback(0.8, include=["empty.weight"])], max_steps=1).fit(WithEmpty(), make_loader())

@@ -112,7 +112,7 @@ def select_parameters(
 
     ``include`` (fnmatch patterns on parameter names) replaces the default selection; ``exclude``
     removes from it. A weight shared by several modules is one entry, under its first name.
-    Parameters with ``requires_grad=False`` are skipped.
+    Parameters with ``requires_grad=False`` and zero-size ones (nothing to mask) are skipped.
 
     The default selection leaves dense, with one warning naming the tie, a weight shared with a
     module it would not mask (a token embedding tied to an output layer): masking it would zero that
@@ -144,7 +144,9 @@ def select_parameters(
         return any(fnmatchcase(name, pat) for name, p in aliases if p is param for pat in patterns or ())
 
     def wanted(param: nn.Parameter) -> bool:
-        return param.requires_grad and not matches(exclude, param)
+        # A zero-size weight (a layer with 0 inputs or outputs) holds nothing to mask or to count.
+        empty = not isinstance(param, nn.parameter.UninitializedParameter) and param.numel() == 0
+        return param.requires_grad and not empty and not matches(exclude, param)
 
     if include:
         chosen = {id(param) for param in params.values() if matches(include, param)}
