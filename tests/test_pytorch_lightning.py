@@ -28,7 +28,7 @@ from lightning_rigl._strategies import check_strategy  # noqa: E402
 from lightning_rigl.core import num_active  # noqa: E402
 from lightning_rigl.pytorch_lightning import RigLCallback, SparsityMonitor  # noqa: E402
 from tests.conftest import DestroyProcessGroup, make_loader  # noqa: E402
-from tests.test_cli import command_line  # noqa: E402
+from tests.test_cli import TRAINER_ARGS, command_line  # noqa: E402
 from tests.test_monitor import RecordingLogger as LightningRecordingLogger  # noqa: E402
 
 
@@ -243,14 +243,6 @@ def test_a_lightning_fit_does_not_import_pytorch_lightning():
 
 
 RIGL_ARGS = {"sparsity": 0.8, "method": "set", "delta_t": 2, "t_end": 5, "seed": 7}
-TRAINER_ARGS = {
-    "accelerator": "cpu",
-    "max_steps": 6,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-}
 
 
 @pytest.fixture
