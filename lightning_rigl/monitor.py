@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.exceptions import MisconfigurationException as LightningMisconfiguration
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_rigl._lightning import MisconfigurationException, lightning_classes, misconfiguration
+from lightning_rigl._monitor_metrics import (
+    batch_size_or_none,
+    count_module_flops,
+    sparsities,
+    step_metrics,
+    train_flops_per_sample,
+)
 from lightning_rigl.callback import RigLCallback
-from lightning_rigl.core.flops import FlopsCount, count_active, count_flops, training_flops_per_sample
+from lightning_rigl.core import SparseTraining
+from lightning_rigl.core.flops import FlopsCount, count_active
 from lightning_rigl.core.selection import select_parameters
 from lightning_rigl.core.validation import check_patterns, check_type
-from lightning_rigl.report import density, draw_figure, optional_import, print_table, summary, table_rows
+from lightning_rigl.report import draw_figure, optional_import, print_table, summary, table_rows
 
 
 class SparsityMonitor(Callback):
@@ -136,14 +140,15 @@ class SparsityMonitor(Callback):
         # has restored its checkpoint.
         self._rigl = next((cb for cb in trainer.callbacks if isinstance(cb, RigLCallback)), None)
         with misconfiguration():
-            if self.include or self.exclude or self._rigl is None or self._rigl.sparse is None:
+            if self.include or self.exclude or self._sparse is None:
                 self._params = select_parameters(pl_module, self.include, self.exclude)
             else:
                 self._params = dict(self._rigl.sparse.params)
-        self.flops = self._count_flops(trainer, pl_module)
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        self.flops = count_module_flops(trainer, pl_module, example, self.example_batch_size)
         self._step = trainer.global_step
         self._seen_updates = self._updates()
-        if self._rigl is not None and self._rigl.sparse is not None:
+        if self._sparse is not None:
             self._record_itop(trainer.global_step)
         self._report(trainer, "fit start", plot=False)
 
@@ -151,9 +156,11 @@ class SparsityMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_size = _batch_size_or_none(batch)
+        self._batch_size = batch_size_or_none(batch)
         if self.flops is not None and self._batch_size is not None:
-            pl_module.flops_per_batch = self._train_flops_per_sample(trainer.global_step) * self._batch_size
+            pl_module.flops_per_batch = (
+                train_flops_per_sample(self.flops, self._sparse, trainer.global_step) * self._batch_size
+            )
 
     @override
     def on_train_batch_end(
@@ -161,7 +168,7 @@ class SparsityMonitor(Callback):
     ) -> None:
         if self.flops is not None and self._batch_size is not None:
             samples = self._batch_size * trainer.world_size  # as ThroughputMonitor: equal batches on every rank
-            self.train_flops += self._train_flops_per_sample(self._step) * samples
+            self.train_flops += train_flops_per_sample(self.flops, self._sparse, self._step) * samples
             self.dense_train_flops += 3 * self.flops.dense * samples
         if trainer.global_step == self._step:
             return  # an accumulation micro-batch: no optimizer step yet
@@ -176,7 +183,10 @@ class SparsityMonitor(Callback):
         log_step = trainer._logger_connector.should_update_logs
         if not (log_step or updated):
             return
-        metrics = self._metrics(trainer)
+        active, _ = self._read_sparsities()
+        metrics = step_metrics(
+            self._params, active, self.flops, self.train_flops, self.dense_train_flops, self._sparse, self._step
+        )
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         if not log_step:
             # Lightning only hands logged values to the loggers on logging steps: this update's now.
@@ -187,7 +197,7 @@ class SparsityMonitor(Callback):
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        batch_size = _batch_size_or_none(batch)
+        batch_size = batch_size_or_none(batch)
         if self.flops is not None and batch_size is not None:
             pl_module.flops_per_batch = self.flops.sparse * batch_size
 
@@ -213,79 +223,26 @@ class SparsityMonitor(Callback):
         if not self.itop_curve or self.itop_curve[-1][0] != step:  # a resumed run starts where it was saved
             self.itop_curve.append((step, self._rigl.sparse.itop_rate))
 
-    def _count_flops(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> FlopsCount | None:
-        example = self.example_input if self.example_input is not None else pl_module.example_input_array
-        if example is None:
-            rank_zero_warn(
-                "SparsityMonitor has no example input, so it cannot count FLOPs: pass `example_input=` or set "
-                "`example_input_array` on your LightningModule. Sparsity and topology are still logged."
-            )
-            return None
-        example = trainer.precision_plugin.convert_input(move_data_to_device(example, pl_module.device))
-        # Every rank runs the pass: under FSDP2 the forward gathers weights, a collective.
-        with trainer.precision_plugin.forward_context():
-            try:
-                flops = count_flops(pl_module, example, batch_size=self.example_batch_size)
-            except ValueError as error:
-                raise MisconfigurationException(
-                    f"SparsityMonitor could not count FLOPs: {str(error).rstrip('.')}. Pass an `example_input` "
-                    "(or set `example_input_array`) that the model's forward takes."
-                ) from error
-        return flops
-
-    def _active(self) -> dict[str, int]:
-        # RigL's masks keep connections grown at 0 counted as active; a collective under FSDP2.
-        return count_active(self._params, self._rigl.masks if self._rigl is not None else None)
-
-    def _sparsities(self, active: Mapping[str, int]) -> dict[str, float]:
-        return {name: 1.0 - density(n, self._params[name].numel()) for name, n in active.items()}
+    @property
+    def _sparse(self) -> SparseTraining | None:
+        # None without a RigLCallback, or before its on_fit_start.
+        return self._rigl.sparse if self._rigl is not None else None
 
     def _updates(self) -> int:
-        return self._rigl.sparse.updates if self._rigl is not None and self._rigl.sparse is not None else 0
+        return self._sparse.updates if self._sparse is not None else 0
 
-    def _train_flops_per_sample(self, step: int) -> float:
-        assert self.flops is not None
-        sparse = self._rigl.sparse if self._rigl is not None else None
-        if sparse is None:
-            return training_flops_per_sample(self.flops.sparse, self.flops.dense)
-        schedule = sparse.schedule
-        return training_flops_per_sample(
-            self.flops.sparse,
-            self.flops.dense,
-            sparse.method.name,
-            schedule.delta_t if schedule is not None else 1,
-            updating=schedule is not None and step < schedule.t_end,
-        )
-
-    def _metrics(self, trainer: pl.Trainer) -> dict[str, float]:
-        active = self._active()
-        sparsities = self._sparsities(active)
-        numel = sum(p.numel() for p in self._params.values())
-        metrics = {"sparsity/global": 1.0 - density(sum(active.values()), numel)}
-        metrics.update({f"sparsity/{name}": s for name, s in sparsities.items()})
+    def _read_sparsities(self) -> tuple[dict[str, int], dict[str, float]]:
+        """Active weights and sparsity of each layer, the FLOPs count brought to them; a collective under FSDP2."""
+        # RigL's masks keep connections grown at 0 counted as active.
+        active = count_active(self._params, self._rigl.masks if self._rigl is not None else None)
+        layer_sparsities = sparsities(self._params, active)
         if self.flops is not None:
-            self.flops = self.flops.with_sparsity(sparsities)  # the zeros may move without RigL (pruning)
-            metrics["flops/dense_forward"] = self.flops.dense
-            metrics["flops/sparse_forward"] = self.flops.sparse
-            metrics["flops/sparse_ratio"] = self.flops.ratio
-            metrics["flops/train_total"] = self.train_flops
-            metrics["flops/train_ratio"] = self.train_flops / self.dense_train_flops if self.dense_train_flops else 0.0
-        sparse = self._rigl.sparse if self._rigl is not None else None
-        if sparse is not None:
-            last = sparse.history[-1] if sparse.history else None
-            updating = sparse.method.updates and sparse.schedule is not None
-            metrics["rigl/drop_fraction"] = sparse.schedule.drop_fraction(trainer.global_step) if updating else 0.0
-            metrics["rigl/changed"] = last.changed / last.active if last and last.active else 0.0
-            metrics["rigl/itop"] = sparse.itop_rate
-            metrics["rigl/updates"] = float(sparse.updates)
-        return metrics
+            self.flops = self.flops.with_sparsity(layer_sparsities)  # the zeros may move without RigL (pruning)
+        return active, layer_sparsities
 
     def _report(self, trainer: pl.Trainer, when: str, plot: bool) -> None:
         """Print the table and draw the figure on rank 0; what needs every rank is read on every rank."""
-        active = self._active()
-        sparsities = self._sparsities(active)
-        if self.flops is not None:
-            self.flops = self.flops.with_sparsity(sparsities)
+        active, layer_sparsities = self._read_sparsities()
         log_dir = trainer.log_dir if plot else None  # a broadcast
         if not trainer.is_global_zero:
             return
@@ -295,8 +252,8 @@ class SparsityMonitor(Callback):
                 summary(when, self.flops, self.train_flops, self.dense_train_flops),
             )
         if plot and optional_import("matplotlib") is not None:
-            history = self._rigl.sparse.history if self._rigl is not None and self._rigl.sparse is not None else []
-            densities = {name: 1 - sparsity for name, sparsity in sparsities.items()}
+            history = self._sparse.history if self._sparse is not None else []
+            densities = {name: 1 - sparsity for name, sparsity in layer_sparsities.items()}
             numel = {name: p.numel() for name, p in self._params.items()}
             figure = draw_figure(densities, numel, history, self.itop_curve)
             tensorboard = lightning_classes("loggers", "TensorBoardLogger")  # either package's
@@ -307,10 +264,3 @@ class SparsityMonitor(Callback):
                 directory = log_dir or trainer.default_root_dir  # a custom logger may have no directory
                 os.makedirs(directory, exist_ok=True)
                 figure.savefig(os.path.join(directory, f"sparsity_step{trainer.global_step}.png"))
-
-
-def _batch_size_or_none(batch: Any) -> int | None:
-    try:
-        return extract_batch_size(batch)
-    except LightningMisconfiguration:  # no tensor in the batch: FLOPs per batch are unknown
-        return None

@@ -1,0 +1,138 @@
+"""The forward pass under FlopCounterMode that charges each counted operation's FLOPs to its weight."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def count_by_weight(model: nn.Module, example_input: Any) -> FlopsByWeight:
+    """One forward pass under ``FlopCounterMode``, its FLOPs charged to the weights.
+
+    The pass runs in eval mode, without gradients and with attention's fused fast path off (``FlopCounterMode``
+    cannot see inside it); the modules' training flags and the fast path setting are restored afterwards.
+
+    Args:
+        model: Any module.
+        example_input: A tensor (``model(x)``), a tuple or list (``model(*x)``) or a dict (``model(**x)``).
+
+    Returns:
+        The mode after the pass: ``.counter`` (the total), ``.flops`` and ``.density`` per weight name.
+
+    Raises:
+        ValueError: The model's forward fails on ``example_input`` (naming its shapes and the error).
+
+    Example:
+        >>> by_weight = count_by_weight(nn.Linear(4, 8), torch.randn(16, 4))
+        >>> by_weight.flops, by_weight.density, by_weight.counter.get_total_flops()
+        ({'weight': 1024}, {'weight': 1.0}, 1024)
+
+    """
+    modes = {module: module.training for module in model.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        counter = FlopCounterMode(display=False, custom_mapping=_MISSING_FORMULAS)
+        with torch.no_grad(), counter, FlopsByWeight(counter, model) as by_weight:
+            try:
+                if isinstance(example_input, (tuple, list)):
+                    model(*example_input)
+                elif isinstance(example_input, dict):
+                    model(**example_input)
+                else:
+                    model(example_input)
+            except (RuntimeError, TypeError, ValueError, IndexError) as error:
+                raise ValueError(
+                    f"`example_input` ({_describe(example_input)}) does not fit the forward of "
+                    f"{type(model).__name__}: {error}"
+                ) from error
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for module, training in modes.items():
+            module.train(training)
+    return by_weight
+
+
+class FlopsByWeight(TorchDispatchMode):
+    """Sits above ``FlopCounterMode`` and charges the FLOPs it counts for each op to the op's weight.
+
+    Attributes:
+        counter: The ``FlopCounterMode`` below, whose total includes ops that multiply no weight.
+        model: The module whose parameters are the weights.
+        flops: Parameter name to the FLOPs of the ops that multiply by it.
+        density: Parameter name to its fraction of non-zero values, read at its first counted op.
+
+    """
+
+    def __init__(self, counter: FlopCounterMode, model: nn.Module) -> None:
+        super().__init__()
+        self.counter = counter
+        self.model = model
+        self.flops: dict[str, int] = {}  # parameter name -> FLOPs of the ops that multiply by it
+        self.density: dict[str, float] = {}
+        # id of a cast copy of a weight (autocast's) -> (a weak reference to the copy, the weight's name and
+        # the weight): a freed copy's id may be reused, the reference tells.
+        self.casts: dict[int, tuple[weakref.ref, str, nn.Parameter]] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        before = self.counter.get_total_flops()
+        out = func(*args, **(kwargs or {}))
+        counted = self.counter.get_total_flops() - before
+        if func is torch.ops.aten._to_copy.default and isinstance(out, Tensor):
+            # Autocast hands matmuls a copy of the weight in the lower precision: remember whose copy it is.
+            weight = self._weight_operand(args[:1], {})
+            if weight is not None:
+                self.casts[id(out)] = (weakref.ref(out), *weight)
+        if counted:
+            weight = self._weight_operand(args, kwargs)
+            if weight is not None:
+                name, param = weight
+                self.flops[name] = self.flops.get(name, 0) + counted
+                if name not in self.density:
+                    # Read now: FLOPs of an FSDP2 weight are counted while it is gathered; it is freed after.
+                    self.density[name] = _density(param)
+        return out
+
+    def _weight_operand(self, args: Any, kwargs: Any) -> tuple[str, nn.Parameter] | None:
+        # Looked up per counted op: FSDP2 swaps in unsharded Parameters for the forward pass only.
+        # A weight arrives as itself or as a view of it (a transpose, a q/k/v slice): match the base.
+        # Biases (1-d) are operands of addmm and convolution too; the weight is the >= 2-d one.
+        params = {id(param): (name, param) for name, param in self.model.named_parameters()}
+        for tensor in tree_flatten((args, kwargs))[0]:
+            if isinstance(tensor, Tensor) and tensor.dim() >= 2:
+                base = tensor._base if tensor._base is not None else tensor
+                if id(base) in params:
+                    return params[id(base)]
+                cast = self.casts.get(id(base))
+                if cast is not None and cast[0]() is base:
+                    return cast[1], cast[2]
+        return None
+
+
+def _density(param: Tensor) -> float:
+    if param.is_meta or not param.numel():
+        return 1.0  # no values to read
+    return float(torch.count_nonzero(param)) / param.numel()
+
+
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    # CPU's fused attention kernel has no formula in FlopCounterMode (it would count 0): count its
+    # two matmuls, Q K^T and A V, as the formula of CUDA's kernels does.
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_MISSING_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def _describe(example_input: Any) -> str:
+    """Shapes of the tensors in an example input, for an error message."""
+    shapes = [tuple(t.shape) for t in tree_flatten(example_input)[0] if isinstance(t, Tensor)]
+    kind = type(example_input).__name__
+    return f"a {kind} of shape {shapes[0]}" if isinstance(example_input, Tensor) else f"a {kind} of shapes {shapes}"
