@@ -252,7 +252,9 @@ class RigLCallback(CheckpointHooks):
         # Gradients here are accumulated, all-reduced and unscaled, and not clipped yet: read the dense
         # gradient the method needs, then mask it, so clipping and the optimizer see inactive ones at 0.
         if self.sparse is not None:
-            self.sparse.before_step(trainer.global_step, optimizer)
+            # Sparse kernels write a layer's gradient at active positions only: no second pass over it.
+            masked = self._kernels.masked_gradients(self.sparse.masked_names(optimizer))
+            self.sparse.before_step(trainer.global_step, optimizer, masked)
             self._stepped.append(optimizer)
 
     @override

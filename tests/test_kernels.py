@@ -348,3 +348,53 @@ def test_sparsify_serves_a_model_whose_head_is_tied_to_its_embedding():
     with torch.inference_mode():
         assert torch.allclose(fast(ids), model(ids), atol=1e-6)
     assert fast.head.weight is fast.embed.weight
+
+
+def test_masked_gradients_names_a_layer_only_while_its_gradient_is_the_sparse_ops_own():
+    layer, mask = masked_layer(density=0.3)
+    kernels = SparseKernels(linear_layers(nn.Sequential(layer)), {"0.weight": mask})
+    names = ["0.weight"]
+
+    def backward(extra=None):
+        kernels.set_dense_gradient(False)  # a new step
+        y = layer(signed_input(4, 9)).sum()
+        (y if extra is None else y + extra()).backward()
+
+    backward()
+    assert kernels.masked_gradients(names) == names
+    assert layer.weight.grad[~mask].eq(0).all() and layer.weight.grad[mask].ne(0).any()
+    assert kernels.masked_gradients(names) == []  # used up: one optimizer step, one answer
+
+    layer.weight.grad = None
+    backward(lambda: layer.weight.sum())  # a second use of the weight: nonzero at inactive positions
+    assert layer.weight.grad[~mask].ne(0).all()
+    assert kernels.masked_gradients(names) == []
+
+    layer.weight.grad = None
+    backward()
+    layer.weight.grad.add_(0.5)  # changed after the op wrote it (a hook, gradient noise)
+    assert kernels.masked_gradients(names) == []
+
+    layer.weight.grad = None
+    backward()
+    layer(signed_input(4, 9)).sum().backward()  # a second micro-batch accumulated into it
+    assert kernels.masked_gradients(names) == []
+
+    layer.weight.grad = None
+    backward()
+    kernels.set_dense_gradient(True)  # the next step began: the record of this one does not carry over
+    assert kernels.masked_gradients(names) == []
+    layer.weight.grad = None
+    layer(signed_input(4, 9)).sum().backward()  # the dense gradient (an update step) is not masked
+    assert kernels.masked_gradients(names) == [] and layer.weight.grad[~mask].ne(0).any()
+    kernels.detach()
+
+
+def test_before_step_leaves_gradients_named_already_masked_to_the_caller():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    sparse = SparseTraining.from_model(model, 0.5, "uniform", dense_first_layer=False, method="static")
+    for p in model.parameters():
+        p.grad = torch.full_like(p, -2.0)
+    sparse.before_step(0, already_masked=["1.weight"])
+    assert model[0].weight.grad[~sparse.masks["0.weight"]].eq(0).all()
+    assert model[1].weight.grad.eq(-2.0).all()  # the caller vouched for it: not multiplied

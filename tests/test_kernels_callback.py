@@ -328,3 +328,57 @@ def test_attention_projections_stay_dense_and_feed_forward_layers_go_sparse():
     }
     assert choices["net.0.layers.1.linear2.weight"] == choices["net.1.weight"] == "sparse"
     assert rigl.sparse.updates == 1
+
+
+class WeightUsedTwice(MLP):
+    """The middle layer's weight also enters the loss directly: its gradient is nonzero at every position."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0.05 * self.net[2].weight.sum()
+
+
+class GradientNoise(Callback):
+    """Adds signed noise to every gradient in place after the backward, as gradient-noise methods do."""
+
+    def on_after_backward(self, trainer, pl_module):
+        gen = torch.Generator().manual_seed(trainer.global_step)
+        for p in pl_module.parameters():
+            p.grad.add_(torch.randn(p.shape, generator=gen) * 0.01)
+
+
+@pytest.mark.parametrize(
+    ("module", "callbacks"), [(WeightUsedTwice, ()), (MLP, (GradientNoise(),))], ids=["second-use", "noise-hook"]
+)
+def test_gradients_changed_after_the_sparse_op_are_still_masked(module, callbacks):
+    rigl, model = fit("sparse", module=module, steps=12, callbacks=callbacks, method="set")
+    assert rigl.kernel_choices == dict.fromkeys(MASKED, "sparse")
+    optimizer = model.trainer.optimizers[0]
+    for name, mask in rigl.masks.items():
+        weight = model.get_parameter(name)
+        assert weight[~mask].eq(0).all(), name  # no check ran yet (every 100 steps): masking alone held them
+        assert optimizer.state[weight]["momentum_buffer"][~mask].eq(0).all(), name
+
+
+def test_ordinary_steps_do_not_mask_the_gradients_the_sparse_kernels_wrote(monkeypatch):
+    import lightning_rigl.core.sparse_training as sparse_training
+
+    masked_gradients_per_step = []
+    multiply = sparse_training.multiply_by_masks
+
+    def spy(tensors, masks):
+        params = list(model.parameters())
+        masked_gradients_per_step.append(sum(any(t is p.grad for p in params) for t in tensors))
+        multiply(tensors, masks)
+
+    monkeypatch.setattr(sparse_training, "multiply_by_masks", spy)
+    model = MLP()
+    masked_gradients_per_step.clear()
+    steps = 9
+    pl.seed_everything(0, verbose=False)
+    rigl = RigLCallback(0.8, method="rigl", delta_t=4, t_end=100, seed=1, kernels="sparse")
+    make_trainer([rigl], max_steps=steps).fit(model, make_loader())
+    gradient_calls = [n for n in masked_gradients_per_step if n]
+    # Step 1 runs dense (it measures the tokens); steps 4 and 8 read the dense gradient for RigL's update:
+    # those three mask all three layers, no other step masks any.
+    assert gradient_calls == [3, 3, 3]
+    assert all(model.get_parameter(name)[~mask].eq(0).all() for name, mask in rigl.masks.items())

@@ -8,12 +8,19 @@ changes, to :func:`~lightning_rigl.core.sparse_linear.sparse_linear` at the mask
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.sparse_linear import SPARSE_DTYPES, SparseStructure, active_values, sparse_linear
+from lightning_rigl.core.sparse_linear import (
+    SPARSE_DTYPES,
+    SparseStructure,
+    active_values,
+    forget_masked_gradient,
+    gradient_is_masked,
+    sparse_linear,
+)
 
 
 def weight_in_out(module: nn.Module) -> bool | None:
@@ -110,6 +117,21 @@ class SparseKernels:
         Set it before the forward pass: the forward records it for its backward.
         """
         self.dense_gradient = bool(needed)
+        for structure in self._structures.values():
+            forget_masked_gradient(structure)  # a record from an earlier step must not vouch for this one's
+
+    def masked_gradients(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` whose weight gradient is the one their sparse op wrote, at active positions only.
+
+        Such a gradient is already 0 at every inactive position (see
+        :func:`~lightning_rigl.core.sparse_linear.gradient_is_masked`): multiplying it by the mask again
+        changes nothing. Call it once per optimizer step, for the layers it updates, before they are masked.
+        """
+        return [
+            name
+            for name in names
+            if name in self._modules and gradient_is_masked(self._modules[name].weight.grad, self._structures[name])
+        ]
 
     def update_structure(self, name: str, mask: Tensor) -> None:
         """Rebuild a layer's structure from its new mask (after a topology update)."""

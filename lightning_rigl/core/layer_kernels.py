@@ -9,7 +9,7 @@ gradient switched on for the steps that read it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
@@ -96,6 +96,10 @@ class LayerKernels:
         A checkpoint moved from ``"sparse"`` to ``"dense"`` must not keep computing sparse.
         """
         return dict(saved["choices"]) if saved is not None and saved["setting"] == self.setting else None
+
+    def masked_gradients(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` whose gradient the sparse kernels wrote as 0 at inactive positions (see SparseKernels)."""
+        return [] if self._kernels is None else self._kernels.masked_gradients(names)
 
     @property
     def attached(self) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+from torch.utils.weak import WeakTensorKeyDictionary
 
 #: Dtypes the CPU sparse kernels (``torch.sparse.mm`` on CSR, ``sampled_addmm``) support.
 SPARSE_DTYPES = (torch.float32, torch.float64)
@@ -135,6 +136,37 @@ def active_values(weight: Tensor, structure: SparseStructure) -> Tensor:
     return weight.detach().reshape(-1).index_select(0, structure.index)
 
 
+# Weight gradients the op wrote at active positions only (zero elsewhere), by their structure's `index`:
+# (address, version) when written, so that an optimizer step can skip masking them again if nothing else
+# added to them or changed them since. Recorded in eager autograd only: a compiled backward records nothing.
+_MASKED_GRADIENTS = WeakTensorKeyDictionary()
+
+
+def gradient_is_masked(grad: Tensor | None, structure: SparseStructure) -> bool:
+    """Whether ``grad`` is the weight gradient this op last wrote for ``structure``, unchanged since.
+
+    Such a gradient is exactly 0 at every inactive position. Any other contribution (a second use of
+    the weight, accumulation over micro-batches, an all-reduce, a hook that changed it) gives another
+    tensor or a new version, and the answer is False. The record is used up by the call.
+
+    Example:
+        >>> weight = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+        >>> structure = SparseStructure.from_mask(weight != 0)
+        >>> sparse_linear(torch.ones(1, 2), weight, None, structure).sum().backward()
+        >>> gradient_is_masked(weight.grad, structure), weight.grad.tolist()
+        (True, [[1.0, 0.0], [0.0, 1.0]])
+        >>> weight.grad.add_(1.0) is not None, gradient_is_masked(weight.grad, structure)
+        (True, False)
+    """
+    written = _MASKED_GRADIENTS.pop(structure.index, None)
+    return grad is not None and written == (grad.data_ptr(), grad._version)
+
+
+def forget_masked_gradient(structure: SparseStructure) -> None:
+    """Drop the record of the gradient last written for ``structure`` (a new step begins)."""
+    _MASKED_GRADIENTS.pop(structure.index, None)
+
+
 def _csr(crow: Tensor, col: Tensor, values: Tensor, rows: int, cols: int) -> Tensor:
     return torch.sparse_csr_tensor(crow, col, values, (rows, cols), check_invariants=False)
 
@@ -225,6 +257,8 @@ def _backward(ctx, grad_out):
         grad_x, grad_w = _sparse_linear_backward_op(
             grad_out, x, weight, values, *structure, *ctx.flags, needs_x, needs_w
         )
+        if needs_w and not ctx.flags[0] and type(grad_w) is Tensor:  # not while tracing (fake tensors)
+            _MASKED_GRADIENTS[structure[2]] = (grad_w.data_ptr(), grad_w._version)
     if needs_b and ctx.has_bias:
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
     return (grad_x if needs_x else None, grad_w if needs_w else None, None, grad_b) + (None,) * 8

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -196,12 +196,14 @@ class SparseTraining:
         )
 
     @torch.no_grad()
-    def before_step(self, step: int, params: ParamsLike = None) -> None:
+    def before_step(self, step: int, params: ParamsLike = None, already_masked: Container[str] = ()) -> None:
         """Read the dense gradients this step needs, then zero gradients at inactive positions.
 
         Args:
             step: 0-based index of the optimizer step about to run (``trainer.global_step``).
             params: The parameters this optimizer step updates (an optimizer); None for all.
+            already_masked: Names whose gradients are known to be 0 at every inactive position already
+                (written so by the sparse kernels): not multiplied by their masks again.
 
         """
         names = [name for name in self.masked_names(params) if self.params[name].grad is not None]
@@ -221,8 +223,8 @@ class SparseTraining:
             if due and not finite:
                 # No update from this step; the layers stay due and retry at their next finite step.
                 self.nonfinite_steps += 1
-        grads = [local_shard(self.params[name].grad) for name in names]
-        multiply_by_masks(grads, [self.layer_masks.local[name] for name in names])
+        left = [name for name in names if name not in already_masked]
+        multiply_by_masks([local_shard(self.params[n].grad) for n in left], [self.layer_masks.local[n] for n in left])
         self.zero_guard.gradients_masked(names)
 
     @torch.no_grad()
