@@ -258,11 +258,11 @@ def _sampled_hint(
     numel = flat_mask.numel()
     if k <= 0 or numel < 4 * windows * width or 8 * k > numel:
         return None
-    parts = []
-    for start in torch.linspace(0, numel - width, windows).long().tolist():
-        kind = _is_active(flat_mask[start : start + width])
-        parts.append(read(start, start + width).reshape(-1)[kind if active else ~kind])
-    sample = torch.cat(parts)
+    starts = torch.linspace(0, numel - width, windows, device=flat_mask.device).long()
+    # One gather of the mask's windows and one selection: per-window indexing costs 64 small calls.
+    kind = _is_active(flat_mask[(starts[:, None] + torch.arange(width, device=starts.device)).reshape(-1)])
+    sample = torch.cat([read(start, start + width).reshape(-1) for start in starts.tolist()])
+    sample = sample[kind if active else ~kind]
     # Entries of the sample beyond the hint stand for about 1.5 k of the layer's, plus a margin of a few.
     rank = math.ceil(1.5 * k * windows * width / numel) + 16
     if rank > sample.numel():
