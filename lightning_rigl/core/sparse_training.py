@@ -12,7 +12,7 @@ from lightning_rigl.core.candidates import GrowCandidates, grow_candidates, scor
 from lightning_rigl.core.distributed import all_finite, all_ranks_sum, check_masks_agree_across_ranks
 from lightning_rigl.core.distribution import resolve_sparsities
 from lightning_rigl.core.history import UpdateRecord, record_update
-from lightning_rigl.core.masking import fill_positions, multiply_by_masks, nonzero_where_inactive
+from lightning_rigl.core.masking import fill_positions, multiply_by_masks
 from lightning_rigl.core.masks import LayerMasks
 from lightning_rigl.core.methods import Method, get_method
 from lightning_rigl.core.optim_state import check_restartable, reset_optimizer_state
@@ -81,7 +81,6 @@ class SparseTraining:
         self.signal = self.method.signal()
         self.schedule = schedule
         self.generator = torch.Generator().manual_seed(seed)
-        self.zero_guard = ZeroGuard(verify_every)
         self.history: list[UpdateRecord] = []
         self.nonfinite_steps = 0
         self._name_of = {id(p): name for name, p in self.params.items()}
@@ -91,6 +90,7 @@ class SparseTraining:
         #: their update (after it): no buffer the size of the layer is held in between.
         self.grow_candidates: dict[str, GrowCandidates] = {}
         self.layer_masks = LayerMasks(self.params)
+        self.zero_guard = ZeroGuard(self.layer_masks, verify_every)
         if state is not None:
             self.load_state_dict(state)  # no fresh draw: it would zero weights the saved masks keep
         else:
@@ -242,9 +242,9 @@ class SparseTraining:
         optimizers = list(optimizers)
         names = self.masked_names(params)
         names_by_optimizer = {optimizer: tuple(self.masked_names(optimizer)) for optimizer in optimizers}
-        left_at_zero = self.zero_guard.weights_left_at_zero(names, names_by_optimizer, self._nonzero_where_inactive)
+        left_at_zero = self.zero_guard.weights_left_at_zero(names, names_by_optimizer)
         updated = self.update_topology(optimizers, names)
-        self.zero_guard.restart_state_once(names_by_optimizer, self._restart_inactive_state)
+        self.zero_guard.restart_state_once(names_by_optimizer)
         self.apply_masks([self.params[name] for name in names if name not in left_at_zero])
         return updated
 
@@ -333,13 +333,3 @@ class SparseTraining:
         scores = score_chunks(self.method.score, weight, signal, self.generator)
         mask = self.layer_masks.whole(name) if is_sharded(param) else self.layer_masks.local[name]
         return grow_candidates(mask, k, scores, sample=not self.method.random_score)
-
-    def _nonzero_where_inactive(self, names: list[str]) -> list[str]:
-        return [
-            name
-            for name in names
-            if nonzero_where_inactive(local_shard(self.params[name]), self.layer_masks.local[name])
-        ]
-
-    def _restart_inactive_state(self, optimizer: torch.optim.Optimizer, name: str) -> None:
-        reset_optimizer_state([optimizer], self.params[name], self.layer_masks.local[name] == 0)

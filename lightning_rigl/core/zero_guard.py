@@ -10,11 +10,15 @@ checks now and then that nothing else wrote to inactive weights.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from weakref import WeakKeyDictionary
 
 import torch
 
+from lightning_rigl.core.masking import nonzero_where_inactive
+from lightning_rigl.core.masks import LayerMasks
+from lightning_rigl.core.optim_state import reset_optimizer_state
+from lightning_rigl.core.sharding import local_shard
 from lightning_rigl.core.validation import check_int
 
 Optimizer = torch.optim.Optimizer
@@ -61,17 +65,25 @@ class ZeroGuard:
     once and from then on every layer is re-zeroed after every step.
 
     Args:
+        masks: The masks of the run, with the weights they mask.
         verify_every: Optimizer steps between checks, >= 1.
 
     Example:
-        >>> guard = ZeroGuard(verify_every=100)
-        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> masks = LayerMasks({"w": w})
+        >>> masks.replace({"w": torch.tensor([True, False])})
+        >>> guard, opt = ZeroGuard(masks, verify_every=100), torch.optim.SGD([w], lr=0.1)
         >>> guard.gradients_masked(["w"])
-        >>> guard.weights_left_at_zero(["w"], {opt: ("w",)}, lambda names: [])  # state not restarted yet
+        >>> guard.weights_left_at_zero(["w"], {opt: ("w",)})  # state not restarted yet
         set()
+        >>> guard.restart_state_once({opt: ("w",)})
+        >>> guard.gradients_masked(["w"])
+        >>> guard.weights_left_at_zero(["w"], {opt: ("w",)})
+        {'w'}
     """
 
-    def __init__(self, verify_every: int = 100) -> None:
+    def __init__(self, masks: LayerMasks, verify_every: int = 100) -> None:
+        self.masks = masks
         self.verify_every = check_int("verify_every", verify_every, 1)
         self.optimizers_keep_zeros = True  # False once a nonzero turned up where a layer was trusted
         self._steps_to_verify = verify_every
@@ -88,18 +100,13 @@ class ZeroGuard:
         self._state_restarted_for.clear()
 
     def weights_left_at_zero(
-        self,
-        names: list[str],
-        names_by_optimizer: Mapping[Optimizer, tuple[str, ...]],
-        nonzero_layers: Callable[[list[str]], list[str]],
+        self, names: list[str], names_by_optimizer: Mapping[Optimizer, tuple[str, ...]]
     ) -> set[str]:
         """Names among ``names`` (the layers this step updated) that need no re-zeroing pass.
 
         Args:
             names: The masked layers the optimizer step just updated.
             names_by_optimizer: Every optimizer of the run, to the masked names it holds.
-            nonzero_layers: Returns those of the given layers whose weights are nonzero where inactive;
-                called at the periodic checks.
 
         """
         trusted = self._trusted_layers(names_by_optimizer) if self.optimizers_keep_zeros else set()
@@ -108,15 +115,13 @@ class ZeroGuard:
         self._steps_to_verify -= 1
         if self._steps_to_verify <= 0 and left:
             self._steps_to_verify = self.verify_every
-            leaked = nonzero_layers(sorted(left))
+            leaked = [name for name in sorted(left) if self._nonzero_where_inactive(name)]
             if leaked:
                 self._distrust(leaked, names_by_optimizer)
                 return set()
         return left
 
-    def restart_state_once(
-        self, names_by_optimizer: Mapping[Optimizer, tuple[str, ...]], restart_state: Callable[[Optimizer, str], None]
-    ) -> None:
+    def restart_state_once(self, names_by_optimizer: Mapping[Optimizer, tuple[str, ...]]) -> None:
         """Restart each zero-keeping optimizer's state at inactive positions, once per set of layers it holds.
 
         State from before the masks (a dense checkpoint) would move inactive weights; after this,
@@ -125,8 +130,11 @@ class ZeroGuard:
         for optimizer, held in names_by_optimizer.items():
             if keeps_zeros(optimizer) and self._state_restarted_for.get(optimizer) != held:
                 for name in held:
-                    restart_state(optimizer, name)
+                    reset_optimizer_state([optimizer], self.masks.params[name], self.masks.local[name] == 0)
                 self._state_restarted_for[optimizer] = held
+
+    def _nonzero_where_inactive(self, name: str) -> bool:
+        return nonzero_where_inactive(local_shard(self.masks.params[name]), self.masks.local[name])
 
     def _trusted_layers(self, names_by_optimizer: Mapping[Optimizer, tuple[str, ...]]) -> set[str]:
         # A layer is trusted only if every optimizer that holds it is.
