@@ -8,18 +8,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.candidates import GrowCandidates, grow_candidates, score_chunks
-from lightning_rigl.core.distributed import all_finite, all_ranks_sum, check_masks_agree_across_ranks
+from lightning_rigl.core.candidates import GrowCandidates
+from lightning_rigl.core.distributed import all_finite, check_masks_agree_across_ranks
 from lightning_rigl.core.distribution import resolve_sparsities
 from lightning_rigl.core.history import UpdateRecord, record_update
-from lightning_rigl.core.masking import fill_positions, multiply_by_masks
+from lightning_rigl.core.layer_update import drop_and_grow, read_grow_scores
+from lightning_rigl.core.masking import multiply_by_masks
 from lightning_rigl.core.masks import LayerMasks
 from lightning_rigl.core.methods import Method, get_method
-from lightning_rigl.core.optim_state import check_restartable, reset_optimizer_state
+from lightning_rigl.core.optim_state import check_restartable
 from lightning_rigl.core.saved_state import migrate_state, restore_state, save_state
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import select_parameters
-from lightning_rigl.core.sharding import gather_full, is_sharded, local_shard, wrap_like_param
+from lightning_rigl.core.sharding import local_shard, wrap_like_param
 from lightning_rigl.core.topology import num_active, random_mask
 from lightning_rigl.core.zero_guard import ZeroGuard
 
@@ -219,7 +220,7 @@ class SparseTraining:
             for name in due:
                 self.grow_candidates.pop(name, None)
                 if finite:
-                    self.grow_candidates[name] = self._reduce_grow_scores(name)
+                    self.grow_candidates[name] = self._read_grow_scores(name)
             if due and not finite:
                 # No update from this step; the layers stay due and retry at their next finite step.
                 self.nonfinite_steps += 1
@@ -264,16 +265,8 @@ class SparseTraining:
             candidates = self.grow_candidates.pop(name, None)
             if candidates is None:
                 continue
-            param = self.params[name]
             step, fraction = self.due_updates.pop(name)
-            grown, gone = self.layer_masks.drop_and_grow(name, candidates)
-            # The paper's grow init: new connections start at 0 with fresh optimizer state; a weight
-            # dropped and regrown in this update keeps its value and state. A dropped weight is zeroed
-            # and its state restarted, which nothing reads again: regrowing it restarts it anyway.
-            changed = torch.cat([grown, gone])
-            fill_positions(local_shard(param), changed, 0.0)
-            reset_optimizer_state(optimizers, param, changed)
-            changed = all_ranks_sum(grown.numel(), [param])
+            changed = drop_and_grow(self.layer_masks, name, candidates, optimizers)
             record_update(self.history, step, fraction, changed, self.layer_masks.counts[name])
             updated.append(name)
         return updated
@@ -324,12 +317,6 @@ class SparseTraining:
         self.zero_guard.masks_replaced()  # optimizer state may be nonzero where the new masks are inactive
         self.apply_masks()
 
-    def _reduce_grow_scores(self, name: str) -> GrowCandidates:
-        # One layer at a time: a sharded layer's weight, signal and mask are gathered here and freed after.
-        param = self.params[name]
-        signal = self.signal.read(name, param.grad)
-        weight, signal = gather_full(param), None if signal is None else gather_full(signal)
-        k = int(self.layer_masks.counts[name] * self.due_updates[name][1])
-        scores = score_chunks(self.method.score, weight, signal, self.generator)
-        mask = self.layer_masks.whole(name) if is_sharded(param) else self.layer_masks.local[name]
-        return grow_candidates(mask, k, scores, sample=not self.method.random_score)
+    def _read_grow_scores(self, name: str) -> GrowCandidates:
+        signal = self.signal.read(name, self.params[name].grad)
+        return read_grow_scores(self.method, self.layer_masks, name, signal, self.due_updates[name][1], self.generator)
