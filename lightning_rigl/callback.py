@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,6 +11,7 @@ from typing_extensions import override
 
 from lightning_rigl._averaging import mask_averaged_copies
 from lightning_rigl._checkpoint_hooks import CheckpointHooks
+from lightning_rigl._fit_settings import shared_seed, t_end_steps
 from lightning_rigl._lightning import misconfiguration
 from lightning_rigl._spawn import MaskHandoff
 from lightning_rigl._strategies import check_strategy
@@ -25,7 +25,7 @@ from lightning_rigl.core import (
 )
 from lightning_rigl.core.arguments import check_run_arguments
 from lightning_rigl.core.layer_kernels import LayerKernels
-from lightning_rigl.core.schedule import check_steps_per_batch, resolve_t_end
+from lightning_rigl.core.schedule import check_steps_per_batch
 from lightning_rigl.core.selection import parameter_aliases
 
 Kernels = Literal["auto", "sparse", "dense"]
@@ -180,7 +180,7 @@ class RigLCallback(CheckpointHooks):
         # on_fit_start is the first hook where layers from configure_model exist, DDP has synced the
         # weights and the optimizers are built; no optimizer step has run yet.
         with misconfiguration():
-            schedule = UpdateSchedule(self.delta_t, self._t_end_steps(trainer), self.alpha, self.decay)
+            schedule = UpdateSchedule(self.delta_t, t_end_steps(trainer, self.t_end), self.alpha, self.decay)
             params = select_parameters(pl_module, self.include, self.exclude)
             if self._loaded_state is None and self.sparse is not None and self._same_parameters(params):
                 self.sparse.schedule = schedule  # fit again with the same model: go on from these masks
@@ -196,7 +196,7 @@ class RigLCallback(CheckpointHooks):
                     erk_power_scale=self.erk_power_scale,
                     method=self.method,
                     schedule=schedule,
-                    seed=self._shared_seed(trainer),
+                    seed=shared_seed(trainer, self.seed),
                     state=self._loaded_state,
                 )
                 self._loaded_state = None
@@ -314,20 +314,6 @@ class RigLCallback(CheckpointHooks):
         self._manual_step_hooks = []
         self._stepped = []
         self._trainer = None
-
-    def _t_end_steps(self, trainer: pl.Trainer) -> int:
-        manual = not trainer.lightning_module.automatic_optimization
-        steps = len(trainer.optimizers) if manual else 1
-        total = trainer.estimated_stepping_batches if isinstance(self.t_end, float) else math.inf
-        return resolve_t_end(self.t_end, total, batch_steps=steps)
-
-    def _shared_seed(self, trainer: pl.Trainer) -> int:
-        if self.seed is not None:
-            return self.seed
-        # Derived from torch's seed (fixed by seed_everything), offset so the mask draws are not the
-        # weight-init draws; rank 0's wins so every rank starts from the same masks.
-        seed = (torch.initial_seed() + 0x5EED) % 2**63
-        return int(trainer.strategy.broadcast(seed, src=0))
 
     def _same_parameters(self, params: dict[str, torch.nn.Parameter]) -> bool:
         assert self.sparse is not None
