@@ -9,6 +9,12 @@ Modes, each timed against its dense counterpart (the weight holds zeros at inact
   train_dg:   the same with the dense weight gradient (an update step: RigL reads the full gradient)
   train_nx:   forward + weight gradient at the active positions, no input gradient (a first layer,
               whose input needs none: dense autograd skips that product too)
+In the training modes the dense layer also pays the pass RigLCallback makes over a dense-kernel
+layer's gradient at every step (``gradient *= mask``); the sparse kernels write the weight gradient at
+active positions only and skip it, except with the dense weight gradient (``train_dg``), where both pay it.
+With ``--cache cold`` (the default) every timed call starts with caches filled by other data, as in a
+training step, where the other layers and the optimizer's passes over all weights run in between;
+``--cache warm`` times back-to-back calls on data left in cache.
 Sparse and dense alternate within one process (dense, sparse, dense, sparse, ...), so bursts of noise
 from other jobs on the machine hit both; a cell reports both medians and the median of the paired
 ratios sparse / dense (below 1: sparse is faster).
@@ -31,7 +37,11 @@ from lightning_rigl.core.sparse_linear import SparseStructure, sparse_linear
 MODES = ("fwd", "train", "train_dg", "train_nx")
 
 
-def _step(mode: str, x: torch.Tensor, weight: torch.Tensor, structure: SparseStructure | None) -> Callable[[], None]:
+def _step(
+    mode: str, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, structure: SparseStructure | None
+) -> Callable[[], None]:
+    masked_by_callback = mode != "fwd" and (structure is None or mode == "train_dg")
+
     def run() -> None:
         if mode == "fwd":
             with torch.no_grad():
@@ -45,19 +55,30 @@ def _step(mode: str, x: torch.Tensor, weight: torch.Tensor, structure: SparseStr
         else:
             y = sparse_linear(x, weight, None, structure, dense_gradient=mode == "train_dg")
         torch.autograd.backward(y, torch.ones_like(y), inputs=[x, weight] if x.requires_grad else [weight])
+        if masked_by_callback:
+            torch._foreach_mul_([weight.grad], [mask])  # as SparseTraining.before_step does
         x.grad = weight.grad = None
 
     return run
 
 
-def _time(fn: Callable[[], None]) -> float:
+def _time(fn: Callable[[], None], evict: torch.Tensor | None) -> float:
+    if evict is not None:
+        evict.add_(1.0)  # larger than the caches: whatever the last call left there is gone
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
 def measure(
-    out_features: int, in_features: int, density: float, tokens: int, mode: str, budget: float, min_reps: int
+    out_features: int,
+    in_features: int,
+    density: float,
+    tokens: int,
+    mode: str,
+    budget: float,
+    min_reps: int,
+    cache: str = "cold",
 ) -> dict[str, float]:
     """Median times (ms) and the median paired ratio of one cell."""
     gen = torch.Generator().manual_seed(0)
@@ -65,13 +86,15 @@ def measure(
     weight = (torch.randn(out_features, in_features, generator=gen) * mask).requires_grad_()
     x = torch.randn(tokens, in_features, generator=gen, requires_grad=mode in ("train", "train_dg"))
     structure = SparseStructure.from_mask(mask)
-    dense, sparse = _step(mode, x, weight, None), _step(mode, x, weight, structure)
+    float_mask = mask.to(weight.dtype)
+    dense, sparse = _step(mode, x, weight, float_mask, None), _step(mode, x, weight, float_mask, structure)
+    evict = torch.zeros(1 << 24) if cache == "cold" else None  # 64 MB
     for fn in (dense, sparse, dense, sparse):  # warm-up
         fn()
     pairs = []
     start = time.perf_counter()
     while len(pairs) < min_reps or (time.perf_counter() - start < budget and len(pairs) < 200):
-        pairs.append((_time(dense), _time(sparse)))
+        pairs.append((_time(dense, evict), _time(sparse, evict)))
     return {
         "dense_ms": 1e3 * statistics.median(d for d, _ in pairs),
         "sparse_ms": 1e3 * statistics.median(s for _, s in pairs),
@@ -88,10 +111,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--budget", type=float, default=0.6, help="seconds of timing per cell (at least --reps)")
     parser.add_argument("--reps", type=int, default=7, help="minimum number of sparse/dense pairs per cell")
+    parser.add_argument("--cache", choices=("cold", "warm"), default="cold", help="caches before each timed call")
     parser.add_argument("--json", default="sparse_kernels.json")
     args = parser.parse_args()
 
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, {args.cache} caches")
     print("| out x in | tokens | density | mode | dense ms | sparse ms | sparse/dense (median of pairs) |")
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -100,7 +124,7 @@ def main() -> None:
         for tokens in args.tokens:
             for density in args.densities:
                 for mode in args.modes:
-                    cell = measure(out_features, in_features, density, tokens, mode, args.budget, args.reps)
+                    cell = measure(out_features, in_features, density, tokens, mode, args.budget, args.reps, args.cache)
                     row = {"out": out_features, "in": in_features, "tokens": tokens, "density": density, "mode": mode}
                     rows.append({**row, **cell})
                     print(
@@ -109,7 +133,11 @@ def main() -> None:
                         flush=True,
                     )
     with open(args.json, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+        json.dump(
+            {"torch": torch.__version__, "threads": torch.get_num_threads(), "cache": args.cache, "rows": rows},
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":
