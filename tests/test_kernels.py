@@ -185,6 +185,15 @@ def test_auto_is_dense_for_a_single_token_and_for_half_dense_layers():
     assert choose_kernel(4096, 4096, 0.5, tokens=1024) == "dense"
 
 
+def test_auto_serves_a_1m_weight_layer_at_density_0_1_from_64_rows_on():
+    # Measured with the gradient-masking pass the sparse path skips charged to dense (cold caches).
+    assert choose_kernel(1024, 1024, 0.1, tokens=64) == "sparse"
+    assert choose_kernel(1024, 784, 0.1, tokens=64) == "sparse"
+    assert choose_kernel(1024, 1024, 0.1, tokens=32) == "dense"
+    assert choose_kernel(1024, 1024, 0.12, tokens=64) == "dense"
+    assert choose_kernel(512, 512, 0.05, tokens=1024) == "dense"  # under 2^19 weights: never
+
+
 def test_auto_allows_denser_first_layers_whose_input_needs_no_gradient():
     layers = linear_layers(nn.Sequential(nn.Linear(784, 4096), nn.ReLU(), nn.Linear(4096, 784)))
     masks = {name: torch.rand_like(w) < 0.12 for name, (_, w) in layers.items()}
