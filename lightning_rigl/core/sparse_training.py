@@ -220,7 +220,10 @@ class SparseTraining:
             for name in due:
                 self.grow_candidates.pop(name, None)
                 if finite:
-                    self.grow_candidates[name] = self._read_grow_scores(name)
+                    signal, fraction = self.signal.read(name, self.params[name].grad), self.due_updates[name][1]
+                    self.grow_candidates[name] = read_grow_scores(
+                        self.method, self.layer_masks, name, signal, fraction, self.generator
+                    )
             if due and not finite:
                 # No update from this step; the layers stay due and retry at their next finite step.
                 self.nonfinite_steps += 1
@@ -303,20 +306,10 @@ class SparseTraining:
             check_restartable(optimizers, self.params.values())
 
     def check_masks_agree_across_ranks(self) -> None:
-        """Compare a fingerprint of every replicated mask across data-parallel ranks (one all-reduce).
-
-        Every rank must call it: it is a collective.
-
-        Raises:
-            RuntimeError: Naming the layers whose masks differ between ranks.
-        """
+        """Raise naming the layers whose replicated masks differ between ranks; a collective (see ``distributed``)."""
         check_masks_agree_across_ranks(self.layer_masks.local, self.params)
 
     def masks_replaced(self) -> None:
         """Forget what the old masks made true: zero the weights they made inactive, restart the optimizer check."""
         self.zero_guard.masks_replaced()  # optimizer state may be nonzero where the new masks are inactive
         self.apply_masks()
-
-    def _read_grow_scores(self, name: str) -> GrowCandidates:
-        signal = self.signal.read(name, self.params[name].grad)
-        return read_grow_scores(self.method, self.layer_masks, name, signal, self.due_updates[name][1], self.generator)
