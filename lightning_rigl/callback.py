@@ -23,7 +23,7 @@ from lightning_rigl.core import (
     UpdateSchedule,
     select_parameters,
 )
-from lightning_rigl.core.arguments import check_run_arguments
+from lightning_rigl.core.arguments import MASKING_ARGUMENTS, RUN_ARGUMENTS, check_run_arguments
 from lightning_rigl.core.layer_kernels import LayerKernels
 from lightning_rigl.core.schedule import check_steps_per_batch
 from lightning_rigl.core.selection import parameter_aliases
@@ -98,24 +98,6 @@ class RigLCallback(CheckpointHooks):
         consistency_checks: int = 3,
         kernels: Kernels = "auto",
     ) -> None:
-        with misconfiguration():
-            check_run_arguments(
-                sparsity=sparsity,
-                distribution=distribution,
-                method=method,
-                delta_t=delta_t,
-                t_end=t_end,
-                alpha=alpha,
-                decay=decay,
-                include=include,
-                exclude=exclude,
-                dense_first_layer=dense_first_layer,
-                custom_sparsity=custom_sparsity,
-                erk_power_scale=erk_power_scale,
-                seed=seed,
-                consistency_checks=consistency_checks,
-                kernels=kernels,
-            )
         self.sparsity = sparsity
         self.distribution = distribution
         self.method = method
@@ -131,6 +113,8 @@ class RigLCallback(CheckpointHooks):
         self.seed = seed
         self.consistency_checks = consistency_checks
         self.kernels = kernels
+        with misconfiguration():
+            check_run_arguments(**{name: getattr(self, name) for name in RUN_ARGUMENTS})
         self.sparse: SparseTraining | None = None
         self._trainer: pl.Trainer | None = None
         self._manual_step_hooks: list[Any] = []
@@ -187,13 +171,7 @@ class RigLCallback(CheckpointHooks):
             else:
                 self.sparse = SparseTraining.from_model(
                     pl_module,
-                    self.sparsity,
-                    self.distribution,
-                    include=self.include,
-                    exclude=self.exclude,
-                    dense_first_layer=self.dense_first_layer,
-                    custom_sparsity=self.custom_sparsity,
-                    erk_power_scale=self.erk_power_scale,
+                    **{name: getattr(self, name) for name in MASKING_ARGUMENTS},
                     method=self.method,
                     schedule=schedule,
                     seed=shared_seed(trainer, self.seed),

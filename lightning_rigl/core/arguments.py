@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from lightning_rigl.core.distribution import DISTRIBUTIONS
@@ -71,3 +72,17 @@ def check_run_arguments(
         check_type("seed", seed, (int,), "None or an int")
     check_int("consistency_checks", consistency_checks, -1)
     check_choice("kernels", kernels, KERNELS)
+
+
+#: The keyword arguments of a run, as RigLCallback takes them.
+RUN_ARGUMENTS: tuple[str, ...] = tuple(inspect.signature(check_run_arguments).parameters)
+#: Those that choose the masked weights and their sparsities (``SparseTraining.from_model``'s).
+MASKING_ARGUMENTS = (
+    "sparsity",
+    "distribution",
+    "include",
+    "exclude",
+    "dense_first_layer",
+    "custom_sparsity",
+    "erk_power_scale",
+)
