@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from lightning_rigl.core.candidates import GrowCandidates, drop_grow_from_candidates
+from lightning_rigl.core.masking import multiply_by_masks
 from lightning_rigl.core.packing import pack_bits, unpack_bits
 from lightning_rigl.core.sharding import distribute_like_param, full_like_param, gather_full, is_sharded, local_shard
 
@@ -116,6 +117,13 @@ class LayerMasks:
         self.local[name] = new.to(param.dtype).contiguous()
         self.ever_active[name] |= new
         return grown.reshape(-1).nonzero().flatten(), gone.reshape(-1).nonzero().flatten()
+
+    @torch.no_grad()
+    def zero_inactive(self, names: Iterable[str], gradients: bool = False) -> None:
+        """Multiply the weights of ``names`` (or their gradients) by their masks, this rank's shards, in one call."""
+        names = list(names)
+        tensors = [self.params[name].grad if gradients else self.params[name] for name in names]
+        multiply_by_masks([local_shard(tensor) for tensor in tensors], [self.local[name] for name in names])
 
     @torch.no_grad()
     def apply_to_copy(self, model: nn.Module) -> list[str]:

@@ -13,14 +13,13 @@ from lightning_rigl.core.distributed import all_finite, check_masks_agree_across
 from lightning_rigl.core.distribution import resolve_sparsities
 from lightning_rigl.core.history import UpdateRecord, record_update
 from lightning_rigl.core.layer_update import drop_and_grow, read_grow_scores
-from lightning_rigl.core.masking import multiply_by_masks
 from lightning_rigl.core.masks import LayerMasks
 from lightning_rigl.core.methods import Method, get_method
 from lightning_rigl.core.optim_state import check_restartable
 from lightning_rigl.core.saved_state import migrate_state, restore_state, save_state
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import select_parameters
-from lightning_rigl.core.sharding import local_shard, wrap_like_param
+from lightning_rigl.core.sharding import wrap_like_param
 from lightning_rigl.core.topology import num_active, random_mask
 from lightning_rigl.core.zero_guard import ZeroGuard
 
@@ -191,10 +190,7 @@ class SparseTraining:
     @torch.no_grad()
     def apply_masks(self, params: ParamsLike = None) -> None:
         """Zero the inactive weights."""
-        names = self.masked_names(params)
-        multiply_by_masks(
-            [local_shard(self.params[name]) for name in names], [self.layer_masks.local[n] for n in names]
-        )
+        self.layer_masks.zero_inactive(self.masked_names(params))
 
     @torch.no_grad()
     def before_step(self, step: int, params: ParamsLike = None, already_masked: Container[str] = ()) -> None:
@@ -227,8 +223,7 @@ class SparseTraining:
             if due and not finite:
                 # No update from this step; the layers stay due and retry at their next finite step.
                 self.nonfinite_steps += 1
-        left = [name for name in names if name not in already_masked]
-        multiply_by_masks([local_shard(self.params[n].grad) for n in left], [self.layer_masks.local[n] for n in left])
+        self.layer_masks.zero_inactive([name for name in names if name not in already_masked], gradients=True)
         self.zero_guard.gradients_masked(names)
 
     @torch.no_grad()
@@ -249,7 +244,7 @@ class SparseTraining:
         left_at_zero = self.zero_guard.weights_left_at_zero(names, names_by_optimizer)
         updated = self.update_topology(optimizers, names)
         self.zero_guard.restart_state_once(names_by_optimizer)
-        self.apply_masks([self.params[name] for name in names if name not in left_at_zero])
+        self.layer_masks.zero_inactive([name for name in names if name not in left_at_zero])
         return updated
 
     @torch.no_grad()
@@ -297,10 +292,9 @@ class SparseTraining:
         self.masks_replaced()
 
     def check_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        """Raise a ValueError naming any optimizer whose state for a regrown connection cannot be restarted.
+        """Raise naming any optimizer whose state cannot be restarted for a regrown connection (``check_restartable``).
 
-        Call it before training and after the first optimizer step (see
-        :func:`~lightning_rigl.core.optim_state.check_restartable`); a static mask needs no restarts.
+        Call it before training and after the first optimizer step; a static mask needs no restarts.
         """
         if self.method.updates:
             check_restartable(optimizers, self.params.values())
