@@ -38,7 +38,7 @@ class Run:
         if self.kernels is not None:
             self.kernels.set_dense_gradient(self.sparse.dense_gradient_needed(step))
         nn.functional.cross_entropy(self.model(x), y).backward()
-        masked = self.kernels.masked_gradients(self.sparse.params) if self.kernels is not None else ()
+        masked = self.kernels.already_masked(self.sparse.params) if self.kernels is not None else ()
         self.sparse.before_step(step, already_masked=masked)  # as RigLCallback does
         self.opt.step()
         updated = self.sparse.after_step([self.opt])

@@ -103,7 +103,7 @@ class Run:
             self.kernels.set_dense_gradient(self.sparse.dense_gradient_needed(step))  # as RigLCallback does
         loss_of(self.model_name, self.model(*self.inputs), self.target).backward()
         if self.sparse is not None:  # as RigLCallback does: gradients the sparse op wrote are masked already
-            masked = self.kernels.masked_gradients(self.sparse.params) if self.kernels is not None else ()
+            masked = self.kernels.already_masked(self.sparse.params) if self.kernels is not None else ()
             self.sparse.before_step(step, already_masked=masked)
         self.opt.step()
         if self.sparse is not None:

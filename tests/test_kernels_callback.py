@@ -382,3 +382,36 @@ def test_ordinary_steps_do_not_mask_the_gradients_the_sparse_kernels_wrote(monke
     # those three mask all three layers, no other step masks any.
     assert gradient_calls == [3, 3, 3]
     assert all(model.get_parameter(name)[~mask].eq(0).all() for name, mask in rigl.masks.items())
+
+
+class ReplaceMasks(Callback):
+    """Replaces RigL's masks with fresh random ones at one batch start (listed before RigLCallback)."""
+
+    def __init__(self, rigl: RigLCallback, at_step: int) -> None:
+        self.rigl, self.at_step, self.new_masks = rigl, at_step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            gen = torch.Generator().manual_seed(7)
+            masks = self.rigl.masks
+            self.new_masks = {name: torch.rand(mask.shape, generator=gen) < 0.3 for name, mask in masks.items()}
+            self.rigl.sparse.set_masks(self.new_masks)
+
+
+def test_masks_replaced_mid_run_get_new_sparse_structures():
+    def run(kernels):
+        pl.seed_everything(0, verbose=False)
+        rigl = RigLCallback(0.8, method="static", seed=1, kernels=kernels)
+        replace = ReplaceMasks(rigl, at_step=3)
+        model = MLP()
+        make_trainer([replace, rigl], max_steps=12, precision="64-true").fit(model, make_loader())
+        return rigl, replace.new_masks, model
+
+    rigl, new_masks, model = run("sparse")
+    _, _, dense_model = run("dense")
+    assert rigl.kernel_choices == dict.fromkeys(MASKED, "sparse")
+    for name, mask in new_masks.items():
+        assert torch.equal(rigl.masks[name], mask), name
+        assert model.get_parameter(name)[~mask].eq(0).all(), name  # the old structure's gradients would move these
+    for name, value in dense_model.state_dict().items():  # newly active weights train as on dense kernels
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-10, atol=1e-10 * value.abs().max())

@@ -120,7 +120,7 @@ class SparseKernels:
         for structure in self._structures.values():
             forget_masked_gradient(structure)  # a record from an earlier step must not vouch for this one's
 
-    def masked_gradients(self, names: Iterable[str]) -> list[str]:
+    def already_masked(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` whose weight gradient is the one their sparse op wrote, at active positions only.
 
         Such a gradient is already 0 at every inactive position (see
@@ -167,9 +167,10 @@ class _SparseForward:
 
     def __call__(self, x: Tensor) -> Tensor:
         module, weight = self.module, self.module.weight
-        if x.dtype != weight.dtype or weight.dtype not in SPARSE_DTYPES or torch.is_autocast_enabled(x.device.type):
-            return type(module).forward(module, x)
         structure = self.kernels._structure(self.name, weight.device)
+        if x.dtype != weight.dtype or weight.dtype not in SPARSE_DTYPES or torch.is_autocast_enabled(x.device.type):
+            forget_masked_gradient(structure)  # this call's gradient is dense: no earlier record may vouch for it
+            return type(module).forward(module, x)
         values = self._inference_values(weight, structure)
         return sparse_linear(x, weight, module.bias, structure, self.kernels.dense_gradient, self.in_out, values)
 

@@ -9,10 +9,11 @@ gradient switched on for the steps that read it.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_rigl.core.kernel_choice import TokenProbe, choose_kernels
 from lightning_rigl.core.kernels import SparseKernels, linear_layers
@@ -37,6 +38,8 @@ class LayerKernels:
         self.choices = choices
         self._probe: TokenProbe | None = None
         self._kernels: SparseKernels | None = None
+        # Per served layer, the mask its structure was built from: (the run's mask tensor, its version).
+        self._built_from: dict[str, _MaskKey] = {}
 
     def begin_batch(self, model: nn.Module, sparse: SparseTraining, dense_gradient: bool) -> None:
         """Before a (micro-)batch's forward pass: record its rows (first batch), or compute with the choices.
@@ -54,6 +57,8 @@ class LayerKernels:
         if self._kernels is None:
             self.attach(model, sparse)
         assert self._kernels is not None
+        # Masks replaced outside an update (SparseTraining.set_masks, load_state_dict) get new structures.
+        self.masks_changed(sparse, [name for name in self._kernels.names if not self._in_sync(sparse, name)])
         self._kernels.set_dense_gradient(dense_gradient)  # recorded by the forward for the backward
 
     def end_batch(self, model: nn.Module, sparse: SparseTraining, broadcast: Callable[[dict], dict]) -> None:
@@ -85,6 +90,7 @@ class LayerKernels:
         layers = linear_layers(model, list(sparse.params))
         chosen = {name: layer for name, layer in layers.items() if self.choices.get(name) == "sparse"}
         self._kernels = SparseKernels(chosen, sparse.masks)
+        self._built_from = {name: _mask_key(sparse, name) for name in chosen}
 
     def state(self) -> dict[str, Any] | None:
         """The setting and the choices, for a checkpoint; None until chosen."""
@@ -97,9 +103,15 @@ class LayerKernels:
         """
         return dict(saved["choices"]) if saved is not None and saved["setting"] == self.setting else None
 
-    def masked_gradients(self, names: Iterable[str]) -> list[str]:
-        """Those of ``names`` whose gradient the sparse kernels wrote as 0 at inactive positions (see SparseKernels)."""
-        return [] if self._kernels is None else self._kernels.masked_gradients(names)
+    def already_masked(self, sparse: SparseTraining, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` whose gradient the sparse kernels wrote as 0 at the run's inactive positions.
+
+        See :meth:`SparseKernels.already_masked`; a layer whose mask changed since its structure was
+        built is not among them.
+        """
+        if self._kernels is None:
+            return []
+        return self._kernels.already_masked([name for name in names if self._in_sync(sparse, name)])
 
     @property
     def attached(self) -> bool:
@@ -114,6 +126,7 @@ class LayerKernels:
             masks = sparse.masks
             for name in names:
                 self._kernels.update_structure(name, masks[name])
+                self._built_from[name] = _mask_key(sparse, name)
 
     def detach(self) -> None:
         """Give every layer its own forward back and stop recording."""
@@ -123,3 +136,21 @@ class LayerKernels:
         if self._kernels is not None:
             self._kernels.detach()
             self._kernels = None
+        self._built_from = {}
+
+    def _in_sync(self, sparse: SparseTraining, name: str) -> bool:
+        built = self._built_from.get(name)
+        mask = sparse.layer_masks.local[name]
+        return built is not None and built.tensor() is mask and built.version == mask._version
+
+
+class _MaskKey(NamedTuple):
+    tensor: weakref.ref[Tensor]
+    version: int
+
+
+def _mask_key(sparse: SparseTraining, name: str) -> _MaskKey:
+    # Masks change in place at updates (a new version) or are replaced by new tensors (another object;
+    # a weak reference, as a freed mask's id may come back).
+    mask = sparse.layer_masks.local[name]
+    return _MaskKey(weakref.ref(mask), mask._version)

@@ -18,6 +18,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 #: Dtypes the CPU sparse kernels (``torch.sparse.mm`` on CSR, ``sampled_addmm``) support.
 SPARSE_DTYPES = (torch.float32, torch.float64)
+_MKL = torch.backends.mkl.is_available()
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,10 @@ def gradient_is_masked(grad: Tensor | None, structure: SparseStructure) -> bool:
     """Whether ``grad`` is the weight gradient this op last wrote for ``structure``, unchanged since.
 
     Such a gradient is exactly 0 at every inactive position. Any other contribution (a second use of
-    the weight, accumulation over micro-batches, an all-reduce, a hook that changed it) gives another
-    tensor or a new version, and the answer is False. The record is used up by the call.
+    the weight, accumulation over micro-batches, DDP's copy of the all-reduced gradient, a hook that
+    changed it in place) gives another tensor or a new version, and the answer is False. Writes that
+    bypass the version counter (``.grad.data``, a raw in-place ``torch.distributed`` collective) are
+    not seen. The record is used up by the call.
 
     Example:
         >>> weight = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
@@ -177,9 +180,11 @@ def _csr_times(crow: Tensor, col: Tensor, values: Tensor, cols: int, dense: Tens
     ``dense`` should be row-major (MKL takes it so; another layout is copied first).
     """
     rows = crow.numel() - 1
-    # addmm into an empty result with beta=0 (which never reads it): torch.sparse.mm would zero-fill a
-    # result and copy it once more, about 10 % of the product's time.
-    result = dense.new_empty(rows, dense.shape[1])
+    # With MKL, addmm with beta=0 never reads the result, so it can start empty: torch.sparse.mm would
+    # zero-fill one and copy it once more, about 10 % of the product's time. torch's fallback without
+    # MKL scales the result by beta instead (NaN * 0 is NaN): a zero-filled one there.
+    make = dense.new_empty if _MKL else dense.new_zeros
+    result = make(rows, dense.shape[1])
     return torch.addmm(result, _csr(crow, col, values, rows, cols), dense, beta=0.0, out=result)
 
 
