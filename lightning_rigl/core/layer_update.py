@@ -51,7 +51,7 @@ def read_grow_scores(
     return grow_candidates(mask, int(masks.counts[name] * fraction), scores, sample=not method.random_score)
 
 
-def drop_and_grow(
+def drop_and_grow_layer(
     masks: LayerMasks, name: str, candidates: GrowCandidates, optimizers: Iterable[torch.optim.Optimizer]
 ) -> int:
     """Drop and grow one layer from its grow candidates; returns the connections replaced, over all ranks.

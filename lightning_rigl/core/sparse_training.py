@@ -12,7 +12,7 @@ from lightning_rigl.core.candidates import GrowCandidates
 from lightning_rigl.core.distributed import all_finite, check_masks_agree_across_ranks
 from lightning_rigl.core.distribution import resolve_sparsities
 from lightning_rigl.core.history import UpdateRecord, record_update
-from lightning_rigl.core.layer_update import drop_and_grow, read_grow_scores
+from lightning_rigl.core.layer_update import drop_and_grow_layer, read_grow_scores
 from lightning_rigl.core.masks import LayerMasks
 from lightning_rigl.core.methods import Method, get_method
 from lightning_rigl.core.optim_state import check_restartable
@@ -264,7 +264,7 @@ class SparseTraining:
             if candidates is None:
                 continue
             step, fraction = self.due_updates.pop(name)
-            changed = drop_and_grow(self.layer_masks, name, candidates, optimizers)
+            changed = drop_and_grow_layer(self.layer_masks, name, candidates, optimizers)
             record_update(self.history, step, fraction, changed, self.layer_masks.counts[name])
             updated.append(name)
         return updated
