@@ -29,12 +29,9 @@ ParamsLike = torch.optim.Optimizer | Iterable[Tensor] | None
 class SparseTraining:
     """Masks a set of parameters and runs RigL, SET or SNFS topology updates; knows no training loop.
 
-    Drive it from any loop: call :meth:`before_step` once the gradients of a step are final (after
-    accumulation, all-reduce and unscaling) and :meth:`after_step` after ``optimizer.step()``.
-    ``before_step`` reads the dense gradient the method needs (for growth: the scores of the layers
-    whose update is due) and then zeroes the gradient at inactive positions; ``after_step`` drops and
-    grows at update steps and re-zeroes inactive weights where the optimizer may have moved them (see
-    :class:`~lightning_rigl.core.zero_guard.ZeroGuard`).
+    Drive it from any loop: :meth:`before_step` once a step's gradients are final (after accumulation,
+    all-reduce and unscaling), :meth:`after_step` after ``optimizer.step()``; inactive weights stay at 0
+    (see :class:`~lightning_rigl.core.zero_guard.ZeroGuard`).
 
     Args:
         params: Parameter name to parameter, the weights to mask (one entry per Parameter object).
@@ -94,11 +91,9 @@ class SparseTraining:
         if state is not None:
             self.load_state_dict(state)  # no fresh draw: it would zero weights the saved masks keep
         else:
+            counts = {name: num_active(p.numel(), self.sparsities[name]) for name, p in self.params.items()}
             self.set_masks(
-                {
-                    name: random_mask(p.shape, num_active(p.numel(), self.sparsities[name]), self.generator)
-                    for name, p in self.params.items()
-                }
+                {name: random_mask(self.params[name].shape, k, self.generator) for name, k in counts.items()}
             )
 
     @classmethod
