@@ -123,9 +123,8 @@ class LayerKernels:
         names = [name for name in names if self._kernels is not None and name in self._kernels.names]
         if names:
             assert self._kernels is not None
-            masks = sparse.masks
-            for name in names:
-                self._kernels.update_structure(name, masks[name])
+            for name in names:  # the changed layers' masks only: `sparse.masks` copies every layer's
+                self._kernels.update_structure(name, sparse.layer_masks.whole(name))
                 self._built_from[name] = _mask_key(sparse, name)
 
     def detach(self) -> None:
