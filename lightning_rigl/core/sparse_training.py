@@ -287,15 +287,16 @@ class SparseTraining:
         self.masks_replaced()
 
     def check_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        """Raise naming any optimizer whose state cannot be restarted for a regrown connection (``check_restartable``).
+        """Raise a ValueError naming any optimizer whose state cannot be restarted for a regrown connection.
 
-        Call it before training and after the first optimizer step; a static mask needs no restarts.
+        Call it before training and after the first optimizer step (see ``check_restartable``); a static mask
+        needs no restarts.
         """
         if self.method.updates:
             check_restartable(optimizers, self.params.values())
 
     def check_masks_agree_across_ranks(self) -> None:
-        """Raise naming the layers whose replicated masks differ between ranks; a collective (see ``distributed``)."""
+        """Raise a RuntimeError naming the layers whose replicated masks differ between ranks; a collective."""
         check_masks_agree_across_ranks(self.layer_masks.local, self.params)
 
     def masks_replaced(self) -> None:
