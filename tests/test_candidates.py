@@ -144,12 +144,49 @@ def test_a_sample_that_misleads_falls_back_to_the_exact_pass(chunk_size):
     weight = torch.full((numel,), 100.0)
     weight[sampled_windows(numel)] = torch.rand(64 * 512, generator=g)
     weight = (weight * torch.where(torch.rand(numel, generator=g) < 0.5, -1.0, 1.0)) * mask
-    k = 30000  # more than the sampled windows' inactive (about 16 k) or active entries
-    assert rigl_update(mask, weight, grad, k, chunk_size) == reference(mask, weight, grad.abs(), k)
+    # 30000: more than the sampled windows' inactive (about 16 k) or active entries (the streaming pass
+    # misses); 12000: fewer, but the hints, read among the windows, let fewer than k through (the one pass misses).
+    for k in (30000, 12000):
+        assert rigl_update(mask, weight, grad, k, chunk_size) == reference(mask, weight, grad.abs(), k)
+        calls = []
+
+        def scores(a, b, calls=calls):
+            calls.append((a, b))
+            return grad[a:b].abs()
+
+        found = grow_candidates(mask, k, scores, chunk_size=chunk_size)
+        chunks = -(-numel // chunk_size)
+        assert found.values.numel() == k and len(calls) == 64 + 2 * chunks  # sampled, ran, then ran again
+
+
+def test_a_well_sampled_layer_is_read_once_after_its_sample():
+    # The sampled hint lets about 1.5 k entries through: one pass over the chunks, no second one.
+    numel, chunk_size, k = 2**18, 2**16, 3000
+    g = torch.Generator().manual_seed(11)
+    mask = (torch.rand(numel, generator=g) < 0.1).float()
+    grad = torch.randn(numel, generator=g)
+    weight = torch.randn(numel, generator=g) * mask
     calls = []
     found = grow_candidates(mask, k, lambda a, b: calls.append((a, b)) or grad[a:b].abs(), chunk_size=chunk_size)
-    chunks = -(-numel // chunk_size)
-    assert found.values.numel() == k and len(calls) == 64 + 2 * chunks  # sampled, ran, then ran again
+    assert calls[64:] == [(start, start + chunk_size) for start in range(0, numel, chunk_size)]
+    dropped, grown = drop_grow_from_candidates(mask, weight, found, chunk_size=chunk_size)
+    assert (sorted(dropped.tolist()), sorted(grown.tolist())) == reference(mask, weight, grad.abs(), k)
+
+
+@pytest.mark.parametrize("chunk_size", [2**14 + 3, 2**18])
+def test_a_sample_that_lets_too_many_through_still_gives_the_full_sorts_selection(chunk_size):
+    # The sampled windows hold the worst scores and the smallest active weights' opposite: their hints let
+    # nearly every entry through, and the pass hands over to the streaming selection, which must be exact.
+    numel = 2**18
+    g = torch.Generator().manual_seed(12)
+    mask = (torch.rand(numel, generator=g) < 0.5).float()
+    grad = torch.randn(numel, generator=g).sign() * (torch.rand(numel, generator=g) + 1.0)
+    grad[sampled_windows(numel)] = 1e-3 * torch.rand(64 * 512, generator=g)
+    weight = torch.randn(numel, generator=g) * 0.1
+    weight[sampled_windows(numel)] = 100.0 + torch.rand(64 * 512, generator=g)
+    weight = weight * mask
+    for k in (2000, 20000):
+        assert rigl_update(mask, weight, grad, k, chunk_size) == reference(mask, weight, grad.abs(), k)
 
 
 def test_no_scores_are_read_when_nothing_is_replaced():
@@ -232,15 +269,19 @@ def test_candidate_path_selects_exactly_what_a_full_sort_selects(
     drop_fraction=st.floats(0.01, 0.5),
     chunk_size=st.sampled_from([2**12 + 1, 2**15 - 3, 2**17, 2**20]),
     grad_ties=ties,
+    float_mask=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_candidate_path_is_exact_on_large_layers(numel, density, drop_fraction, chunk_size, grad_ties, seed):
+def test_candidate_path_is_exact_on_large_layers(
+    numel, density, drop_fraction, chunk_size, grad_ties, float_mask, seed
+):
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(numel, generator=g) < density
     weight = draw("integers", numel, g) * mask
     grad = draw(grad_ties, numel, g)
     k = int(int(mask.sum()) * drop_fraction)
-    assert rigl_update(mask, weight, grad, k, chunk_size) == reference(mask, weight, grad.abs(), k)
+    stored = mask.float() if float_mask else mask  # as the run stores it (the weight's dtype), or bool
+    assert rigl_update(stored, weight, grad, k, chunk_size) == reference(mask, weight, grad.abs(), k)
 
 
 def test_set_on_a_large_layer_grows_where_the_whole_layers_draw_says():

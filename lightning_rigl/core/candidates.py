@@ -7,6 +7,10 @@ on the weights after the optimizer step, the scores are read before it; but the 
 could still win if dropped. The update (:func:`drop_grow_from_candidates`) then reads the weights chunk
 by chunk too. No step allocates a buffer the size of the layer, of any dtype.
 
+On a large layer, a value read from a sample of it first bounds what can be selected. Where that bound
+lets about ``1.5 k`` entries through, one pass keeps them all and a single selection follows; else
+(too many would be kept, or fewer than ``k`` got through) a running selection streams over the chunks.
+
 The tie rule, everywhere (:mod:`~lightning_rigl.core.top_k`): among exactly equal values the lower flat
 index is selected first (dropped first, grown first). Values must be finite.
 """
@@ -14,7 +18,6 @@ index is selected first (dropped first, grown first). Values must be finite.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +25,11 @@ import torch
 from torch import Tensor
 
 from lightning_rigl.core.methods import ScoreFn
+from lightning_rigl.core.sampling import ChunkScores, active_flags, flat_index, one_pass, sampled_hint
 from lightning_rigl.core.top_k import RunningTopK, index_dtype, top_k_indices
 
 #: Flat positions a chunk: its temporaries (a bool, an index and a value buffer) stay near 3 MB.
 DEFAULT_CHUNK = 2**18
-
-#: ``scores(start, stop)``: the grow scores of flat positions ``start`` to ``stop - 1`` of a layer.
-ChunkScores = Callable[[int, int], Tensor]
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ def score_chunks(score: ScoreFn, weight: Tensor, signal: Tensor | None, generato
         part = None if flat_signal is None else flat_signal[start:stop]
         return score(flat_weight[start:stop], part, generator)
 
+    def at(index: Tensor) -> Tensor:
+        return score(flat_weight[index], None if flat_signal is None else flat_signal[index], generator)
+
+    chunk.at = at  # type: ignore[attr-defined]
     return chunk
 
 
@@ -134,7 +139,13 @@ def grow_candidates(
     """
     flat_mask = mask.reshape(-1)
     numel, dtype = flat_mask.numel(), index_dtype(flat_mask.numel())
-    hint = _sampled_hint(flat_mask, scores, k, largest=True, active=False) if sample else None
+    hint = sampled_hint(flat_mask, scores, k, largest=True, active=False) if sample else None
+    if hint is not None:
+        found = one_pass(flat_mask, scores, k, hint, largest=True, chunk_size=chunk_size)
+        if found is not None:
+            if found[0].numel() >= k:
+                return _grow_from_kept(k, *found)
+            hint = found = None  # it let fewer than k inactive entries through: the exact pass, without it
     inactive = RunningTopK(k, largest=True, hint=hint)
     active_values: list[Tensor] = []
     active_index: list[Tensor] = []
@@ -145,22 +156,22 @@ def grow_candidates(
         # inactive position and for an active one alike: few of a chunk, split by the mask after.
         better = inactive.beats_bound(chunk)
         if better is None:
-            active = _is_active(mask_chunk)
+            active = active_flags(mask_chunk)
             n_open = active.numel() - int(active.sum())
             if n_open <= k:
                 at = (~active).nonzero().flatten()
             else:  # this chunk's k best inactive ones, with no index buffer of all of them
                 at = top_k_indices(chunk.masked_fill(active, -math.inf), k)
-            inactive.push(chunk[at], _flat_index(at, start, dtype))  # may set the bound
+            inactive.push(chunk[at], flat_index(at, start, dtype))  # may set the bound
             reaches = inactive.reaches_bound(chunk)  # ties with this chunk's inactive ones: settled at the end
             active_at = (active if reaches is None else active & reaches).nonzero().flatten()
         else:
             at = better.nonzero().flatten()
             is_active = mask_chunk[at] != 0
-            inactive.push(chunk[at[~is_active]], _flat_index(at[~is_active], start, dtype))
+            inactive.push(chunk[at[~is_active]], flat_index(at[~is_active], start, dtype))
             active_at = at[is_active]
         active_values.append(chunk[active_at])
-        active_index.append(_flat_index(active_at, start, dtype))
+        active_index.append(flat_index(active_at, start, dtype))
     if inactive.missed_hint():
         return grow_candidates(mask, k, scores, chunk_size=chunk_size, sample=False)
     if k > 0:
@@ -194,15 +205,25 @@ def smallest_active(mask: Tensor, weight: Tensor, k: int, *, chunk_size: int = D
     def magnitudes(start: int, stop: int) -> Tensor:
         return flat_weight[start:stop].abs()
 
-    for hint in (_sampled_hint(flat_mask, magnitudes, k, largest=False, active=True), None):
-        stream = RunningTopK(k, largest=False, hint=hint)
+    magnitudes.at = lambda index: flat_weight[index].abs()  # type: ignore[attr-defined]
+
+    hint = sampled_hint(flat_mask, magnitudes, k, largest=False, active=True)
+    if hint is not None:
+        found = one_pass(flat_mask, magnitudes, k, hint, largest=False, chunk_size=chunk_size, only_active=True)
+        if found is not None:
+            values, index = found[2:]
+            if values.numel() >= k:
+                return index[top_k_indices(values, k, largest=False)]  # kept in index order: ties to the lower
+            hint = found = values = index = None  # fewer than k active entries reached it: the exact pass, without it
+    for bound in (hint, None) if hint is not None else (None,):
+        stream = RunningTopK(k, largest=False, hint=bound)
         for start in range(0, numel if k > 0 else 0, chunk_size):
             stop = min(start + chunk_size, numel)
-            magnitude, active = magnitudes(start, stop), _is_active(flat_mask[start:stop])
+            magnitude, active = magnitudes(start, stop), active_flags(flat_mask[start:stop])
             better = stream.beats_bound(magnitude)
             # Once a bound (or a hint) is set, few active weights of a chunk beat it: list only those.
             at = (active if better is None else better.logical_and_(active)).nonzero().flatten()
-            stream.push(magnitude[at], _flat_index(at, start, dtype))
+            stream.push(magnitude[at], flat_index(at, start, dtype))
         if not stream.missed_hint():
             break
     return stream.result()[1] if k > 0 else torch.empty(0, dtype=dtype, device=mask.device)
@@ -247,35 +268,14 @@ def drop_grow_from_candidates(
     return dropped.long(), grown.long()
 
 
-def _sampled_hint(
-    flat_mask: Tensor, read: ChunkScores, k: int, *, largest: bool, active: bool, windows: int = 64, width: int = 512
-) -> Tensor | None:
-    """A value that about ``1.5 k`` of the layer's active (or inactive) entries reach, read from a sample.
-
-    The sample is ``windows`` runs of ``width`` positions spread over the layer, so it sees every part
-    of it. None where sampling does not pay (small layers, ``k`` near the number of entries).
-    """
-    numel = flat_mask.numel()
-    if k <= 0 or numel < 4 * windows * width or 8 * k > numel:
-        return None
-    starts = torch.linspace(0, numel - width, windows, device=flat_mask.device).long()
-    # One gather of the mask's windows and one selection: per-window indexing costs 64 small calls.
-    kind = _is_active(flat_mask[(starts[:, None] + torch.arange(width, device=starts.device)).reshape(-1)])
-    sample = torch.cat([read(start, start + width).reshape(-1) for start in starts.tolist()])
-    sample = sample[kind if active else ~kind]
-    # Entries of the sample beyond the hint stand for about 1.5 k of the layer's, plus a margin of a few.
-    rank = math.ceil(1.5 * k * windows * width / numel) + 16
-    if rank > sample.numel():
-        return None
-    best = torch.topk(sample, rank, largest=largest, sorted=False).values
-    return best.min() if largest else best.max()
-
-
-def _is_active(mask_chunk: Tensor) -> Tensor:
-    # `nonzero` of a bool chunk is several times faster than of a float one.
-    return mask_chunk if mask_chunk.dtype == torch.bool else mask_chunk != 0
-
-
-def _flat_index(at: Tensor, start: int, dtype: torch.dtype) -> Tensor:
-    # Converted first: no second int64 buffer for the offset positions.
-    return at.to(dtype).add_(start)
+def _grow_from_kept(
+    k: int, values: Tensor, index: Tensor, active_values: Tensor, active_index: Tensor
+) -> GrowCandidates:
+    """The candidates from every entry that reached the hint (all at least as good as the ``k``-th best)."""
+    best = top_k_indices(values, k)  # in index order: ties go to the lower index
+    values, index = values[best], index[best]
+    # An active entry wins if dropped when it beats the k-th best, or ties it at a lower index.
+    bound = values.min()
+    last = index[(values == bound).nonzero()[-1, 0]]
+    win = ((active_values > bound) | ((active_values == bound) & (active_index < last))).nonzero().flatten()
+    return GrowCandidates(k, values, index, active_values[win], active_index[win])

@@ -57,7 +57,7 @@ def top_k_indices(values: Tensor, k: int, *, largest: bool = True, index: Tensor
         return torch.empty(0, dtype=torch.long, device=values.device)
     if numel >= 2**16 and k * 8 <= numel:
         bound = _sample_bound(values[::128], k, numel, largest, slack=1.5)
-        within = _reaches(values, bound, largest).nonzero().flatten()
+        within = reaches(values, bound, largest).nonzero().flatten()
         # Every entry outside is worse than the bound, which at least k entries match or beat.
         if k <= within.numel() < numel:
             return within[
@@ -66,7 +66,13 @@ def top_k_indices(values: Tensor, k: int, *, largest: bool = True, index: Tensor
     return _top_k_mask(values, k, largest, index).nonzero().flatten()
 
 
-def _reaches(values: Tensor, bound: Tensor, largest: bool) -> Tensor:
+def reaches(values: Tensor, bound: Tensor, largest: bool) -> Tensor:
+    """Which ``values`` match or beat ``bound``: are at least it (``largest``) or at most it.
+
+    Example:
+        >>> reaches(torch.tensor([1.0, 2.0, 3.0]), torch.tensor(2.0), largest=True).tolist()
+        [False, True, True]
+    """
     return values >= bound if largest else values <= bound
 
 
@@ -122,13 +128,13 @@ class RunningTopK:
     def beats_bound(self, values: Tensor) -> Tensor | None:
         """Which entries, with indices above all pushed so far, can still be among the best; None: all."""
         if self.bound is None:
-            return None if self.hint is None else _reaches(values, self.hint, self.largest)
+            return None if self.hint is None else reaches(values, self.hint, self.largest)
         # Equal to the bound is not enough: k kept entries match or beat it, with lower indices.
         return values > self.bound if self.largest else values < self.bound
 
     def reaches_bound(self, values: Tensor) -> Tensor | None:
         """Which entries match or beat the bound (any index: the ties are settled later); None: all."""
-        return None if self.bound is None else _reaches(values, self.bound, self.largest)
+        return None if self.bound is None else reaches(values, self.bound, self.largest)
 
     def push(self, values: Tensor, index: Tensor) -> None:
         """Add entries whose indices are above all pushed so far."""
@@ -173,12 +179,12 @@ class RunningTopK:
             stride = self.size // _CUT_SAMPLE
             sample = torch.cat([part[::stride] for part in self.values])
             bound = _sample_bound(sample, self.k, self.size, self.largest, slack=1.1)
-            count = sum(int(_reaches(part, bound, self.largest).sum()) for part in self.values)
+            count = sum(int(reaches(part, bound, self.largest).sum()) for part in self.values)
             # A sample can miss (too few pass) or ties can crowd in (too many): then the exact cut.
             if self.k <= count <= self.k + self.k // 4:
                 for i, part in enumerate(self.values):
                     # One `nonzero` for both tensors (a bool index would run one for each), part by part.
-                    at = _reaches(part, bound, self.largest).nonzero().flatten()
+                    at = reaches(part, bound, self.largest).nonzero().flatten()
                     self.values[i], self.index[i] = part[at], self.index[i][at]
                     del part, at
                 self.size, self.bound = count, bound
