@@ -231,7 +231,8 @@ class RigLCallback(CheckpointHooks):
         # gradient the method needs, then mask it, so clipping and the optimizer see inactive ones at 0.
         if self.sparse is not None:
             # Sparse kernels write a layer's gradient at active positions only: no second pass over it.
-            masked = self._kernels.already_masked(self.sparse, self.sparse.masked_names(optimizer))
+            serving = self._kernels.serving
+            masked = self._kernels.already_masked(self.sparse, self.sparse.masked_names(optimizer)) if serving else ()
             self.sparse.before_step(trainer.global_step, optimizer, masked)
             self._stepped.append(optimizer)
 

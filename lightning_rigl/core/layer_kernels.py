@@ -109,14 +109,20 @@ class LayerKernels:
         See :meth:`SparseKernels.already_masked`; a layer whose mask changed since its structure was
         built is not among them.
         """
-        if self._kernels is None:
+        if not self.serving:
             return []
+        assert self._kernels is not None
         return self._kernels.already_masked([name for name in names if self._in_sync(sparse, name)])
 
     @property
     def attached(self) -> bool:
         """Whether the chosen kernels are in place."""
         return self._kernels is not None
+
+    @property
+    def serving(self) -> bool:
+        """Whether any layer computes with sparse kernels now."""
+        return self._kernels is not None and bool(self._kernels.names)
 
     def masks_changed(self, sparse: SparseTraining, names: list[str]) -> None:
         """Rebuild the sparse structure of the layers among ``names``, whose masks just changed."""

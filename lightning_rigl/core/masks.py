@@ -118,10 +118,11 @@ class LayerMasks:
         self.ever_active[name] |= new
         return grown.reshape(-1).nonzero().flatten(), gone.reshape(-1).nonzero().flatten()
 
-    @torch.no_grad()
     def zero_inactive(self, names: Iterable[str], gradients: bool = False) -> None:
         """Multiply the weights of ``names`` (or their gradients) by their masks, this rank's shards, in one call."""
         names = list(names)
+        if not names:
+            return  # the usual case after a step: nothing to re-zero, and no autograd mode to switch
         tensors = [self.params[name].grad if gradients else self.params[name] for name in names]
         multiply_by_masks([local_shard(tensor) for tensor in tensors], [self.local[name] for name in names])
 

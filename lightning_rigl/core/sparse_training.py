@@ -221,7 +221,6 @@ class SparseTraining:
         self.layer_masks.zero_inactive([name for name in names if name not in already_masked], gradients=True)
         self.zero_guard.gradients_masked(names)
 
-    @torch.no_grad()
     def after_step(self, optimizers: Iterable[torch.optim.Optimizer], params: ParamsLike = None) -> list[str]:
         """Make any topology update that is due after ``optimizer.step()``, and keep inactive weights at 0.
 
@@ -242,7 +241,6 @@ class SparseTraining:
         self.layer_masks.zero_inactive([name for name in names if name not in left_at_zero])
         return updated
 
-    @torch.no_grad()
     def update_topology(
         self, optimizers: Iterable[torch.optim.Optimizer], names: Iterable[str] | None = None
     ) -> list[str]:
@@ -252,16 +250,19 @@ class SparseTraining:
         Returns the names of the layers it updated (with several optimizers, a scheduled update may
         reach the layers of each at a different step).
         """
+        if not self.grow_candidates:
+            return []  # an ordinary step: no update, and no autograd mode to switch
         optimizers = list(optimizers)
         updated = []
-        for name in self.params if names is None else names:
-            candidates = self.grow_candidates.pop(name, None)
-            if candidates is None:
-                continue
-            step, fraction = self.due_updates.pop(name)
-            changed = drop_and_grow_layer(self.layer_masks, name, candidates, optimizers)
-            record_update(self.history, step, fraction, changed, self.layer_masks.counts[name])
-            updated.append(name)
+        with torch.no_grad():
+            for name in self.params if names is None else names:
+                candidates = self.grow_candidates.pop(name, None)
+                if candidates is None:
+                    continue
+                step, fraction = self.due_updates.pop(name)
+                changed = drop_and_grow_layer(self.layer_masks, name, candidates, optimizers)
+                record_update(self.history, step, fraction, changed, self.layer_masks.counts[name])
+                updated.append(name)
         return updated
 
     def state_dict(self) -> dict[str, Any]:
