@@ -198,6 +198,9 @@ def test_the_zero_check_reads_every_chunk_and_ignores_nan():
     assert nonzero_where_inactive(weight, mask, chunk=2)
     weight[6] = float("nan")
     assert not nonzero_where_inactive(weight, mask, chunk=2)
+    weight[5] = 1e-45  # the smallest float32, next to a NaN in the same chunk: still seen
+    assert nonzero_where_inactive(weight, mask, chunk=2)
+    weight[5] = 0.0
     weight[0] = float("inf")  # active: any value is allowed there
     assert not nonzero_where_inactive(weight, mask, chunk=2)
     weight[1] = -float("inf")  # a negative nonzero where inactive
