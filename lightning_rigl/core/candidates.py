@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lightning_rigl.core.methods import ScoreFn
 from lightning_rigl.core.sampling import ChunkScores, active_flags, flat_index, one_pass, sampled_hint
-from lightning_rigl.core.top_k import RunningTopK, index_dtype, top_k_indices
+from lightning_rigl.core.top_k import RunningTopK, could_enter, index_dtype, top_k_indices, worst_kept
 
 #: Flat positions a chunk: its temporaries (a bool, an index and a value buffer) stay near 3 MB.
 DEFAULT_CHUNK = 2**18
@@ -142,10 +142,10 @@ def grow_candidates(
     hint = sampled_hint(flat_mask, scores, k, largest=True, active=False) if sample else None
     if hint is not None:
         found = one_pass(flat_mask, scores, k, hint, largest=True, chunk_size=chunk_size)
-        if found is not None:
-            if found[0].numel() >= k:
-                return _grow_from_kept(k, *found)
-            hint = found = None  # it let fewer than k inactive entries through: the exact pass, without it
+        if found is not None and found[0].numel() >= k:
+            return _grow_from_kept(k, *found)
+        if found is not None:  # fewer than k inactive entries reached the hint: the exact pass, without it
+            hint = found = None
     inactive = RunningTopK(k, largest=True, hint=hint)
     active_values: list[Tensor] = []
     active_index: list[Tensor] = []
@@ -210,11 +210,10 @@ def smallest_active(mask: Tensor, weight: Tensor, k: int, *, chunk_size: int = D
     hint = sampled_hint(flat_mask, magnitudes, k, largest=False, active=True)
     if hint is not None:
         found = one_pass(flat_mask, magnitudes, k, hint, largest=False, chunk_size=chunk_size, only_active=True)
-        if found is not None:
-            values, index = found[2:]
-            if values.numel() >= k:
-                return index[top_k_indices(values, k, largest=False)]  # kept in index order: ties to the lower
-            hint = found = values = index = None  # fewer than k active entries reached it: the exact pass, without it
+        if found is not None and found[2].numel() >= k:  # kept in index order: ties go to the lower
+            return found[3][top_k_indices(found[2], k, largest=False)]
+        if found is not None:  # fewer than k active entries reached the hint: the exact pass, without it
+            hint = found = None
     for bound in (hint, None) if hint is not None else (None,):
         stream = RunningTopK(k, largest=False, hint=bound)
         for start in range(0, numel if k > 0 else 0, chunk_size):
@@ -275,7 +274,6 @@ def _grow_from_kept(
     best = top_k_indices(values, k)  # in index order: ties go to the lower index
     values, index = values[best], index[best]
     # An active entry wins if dropped when it beats the k-th best, or ties it at a lower index.
-    bound = values.min()
-    last = index[(values == bound).nonzero()[-1, 0]]
-    win = ((active_values > bound) | ((active_values == bound) & (active_index < last))).nonzero().flatten()
+    win = could_enter(active_values, active_index, *worst_kept(values, index, largest=True), largest=True)
+    win = win.nonzero().flatten()
     return GrowCandidates(k, values, index, active_values[win], active_index[win])

@@ -103,6 +103,32 @@ def _top_k_mask(values: Tensor, k: int, largest: bool, index: Tensor | None = No
     return chosen
 
 
+def worst_kept(values: Tensor, index: Tensor, largest: bool) -> tuple[Tensor, Tensor]:
+    """The worst of ``k`` selected entries (kept in index order): its value, and the highest index holding it.
+
+    Example:
+        >>> bound, last = worst_kept(torch.tensor([5.0, 2.0, 2.0]), torch.tensor([1, 4, 7]), largest=True)
+        >>> float(bound), int(last)
+        (2.0, 7)
+    """
+    bound = values.min() if largest else values.max()
+    return bound, index[(values == bound).nonzero()[-1, 0]]
+
+
+def could_enter(values: Tensor, index: Tensor, bound: Tensor, last: Tensor, largest: bool) -> Tensor:
+    """Which entries would enter a selection whose worst entry is ``bound`` at index ``last``.
+
+    Strictly better values do, and equal ones at a lower index (the tie rule).
+
+    Example:
+        >>> values, index = torch.tensor([3.0, 2.0, 2.0]), torch.tensor([0, 5, 9])
+        >>> could_enter(values, index, torch.tensor(2.0), torch.tensor(7), largest=True).tolist()
+        [True, True, False]
+    """
+    better = values > bound if largest else values < bound
+    return better | ((values == bound) & (index < last))
+
+
 class RunningTopK:
     """The ``k`` best (value, flat index) entries of a stream whose indices come in ascending order.
 
@@ -163,16 +189,15 @@ class RunningTopK:
             values, index = values[keep], index[keep]
         self.values, self.index, self.size = [values], [index], values.numel()
         if self.size == self.k:
-            self.bound = values.min() if self.largest else values.max()
-            self.last = index[(values == self.bound).nonzero()[-1, 0]]
+            self.bound, self.last = worst_kept(values, index, self.largest)
         return values, index
 
     def could_win(self, values: Tensor, index: Tensor) -> Tensor | None:
         """After :meth:`result`: which entries (any index) would enter the ``k`` best; None: all."""
         if self.last is None:
             return None
-        better = values > self.bound if self.largest else values < self.bound
-        return better | ((values == self.bound) & (index < self.last))
+        assert self.bound is not None
+        return could_enter(values, index, self.bound, self.last, self.largest)
 
     def _cut(self) -> None:
         if self.size >= 4 * _CUT_SAMPLE:
