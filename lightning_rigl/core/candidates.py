@@ -167,7 +167,7 @@ def grow_candidates(
             active_at = (active if reaches is None else active & reaches).nonzero().flatten()
         else:
             at = better.nonzero().flatten()
-            is_active = mask_chunk[at] != 0
+            is_active = active_flags(mask_chunk[at])
             inactive.push(chunk[at[~is_active]], flat_index(at[~is_active], start, dtype))
             active_at = at[is_active]
         active_values.append(chunk[active_at])
@@ -214,7 +214,7 @@ def smallest_active(mask: Tensor, weight: Tensor, k: int, *, chunk_size: int = D
             return found[3][top_k_indices(found[2], k, largest=False)]
         if found is not None:  # fewer than k active entries reached the hint: the exact pass, without it
             hint = found = None
-    for bound in (hint, None) if hint is not None else (None,):
+    for bound in (hint, None):  # without a hint the first pass cannot miss
         stream = RunningTopK(k, largest=False, hint=bound)
         for start in range(0, numel if k > 0 else 0, chunk_size):
             stop = min(start + chunk_size, numel)
