@@ -13,14 +13,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.sparse_linear import (
-    SPARSE_DTYPES,
-    SparseStructure,
-    active_values,
-    forget_masked_gradient,
-    gradient_is_masked,
-    sparse_linear,
-)
+from lightning_rigl.core.masked_gradients import drop_offers, forget_written, gradient_is_masked, offer_gradient
+from lightning_rigl.core.sparse_linear import SPARSE_DTYPES, SparseStructure, active_values, sparse_linear
 
 
 def weight_in_out(module: nn.Module) -> bool | None:
@@ -73,8 +67,9 @@ class SparseKernels:
     or any autocast region) run the layer's own dense forward for that call.
 
     Drive it from the training loop: :meth:`set_dense_gradient` before the forward pass of every
-    step (every micro-batch of it) whose dense weight gradient is read (RigL's update steps), and
-    :meth:`update_structure` after each topology update.
+    step (every micro-batch of it) whose dense weight gradient is read (RigL's update steps),
+    :meth:`gradients_masked` once a step's weight gradients are masked, and :meth:`update_structure`
+    after each topology update.
 
     Args:
         layers: Name to (module, its ``weight``), e.g. from :func:`linear_layers`; ``nn.Linear`` or
@@ -118,7 +113,7 @@ class SparseKernels:
         """
         self.dense_gradient = bool(needed)
         for structure in self._structures.values():
-            forget_masked_gradient(structure)  # a record from an earlier step must not vouch for this one's
+            forget_written(structure.index)  # a record from an earlier step must not vouch for this one's
 
     def already_masked(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` whose weight gradient is the one their sparse op wrote, at active positions only.
@@ -130,8 +125,19 @@ class SparseKernels:
         return [
             name
             for name in names
-            if name in self._modules and gradient_is_masked(self._modules[name].weight.grad, self._structures[name])
+            if name in self._modules
+            and gradient_is_masked(self._modules[name].weight.grad, self._structures[name].index)
         ]
+
+    def gradients_masked(self, names: Iterable[str]) -> None:
+        """The weight gradients of ``names`` are 0 at every inactive position now: the next backward may reuse them.
+
+        Call it right after they were masked (or found :meth:`already_masked`), with the current
+        structures; see :func:`~lightning_rigl.core.masked_gradients.offer_gradient`.
+        """
+        for name in names:
+            if name in self._modules:
+                offer_gradient(self._modules[name].weight.grad, self._structures[name].index)
 
     def update_structure(self, name: str, mask: Tensor) -> None:
         """Rebuild a layer's structure from its new mask (after a topology update)."""
@@ -143,6 +149,7 @@ class SparseKernels:
 
     def detach(self) -> None:
         """Give every layer its class's forward back; the layers compute densely again."""
+        drop_offers([structure.index for structure in self._structures.values()])
         for module in self._modules.values():
             if isinstance(vars(module).get("forward"), _SparseForward):
                 del module.forward
@@ -169,7 +176,7 @@ class _SparseForward:
         module, weight = self.module, self.module.weight
         structure = self.kernels._structure(self.name, weight.device)
         if x.dtype != weight.dtype or weight.dtype not in SPARSE_DTYPES or torch.is_autocast_enabled(x.device.type):
-            forget_masked_gradient(structure)  # this call's gradient is dense: no earlier record may vouch for it
+            forget_written(structure.index)  # this call's gradient is dense: no earlier record may vouch for it
             return type(module).forward(module, x)
         values = self._inference_values(weight, structure)
         return sparse_linear(x, weight, module.bias, structure, self.kernels.dense_gradient, self.in_out, values)

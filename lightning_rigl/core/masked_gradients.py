@@ -1,0 +1,101 @@
+"""Weight gradients known to be 0 at every inactive position: records that spare a step two passes over them.
+
+Both are kept per sparse structure (by its ``index`` tensor, weakly: a rebuilt structure starts with none).
+
+- **Written masked.** The sparse kernels write a weight gradient at the active positions only. Recorded
+  as (address, version), it lets the optimizer step skip multiplying it by the mask
+  (:func:`gradient_is_masked`).
+- **Free for reuse.** A gradient that was masked for one step is still 0 at every inactive position when
+  the next backward needs a new one; the next backward writes its active values into it instead of
+  zero-filling a new tensor (:func:`offer_gradient`, :func:`take_gradient`). This is what
+  ``zero_grad(set_to_none=False)`` does for every parameter, done only where it is safe: the tensor is
+  unchanged since it was masked (its version), no longer the weight's ``.grad``, and referenced by no
+  one else, so no tensor a user holds ever changes under them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
+
+# Recorded in eager autograd only: a compiled backward records nothing.
+_STORAGE_USERS = getattr(torch._C, "_storage_Use_Count", None)  # absent: never reuse (a view could exist)
+_WRITTEN = WeakTensorKeyDictionary()  # index -> (address, version) of the gradient written at active positions
+_FREE = WeakTensorKeyDictionary()  # index -> (gradient, version when offered)
+
+
+def record_written(grad: Tensor, index: Tensor) -> None:
+    """Note that ``grad`` was just written at the active positions of the structure with ``index`` only."""
+    _WRITTEN[index] = (grad.data_ptr(), grad._version)
+
+
+def gradient_is_masked(grad: Tensor | None, index: Tensor) -> bool:
+    """Whether ``grad`` is the weight gradient last written for the structure with ``index``, unchanged since.
+
+    Such a gradient is exactly 0 at every inactive position. Any other contribution (a second use of
+    the weight, accumulation over micro-batches, DDP's copy of the all-reduced gradient, a hook that
+    changed it in place) gives another tensor or a new version, and the answer is False. Writes that
+    bypass the version counter (``.grad.data``, a raw in-place ``torch.distributed`` collective) are
+    not seen. The record is used up by the call.
+
+    Example:
+        >>> index, grad = torch.tensor([0, 3]), torch.tensor([1.0, 0.0, 0.0, 2.0])
+        >>> record_written(grad, index)
+        >>> gradient_is_masked(grad, index), gradient_is_masked(grad, index)
+        (True, False)
+    """
+    written = _WRITTEN.pop(index, None)
+    return grad is not None and written == (grad.data_ptr(), grad._version)
+
+
+def forget_written(index: Tensor) -> None:
+    """Drop the record of the gradient last written for the structure with ``index`` (a new step begins)."""
+    _WRITTEN.pop(index, None)
+
+
+def offer_gradient(grad: Tensor | None, index: Tensor) -> None:
+    """Offer ``grad``, 0 at every inactive position of the structure with ``index``, to its next backward.
+
+    The caller vouches for the zeros (it just masked ``grad``, or :func:`gradient_is_masked` said so).
+    Views (a gradient that lives in another buffer) and non-contiguous gradients are not kept.
+    """
+    if grad is None or grad._base is not None or not grad.is_contiguous():
+        _FREE.pop(index, None)
+        return
+    _FREE[index] = (grad, grad._version)
+
+
+def take_gradient(index: Tensor, weight: Tensor) -> Tensor | None:
+    """The offered gradient of the structure with ``index``, if it can be written over safely; else None.
+
+    It can where it is unchanged since it was offered (its version), is no longer ``weight.grad``
+    (``zero_grad`` set that to None, so nothing accumulates into it), and nothing else references it:
+    no other Python name and no view of its storage. The offer is used up.
+
+    Example:
+        >>> weight, index = torch.zeros(2, 2, requires_grad=True), torch.tensor([0])
+        >>> offer_gradient(torch.zeros(2, 2), index)
+        >>> take_gradient(index, weight).shape, take_gradient(index, weight)
+        (torch.Size([2, 2]), None)
+    """
+    entry = _FREE.pop(index, None)
+    if entry is None or weight.grad is not None:
+        return None
+    grad, version = entry
+    del entry
+    # `grad` and getrefcount's argument are the only references left; a storage shared with no view
+    # counts 2 (the tensor and the storage object asked).
+    unshared = sys.getrefcount(grad) == 2 and _STORAGE_USERS is not None
+    unshared = unshared and _STORAGE_USERS(grad.untyped_storage()._cdata) == 2
+    fits = grad.shape == weight.shape and grad.dtype == weight.dtype and grad.device == weight.device
+    return grad if unshared and fits and grad._version == version else None
+
+
+def drop_offers(indices: list[Tensor]) -> None:
+    """Forget the offered gradients of these structures (their layers stop computing sparse)."""
+    for index in indices:
+        _FREE.pop(index, None)
+        _WRITTEN.pop(index, None)

@@ -1,0 +1,171 @@
+"""Sparse-kernel layers write each step's weight gradient into the last one, where no one else can see it."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+import lightning_rigl.core.sparse_linear as sparse_linear_module
+from lightning_rigl import RigLCallback
+from lightning_rigl.core.kernels import SparseKernels, linear_layers
+from tests.conftest import MLP, make_loader, make_trainer
+
+NAMES = ["0.weight"]
+
+
+@pytest.fixture
+def reused(monkeypatch):
+    """The address of every gradient a backward wrote into the last one (None where it made a new one)."""
+    taken: list[int | None] = []
+    take = sparse_linear_module.take_gradient
+
+    def spy(index, weight):
+        grad = take(index, weight)
+        taken.append(None if grad is None else grad.data_ptr())
+        return grad
+
+    monkeypatch.setattr(sparse_linear_module, "take_gradient", spy)
+    return taken
+
+
+def sparse_layer(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(9, 6, dtype=torch.float64)
+    mask = torch.rand(6, 9, generator=gen) < 0.4
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(6, 9, generator=gen, dtype=torch.float64) * mask)
+    return layer, mask, SparseKernels(linear_layers(nn.Sequential(layer)), {"0.weight": mask})
+
+
+def backward(layer, kernels, seed):
+    """One step's forward and backward on signed inputs; returns the masked dense gradient it should give."""
+    gen = torch.Generator().manual_seed(seed)
+    x, upstream = torch.randn(5, 9, generator=gen, dtype=torch.float64) * 3, torch.randn(5, 6, generator=gen)
+    kernels.set_dense_gradient(False)
+    layer(x).backward(upstream.double())
+    return upstream.double().t() @ x * (layer.weight != 0)
+
+
+def offered(layer, kernels):
+    """Mask the gradient's step as RigLCallback does (it is already 0 where inactive), then zero_grad(set_to_none)."""
+    kernels.gradients_masked(NAMES)
+    address = layer.weight.grad.data_ptr()
+    layer.weight.grad = None
+    return address
+
+
+def test_the_next_backward_writes_into_the_offered_gradient_with_the_new_values(reused):
+    layer, mask, kernels = sparse_layer()
+    backward(layer, kernels, seed=1)
+    last = offered(layer, kernels)
+    want = backward(layer, kernels, seed=2)
+    assert reused == [None, last] and layer.weight.grad.data_ptr() == last  # the same tensor, written over
+    torch.testing.assert_close(layer.weight.grad, want, rtol=1e-12, atol=1e-12)
+    assert layer.weight.grad[~mask].eq(0).all() and layer.weight.grad[mask].ne(0).all()
+    kernels.detach()
+
+
+def test_a_gradient_that_someone_still_holds_or_views_is_never_written_over(reused):
+    layer, _, kernels = sparse_layer()
+    for keep in (lambda g: g, lambda g: g.view(-1)):
+        backward(layer, kernels, seed=1)
+        held = keep(layer.weight.grad)
+        before = held.clone()
+        offered(layer, kernels)
+        want = backward(layer, kernels, seed=2)
+        assert torch.equal(held, before) and reused[-1] is None
+        torch.testing.assert_close(layer.weight.grad, want, rtol=1e-12, atol=1e-12)
+        del held
+        layer.weight.grad = None
+    kernels.detach()
+
+
+def test_a_gradient_changed_after_it_was_offered_is_not_reused(reused):
+    layer, _, kernels = sparse_layer()
+    backward(layer, kernels, seed=1)
+    kernels.gradients_masked(NAMES)
+    layer.weight.grad.mul_(0.5)  # gradient clipping, after the masking: a new version
+    layer.weight.grad = None
+    want = backward(layer, kernels, seed=2)
+    assert reused == [None, None]
+    torch.testing.assert_close(layer.weight.grad, want, rtol=1e-12, atol=1e-12)
+    kernels.detach()
+
+
+def test_a_live_gradient_kept_by_zero_grad_without_set_to_none_accumulates_as_usual(reused):
+    layer, _, kernels = sparse_layer()
+    backward(layer, kernels, seed=1)
+    kernels.gradients_masked(NAMES)
+    layer.weight.grad.zero_()  # optimizer.zero_grad(set_to_none=False)
+    want = backward(layer, kernels, seed=2)
+    assert reused == [None, None]
+    torch.testing.assert_close(layer.weight.grad, want, rtol=1e-12, atol=1e-12)  # not doubled into itself
+    kernels.detach()
+
+
+def test_a_rebuilt_structure_does_not_reuse_the_old_structures_gradient(reused):
+    layer, mask, kernels = sparse_layer()
+    backward(layer, kernels, seed=1)
+    offered(layer, kernels)
+    new_mask = ~mask
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(6, 9, dtype=torch.float64) * new_mask)
+    kernels.update_structure("0.weight", new_mask)  # positions active before are inactive now
+    want = backward(layer, kernels, seed=2)
+    assert reused == [None, None]
+    torch.testing.assert_close(layer.weight.grad, want, rtol=1e-12, atol=1e-12)
+    assert layer.weight.grad[mask].eq(0).all()
+    kernels.detach()
+
+
+MASKED = ["net.0.weight", "net.2.weight", "net.5.weight"]
+
+
+class ReusePerStep(Callback):
+    """Per optimizer step: what its backward reused (see ``reused``), and the addresses of its gradients."""
+
+    def __init__(self, reused: list) -> None:
+        self.reused, self.seen, self.per_step, self.addresses = reused, 0, {}, {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.per_step[trainer.global_step], self.seen = self.reused[self.seen :], len(self.reused)
+        self.addresses[trainer.global_step] = [pl_module.get_parameter(name).grad.data_ptr() for name in MASKED]
+
+
+def test_in_a_fit_ordinary_steps_reuse_the_gradient_and_update_steps_get_a_new_one(reused):
+    pl.seed_everything(0, verbose=False)
+    rigl = RigLCallback(0.8, delta_t=4, t_end=100, seed=1, kernels="sparse")
+    log = ReusePerStep(reused)
+    make_trainer([rigl, log], max_steps=10).fit(MLP(), make_loader())
+    fresh, dense = [None] * 3, []  # a new tensor per layer; no sparse weight gradient at all
+    # Step 0 runs dense (it measures the tokens), steps 3 and 7 compute RigL's dense gradient, and the step
+    # after each has new structures; every other step writes into the last step's tensors (the backward
+    # reaches the layers from the last to the first).
+    last = {step: log.addresses[step - 1][::-1] for step in range(1, 10)}
+    expected = [dense, fresh, last[2], dense, fresh, last[5], last[6], dense, fresh, last[9]]
+    assert [log.per_step[step] for step in range(10)] == expected
+
+
+class HoldEveryGradient(Callback):
+    """A user callback that keeps every step's gradient tensor itself (a gradient-noise estimate, say)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.kept, self.values = name, [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grad = pl_module.get_parameter(self.name).grad
+        self.kept.append(grad)
+        self.values.append(grad.clone())
+
+
+def test_in_a_fit_a_gradient_the_user_keeps_never_changes_afterwards():
+    pl.seed_everything(0, verbose=False)
+    rigl = RigLCallback(0.8, delta_t=4, t_end=100, seed=1, kernels="sparse")
+    log = HoldEveryGradient("net.2.weight")
+    make_trainer([rigl, log], max_steps=10).fit(MLP(), make_loader())
+    assert len({id(grad) for grad in log.kept}) == 10  # every step got its own tensor
+    for grad, value in zip(log.kept, log.values, strict=True):
+        assert torch.equal(grad, value)
