@@ -9,9 +9,10 @@ Modes, each timed against its dense counterpart (the weight holds zeros at inact
   train_dg:   the same with the dense weight gradient (an update step: RigL reads the full gradient)
   train_nx:   forward + weight gradient at the active positions, no input gradient (a first layer,
               whose input needs none: dense autograd skips that product too)
-In the training modes the dense layer also pays the pass RigLCallback makes over a dense-kernel
-layer's gradient at every step (``gradient *= mask``); the sparse kernels write the weight gradient at
-active positions only and skip it, except with the dense weight gradient (``train_dg``), where both pay it.
+Each training step is followed by what RigLCallback does with the weight gradient: a dense-kernel layer's
+is multiplied by the mask (``gradient *= mask``); a sparse-kernel layer's was written at active positions
+only, so it is not, and it is offered to the next backward, which writes into it instead of zero-filling
+a new one. With the dense weight gradient (``train_dg``) both pay the multiply.
 With ``--cache cold`` (the default) every timed call starts with caches filled by other data, as in a
 training step, where the other layers and the optimizer's passes over all weights run in between;
 ``--cache warm`` times back-to-back calls on data left in cache.
@@ -32,15 +33,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from lightning_rigl.core.masked_gradients import offer_gradient
 from lightning_rigl.core.sparse_linear import SparseStructure, sparse_linear
 
 MODES = ("fwd", "train", "train_dg", "train_nx")
 
 
-def _step(
-    mode: str, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, structure: SparseStructure | None
-) -> Callable[[], None]:
-    masked_by_callback = mode != "fwd" and (structure is None or mode == "train_dg")
+def _step(mode: str, sparse: bool, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> Callable[[], None]:
+    structure = SparseStructure.from_mask(mask) if sparse else None
+    masked_by_callback = mode == "train_dg" or not sparse
+    float_mask = mask.to(weight.dtype)
 
     def run() -> None:
         if mode == "fwd":
@@ -56,7 +58,9 @@ def _step(
             y = sparse_linear(x, weight, None, structure, dense_gradient=mode == "train_dg")
         torch.autograd.backward(y, torch.ones_like(y), inputs=[x, weight] if x.requires_grad else [weight])
         if masked_by_callback:
-            torch._foreach_mul_([weight.grad], [mask])  # as SparseTraining.before_step does
+            torch._foreach_mul_([weight.grad], [float_mask])  # as SparseTraining.before_step does
+        if structure is not None:
+            offer_gradient(weight.grad, structure.index)  # as RigLCallback does once it is masked
         x.grad = weight.grad = None
 
     return run
@@ -85,9 +89,7 @@ def measure(
     mask = torch.rand(out_features, in_features, generator=gen) < density
     weight = (torch.randn(out_features, in_features, generator=gen) * mask).requires_grad_()
     x = torch.randn(tokens, in_features, generator=gen, requires_grad=mode in ("train", "train_dg"))
-    structure = SparseStructure.from_mask(mask)
-    float_mask = mask.to(weight.dtype)
-    dense, sparse = _step(mode, x, weight, float_mask, None), _step(mode, x, weight, float_mask, structure)
+    dense, sparse = _step(mode, False, x, weight, mask), _step(mode, True, x, weight, mask)
     evict = torch.zeros(1 << 24) if cache == "cold" else None  # 64 MB
     for fn in (dense, sparse, dense, sparse):  # warm-up
         fn()
