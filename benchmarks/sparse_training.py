@@ -105,6 +105,8 @@ class Run:
         if self.sparse is not None:  # as RigLCallback does: gradients the sparse op wrote are masked already
             masked = self.kernels.already_masked(self.sparse.params) if self.kernels is not None else ()
             self.sparse.before_step(step, already_masked=masked)
+            if self.kernels is not None:  # and offered to the next backward
+                self.kernels.offer_gradients(masked)
         self.opt.step()
         if self.sparse is not None:
             updated = self.sparse.after_step([self.opt])

@@ -232,9 +232,9 @@ class RigLCallback(CheckpointHooks):
         if self.sparse is not None:
             # Sparse kernels write a layer's gradient at active positions only: no second pass over it.
             serving = self._kernels.serving
-            names = self.sparse.masked_names(optimizer) if serving else ()
-            self.sparse.before_step(trainer.global_step, optimizer, self._kernels.already_masked(self.sparse, names))
-            self._kernels.gradients_masked(self.sparse, names)  # 0 where inactive: the next backward reuses them
+            masked = self._kernels.already_masked(self.sparse, self.sparse.masked_names(optimizer)) if serving else []
+            self.sparse.before_step(trainer.global_step, optimizer, masked)
+            self._kernels.offer_gradients(self.sparse, masked)  # their next backward writes into them
             self._stepped.append(optimizer)
 
     @override

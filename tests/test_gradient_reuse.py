@@ -51,7 +51,7 @@ def backward(layer, kernels, seed):
 
 def offered(layer, kernels):
     """Mask the gradient's step as RigLCallback does (it is already 0 where inactive), then zero_grad(set_to_none)."""
-    kernels.gradients_masked(NAMES)
+    kernels.offer_gradients(NAMES)
     address = layer.weight.grad.data_ptr()
     layer.weight.grad = None
     return address
@@ -86,7 +86,7 @@ def test_a_gradient_that_someone_still_holds_or_views_is_never_written_over(reus
 def test_a_gradient_changed_after_it_was_offered_is_not_reused(reused):
     layer, _, kernels = sparse_layer()
     backward(layer, kernels, seed=1)
-    kernels.gradients_masked(NAMES)
+    kernels.offer_gradients(NAMES)
     layer.weight.grad.mul_(0.5)  # gradient clipping, after the masking: a new version
     layer.weight.grad = None
     want = backward(layer, kernels, seed=2)
@@ -98,7 +98,7 @@ def test_a_gradient_changed_after_it_was_offered_is_not_reused(reused):
 def test_a_live_gradient_kept_by_zero_grad_without_set_to_none_accumulates_as_usual(reused):
     layer, _, kernels = sparse_layer()
     backward(layer, kernels, seed=1)
-    kernels.gradients_masked(NAMES)
+    kernels.offer_gradients(NAMES)
     layer.weight.grad.zero_()  # optimizer.zero_grad(set_to_none=False)
     want = backward(layer, kernels, seed=2)
     assert reused == [None, None]
@@ -169,3 +169,38 @@ def test_in_a_fit_a_gradient_the_user_keeps_never_changes_afterwards():
     assert len({id(grad) for grad in log.kept}) == 10  # every step got its own tensor
     for grad, value in zip(log.kept, log.values, strict=True):
         assert torch.equal(grad, value)
+
+
+class NanWhereInactive(Callback):
+    """Listed before RigLCallback: at one step, writes NaN into an inactive entry of a gradient (NaN * 0 stays NaN)."""
+
+    def __init__(self, rigl: RigLCallback, name: str, at_step: int) -> None:
+        self.rigl, self.name, self.at_step = rigl, name, at_step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.at_step:
+            inactive = (~self.rigl.masks[self.name]).nonzero()[0]
+            pl_module.get_parameter(self.name).grad[tuple(inactive)] = float("nan")
+
+
+class GradientValues(Callback):
+    """After RigLCallback: a copy of each step's gradient of one weight (the tensor itself is not kept)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.values = name, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.values.append(pl_module.get_parameter(self.name).grad.clone())
+
+
+def test_in_a_fit_a_gradient_multiplied_by_its_mask_is_not_carried_into_the_next_step(reused):
+    pl.seed_everything(0, verbose=False)
+    rigl = RigLCallback(0.8, method="static", seed=1, kernels="sparse")
+    log = GradientValues("net.2.weight")
+    model = MLP()
+    make_trainer([NanWhereInactive(rigl, "net.2.weight", at_step=2), rigl, log], max_steps=4).fit(model, make_loader())
+    mask = rigl.masks["net.2.weight"]
+    assert log.values[2][~mask].isnan().sum() == 1  # masked by multiplication: the NaN stays
+    assert log.values[3][~mask].eq(0).all()  # the next step's gradient starts from a new tensor
+    # That step's backward reached net.5, net.2 and net.0 in turn: only net.2 got a new tensor.
+    assert reused[-3] is not None and reused[-2] is None and reused[-1] is not None

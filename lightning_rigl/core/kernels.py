@@ -68,8 +68,8 @@ class SparseKernels:
 
     Drive it from the training loop: :meth:`set_dense_gradient` before the forward pass of every
     step (every micro-batch of it) whose dense weight gradient is read (RigL's update steps),
-    :meth:`gradients_masked` once a step's weight gradients are masked, and :meth:`update_structure`
-    after each topology update.
+    :meth:`already_masked` and :meth:`offer_gradients` before the optimizer step, and
+    :meth:`update_structure` after each topology update.
 
     Args:
         layers: Name to (module, its ``weight``), e.g. from :func:`linear_layers`; ``nn.Linear`` or
@@ -129,11 +129,13 @@ class SparseKernels:
             and gradient_is_masked(self._modules[name].weight.grad, self._structures[name].index)
         ]
 
-    def gradients_masked(self, names: Iterable[str]) -> None:
-        """The weight gradients of ``names`` are 0 at every inactive position now: the next backward may reuse them.
+    def offer_gradients(self, names: Iterable[str]) -> None:
+        """Offer the weight gradients of ``names`` to their layers' next backward, which writes into them.
 
-        Call it right after they were masked (or found :meth:`already_masked`), with the current
-        structures; see :func:`~lightning_rigl.core.masked_gradients.offer_gradient`.
+        Only gradients :meth:`already_masked` just named: written by the sparse op at the active positions
+        into a tensor that is exactly 0 everywhere else, and unchanged since. A gradient that was
+        multiplied by its mask may hold NaN where inactive (NaN * 0), and must not be carried into the
+        next step. See :func:`~lightning_rigl.core.masked_gradients.offer_gradient`.
         """
         for name in names:
             if name in self._modules:

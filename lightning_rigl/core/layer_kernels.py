@@ -114,14 +114,14 @@ class LayerKernels:
         assert self._kernels is not None
         return self._kernels.already_masked([name for name in names if self._in_sync(sparse, name)])
 
-    def gradients_masked(self, sparse: SparseTraining, names: Iterable[str]) -> None:
-        """The gradients of ``names`` were just masked with the run's masks: the next backward may reuse them.
+    def offer_gradients(self, sparse: SparseTraining, names: Iterable[str]) -> None:
+        """Offer the gradients of ``names``, found :meth:`already_masked`, to their layers' next backward.
 
-        See :meth:`SparseKernels.gradients_masked`; only layers whose structure is their current mask's.
+        See :meth:`SparseKernels.offer_gradients`; only layers whose structure is their current mask's.
         """
         if self.serving:
             assert self._kernels is not None
-            self._kernels.gradients_masked([name for name in names if self._in_sync(sparse, name)])
+            self._kernels.offer_gradients([name for name in names if self._in_sync(sparse, name)])
 
     @property
     def attached(self) -> bool:

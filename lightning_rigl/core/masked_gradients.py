@@ -5,11 +5,12 @@ Both are kept per sparse structure (by its ``index`` tensor, weakly: a rebuilt s
 - **Written masked.** The sparse kernels write a weight gradient at the active positions only. Recorded
   as (address, version), it lets the optimizer step skip multiplying it by the mask
   (:func:`gradient_is_masked`).
-- **Free for reuse.** A gradient that was masked for one step is still 0 at every inactive position when
-  the next backward needs a new one; the next backward writes its active values into it instead of
-  zero-filling a new tensor (:func:`offer_gradient`, :func:`take_gradient`). This is what
+- **Free for reuse.** Such a gradient, once its step is done, is still exactly 0 at every inactive
+  position when the next backward needs a new one; the next backward writes its active values into it
+  instead of zero-filling a new tensor (:func:`offer_gradient`, :func:`take_gradient`). By induction
+  its inactive entries stay the exact zeros of the first fill. This is what
   ``zero_grad(set_to_none=False)`` does for every parameter, done only where it is safe: the tensor is
-  unchanged since it was masked (its version), no longer the weight's ``.grad``, and referenced by no
+  unchanged since it was offered (its version), no longer the weight's ``.grad``, and referenced by no
   one else, so no tensor a user holds ever changes under them.
 """
 
@@ -57,10 +58,11 @@ def forget_written(index: Tensor) -> None:
 
 
 def offer_gradient(grad: Tensor | None, index: Tensor) -> None:
-    """Offer ``grad``, 0 at every inactive position of the structure with ``index``, to its next backward.
+    """Offer ``grad``, exactly 0 at every inactive position of the structure with ``index``, to its next backward.
 
-    The caller vouches for the zeros (it just masked ``grad``, or :func:`gradient_is_masked` said so).
-    Views (a gradient that lives in another buffer) and non-contiguous gradients are not kept.
+    The caller vouches for the zeros: :func:`gradient_is_masked` just said so. (Not a gradient multiplied
+    by its mask: NaN * 0 is NaN.) Views (a gradient that lives in another buffer) and non-contiguous
+    gradients are not kept.
     """
     if grad is None or grad._base is not None or not grad.is_contiguous():
         _FREE.pop(index, None)
@@ -81,17 +83,35 @@ def take_gradient(index: Tensor, weight: Tensor) -> Tensor | None:
         >>> take_gradient(index, weight).shape, take_gradient(index, weight)
         (torch.Size([2, 2]), None)
     """
-    entry = _FREE.pop(index, None)
-    if entry is None or weight.grad is not None:
+    grad, version, references = _pop_offer(index)
+    if grad is None or weight.grad is not None:
         return None
-    grad, version = entry
-    del entry
-    # `grad` and getrefcount's argument are the only references left; a storage shared with no view
-    # counts 2 (the tensor and the storage object asked).
-    unshared = sys.getrefcount(grad) == 2 and _STORAGE_USERS is not None
+    # No other reference to the tensor (its count as for a tensor held by the offer alone), and none to
+    # its storage but the tensor's and the storage object asked (a view would hold one more).
+    unshared = references == _ALONE and _STORAGE_USERS is not None
     unshared = unshared and _STORAGE_USERS(grad.untyped_storage()._cdata) == 2
     fits = grad.shape == weight.shape and grad.dtype == weight.dtype and grad.device == weight.device
     return grad if unshared and fits and grad._version == version else None
+
+
+def _pop_offer(index: Tensor) -> tuple[Tensor | None, int, int]:
+    """The offered gradient of ``index``, its version when offered, and its reference count here."""
+    entry = _FREE.pop(index, None)
+    if entry is None:
+        return None, 0, 0
+    grad, version = entry
+    del entry
+    return grad, version, sys.getrefcount(grad)
+
+
+def _references_of_an_offer_alone() -> int:
+    # Measured, not assumed: what getrefcount reports differs between Python versions.
+    index = torch.empty(0)
+    _FREE[index] = (torch.empty(0), 0)
+    return _pop_offer(index)[2]
+
+
+_ALONE = _references_of_an_offer_alone()
 
 
 def drop_offers(indices: list[Tensor]) -> None:
