@@ -59,7 +59,7 @@ def _step(mode: str, sparse: bool, x: torch.Tensor, weight: torch.Tensor, mask: 
         torch.autograd.backward(y, torch.ones_like(y), inputs=[x, weight] if x.requires_grad else [weight])
         if masked_by_callback:
             torch._foreach_mul_([weight.grad], [float_mask])  # as SparseTraining.before_step does
-        if not masked_by_callback:
+        else:
             offer_gradient(weight.grad, structure.index)  # as RigLCallback does with the sparse op's own
         x.grad = weight.grad = None
 

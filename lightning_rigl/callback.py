@@ -234,7 +234,7 @@ class RigLCallback(CheckpointHooks):
             serving = self._kernels.serving
             masked = self._kernels.already_masked(self.sparse, self.sparse.masked_names(optimizer)) if serving else []
             self.sparse.before_step(trainer.global_step, optimizer, masked)
-            self._kernels.offer_gradients(self.sparse, masked)  # their next backward writes into them
+            self._kernels.offer_gradients(masked)  # their next backward writes into them
             self._stepped.append(optimizer)
 
     @override

@@ -149,22 +149,24 @@ def test_in_a_fit_ordinary_steps_reuse_the_gradient_and_update_steps_get_a_new_o
     assert [log.per_step[step] for step in range(10)] == expected
 
 
-class HoldEveryGradient(Callback):
-    """A user callback that keeps every step's gradient tensor itself (a gradient-noise estimate, say)."""
+class GradientLog(Callback):
+    """After RigLCallback: a copy of each step's gradient of one weight, and with ``hold`` the tensor itself
+    (as a user callback that keeps gradients would: a gradient-noise estimate, say)."""
 
-    def __init__(self, name: str) -> None:
-        self.name, self.kept, self.values = name, [], []
+    def __init__(self, name: str, hold: bool = False) -> None:
+        self.name, self.hold, self.kept, self.values = name, hold, [], []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grad = pl_module.get_parameter(self.name).grad
-        self.kept.append(grad)
         self.values.append(grad.clone())
+        if self.hold:
+            self.kept.append(grad)
 
 
 def test_in_a_fit_a_gradient_the_user_keeps_never_changes_afterwards():
     pl.seed_everything(0, verbose=False)
     rigl = RigLCallback(0.8, delta_t=4, t_end=100, seed=1, kernels="sparse")
-    log = HoldEveryGradient("net.2.weight")
+    log = GradientLog("net.2.weight", hold=True)
     make_trainer([rigl, log], max_steps=10).fit(MLP(), make_loader())
     assert len({id(grad) for grad in log.kept}) == 10  # every step got its own tensor
     for grad, value in zip(log.kept, log.values, strict=True):
@@ -183,20 +185,10 @@ class NanWhereInactive(Callback):
             pl_module.get_parameter(self.name).grad[tuple(inactive)] = float("nan")
 
 
-class GradientValues(Callback):
-    """After RigLCallback: a copy of each step's gradient of one weight (the tensor itself is not kept)."""
-
-    def __init__(self, name: str) -> None:
-        self.name, self.values = name, []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.values.append(pl_module.get_parameter(self.name).grad.clone())
-
-
 def test_in_a_fit_a_gradient_multiplied_by_its_mask_is_not_carried_into_the_next_step(reused):
     pl.seed_everything(0, verbose=False)
     rigl = RigLCallback(0.8, method="static", seed=1, kernels="sparse")
-    log = GradientValues("net.2.weight")
+    log = GradientLog("net.2.weight")
     model = MLP()
     make_trainer([NanWhereInactive(rigl, "net.2.weight", at_step=2), rigl, log], max_steps=4).fit(model, make_loader())
     mask = rigl.masks["net.2.weight"]

@@ -13,7 +13,12 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.masked_gradients import drop_offers, forget_written, gradient_is_masked, offer_gradient
+from lightning_rigl.core.masked_gradients import (
+    forget_structures,
+    forget_written,
+    gradient_is_masked,
+    offer_gradient,
+)
 from lightning_rigl.core.sparse_linear import SPARSE_DTYPES, SparseStructure, active_values, sparse_linear
 
 
@@ -151,7 +156,7 @@ class SparseKernels:
 
     def detach(self) -> None:
         """Give every layer its class's forward back; the layers compute densely again."""
-        drop_offers([structure.index for structure in self._structures.values()])
+        forget_structures([structure.index for structure in self._structures.values()])
         for module in self._modules.values():
             if isinstance(vars(module).get("forward"), _SparseForward):
                 del module.forward

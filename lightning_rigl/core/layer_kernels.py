@@ -114,14 +114,13 @@ class LayerKernels:
         assert self._kernels is not None
         return self._kernels.already_masked([name for name in names if self._in_sync(sparse, name)])
 
-    def offer_gradients(self, sparse: SparseTraining, names: Iterable[str]) -> None:
-        """Offer the gradients of ``names``, found :meth:`already_masked`, to their layers' next backward.
+    def offer_gradients(self, names: Iterable[str]) -> None:
+        """Offer the gradients of ``names``, as :meth:`already_masked` just named them, to their next backward.
 
-        See :meth:`SparseKernels.offer_gradients`; only layers whose structure is their current mask's.
+        See :meth:`SparseKernels.offer_gradients`.
         """
-        if self.serving:
-            assert self._kernels is not None
-            self._kernels.offer_gradients([name for name in names if self._in_sync(sparse, name)])
+        if self._kernels is not None:
+            self._kernels.offer_gradients(names)
 
     @property
     def attached(self) -> bool:

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-# Recorded in eager autograd only: a compiled backward records nothing.
 _STORAGE_USERS = getattr(torch._C, "_storage_Use_Count", None)  # absent: never reuse (a view could exist)
+# Recorded in eager autograd only: a compiled backward records nothing.
 _WRITTEN = WeakTensorKeyDictionary()  # index -> (address, version) of the gradient written at active positions
 _FREE = WeakTensorKeyDictionary()  # index -> (gradient, version when offered)
 
@@ -114,8 +114,8 @@ def _references_of_an_offer_alone() -> int:
 _ALONE = _references_of_an_offer_alone()
 
 
-def drop_offers(indices: list[Tensor]) -> None:
-    """Forget the offered gradients of these structures (their layers stop computing sparse)."""
+def forget_structures(indices: list[Tensor]) -> None:
+    """Forget both records of these structures (their layers stop computing sparse)."""
     for index in indices:
         _FREE.pop(index, None)
         _WRITTEN.pop(index, None)

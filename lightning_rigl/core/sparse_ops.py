@@ -9,7 +9,7 @@ Two operators over plain index and value tensors (CSR indices of ``W`` and of ``
 
 They are defined with the low-level ``torch.library.Library`` API and have no autograd of their own:
 :func:`~lightning_rigl.core.sparse_linear.sparse_linear` differentiates them. A ``custom_op`` with its
-autograd formula costs about 0.2 ms more per layer and step, as much as a small layer's products. As
+autograd formula costs about 0.1 ms more per layer and step, as much as a small layer's products. As
 operators, ``torch.compile`` treats them as opaque calls (with their fake implementations) and
 ``FlopCounterMode`` counts them with the formulas below.
 """
@@ -34,7 +34,7 @@ _LIBRARY.define(
 )
 
 
-def csr(crow: Tensor, col: Tensor, values: Tensor, rows: int, cols: int) -> Tensor:
+def _csr(crow: Tensor, col: Tensor, values: Tensor, rows: int, cols: int) -> Tensor:
     """A CSR tensor over given indices, unchecked (the structures are built valid)."""
     return torch.sparse_csr_tensor(crow, col, values, (rows, cols), check_invariants=False)
 
@@ -50,7 +50,7 @@ def _csr_times(crow: Tensor, col: Tensor, values: Tensor, cols: int, dense: Tens
     # MKL scales the result by beta instead (NaN * 0 is NaN): a zero-filled one there.
     make = dense.new_empty if _MKL else dense.new_zeros
     result = make(rows, dense.shape[1])
-    return torch.addmm(result, csr(crow, col, values, rows, cols), dense, beta=0.0, out=result)
+    return torch.addmm(result, _csr(crow, col, values, rows, cols), dense, beta=0.0, out=result)
 
 
 def _forward(x, weight, values, bias, crow, col, index, crow_t, col_t, perm_t, dense_gradient, weight_in_out):
@@ -91,7 +91,7 @@ def _backward(
         grad_w = x2d.t() @ g2d if weight_in_out else g2d.t() @ x2d  # unmasked, as dense autograd gives it
     elif sampled:
         # The SDDMM writes into its own pattern: zero values (beta=0 still multiplies them, NaN would stay).
-        pattern = csr(crow, col, x.new_zeros(col.numel()), out_features, in_features)
+        pattern = _csr(crow, col, x.new_zeros(col.numel()), out_features, in_features)
         grad_w = torch.sparse.sampled_addmm(pattern, g_t, x2d, beta=0.0, out=pattern).values()
     return grad_x, grad_w
 
