@@ -142,16 +142,14 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, values, bias, crow, col, index, crow_t, col_t, perm_t, dense_gradient, weight_in_out):
-        ctx.save_for_backward(x, weight, values, crow, col, index, crow_t, col_t, perm_t)
+        ctx.save_for_backward(x, weight, values, crow, col, crow_t, col_t, perm_t, index)
         ctx.flags = (dense_gradient, weight_in_out)
         ctx.has_bias = bias is not None
-        return torch.ops.lightning_rigl.sparse_linear(
-            x, weight, values, bias, crow, col, index, crow_t, col_t, perm_t, dense_gradient, weight_in_out
-        )
+        return torch.ops.lightning_rigl.sparse_linear(x, weight, values, bias, crow, col, crow_t)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, values, *structure = ctx.saved_tensors
+        x, weight, values, *structure, index = ctx.saved_tensors
         needs_x, needs_w, _, needs_b = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = None
         if needs_x or needs_w:
@@ -159,7 +157,7 @@ class _SparseLinear(torch.autograd.Function):
                 grad_out, x, weight, values, *structure, *ctx.flags, needs_x, needs_w
             )
             if needs_w and not ctx.flags[0]:
-                grad_w = _scatter_active(grad_w, weight, structure[2])
+                grad_w = _scatter_active(grad_w, weight, index)
         if needs_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return (grad_x if needs_x else None, grad_w if needs_w else None, None, grad_b) + (None,) * 8

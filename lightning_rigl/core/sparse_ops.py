@@ -16,6 +16,8 @@ operators, ``torch.compile`` treats them as opaque calls (with their fake implem
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
@@ -24,12 +26,12 @@ _MKL = torch.backends.mkl.is_available()
 
 _LIBRARY = torch.library.Library("lightning_rigl", "FRAGMENT")
 _LIBRARY.define(
-    "sparse_linear(Tensor x, Tensor weight, Tensor values, Tensor? bias, Tensor crow, Tensor col, Tensor index, "
-    "Tensor crow_t, Tensor col_t, Tensor perm_t, bool dense_gradient, bool weight_in_out) -> Tensor"
+    "sparse_linear(Tensor x, Tensor weight, Tensor values, Tensor? bias, Tensor crow, Tensor col, "
+    "Tensor crow_t) -> Tensor"
 )
 _LIBRARY.define(
     "sparse_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor values, Tensor crow, Tensor col, "
-    "Tensor index, Tensor crow_t, Tensor col_t, Tensor perm_t, bool dense_gradient, bool weight_in_out, "
+    "Tensor crow_t, Tensor col_t, Tensor perm_t, bool dense_gradient, bool weight_in_out, "
     "bool needs_input_grad, bool needs_weight_grad) -> (Tensor, Tensor)"
 )
 
@@ -53,7 +55,8 @@ def _csr_times(crow: Tensor, col: Tensor, values: Tensor, cols: int, dense: Tens
     return torch.addmm(result, _csr(crow, col, values, rows, cols), dense, beta=0.0, out=result)
 
 
-def _forward(x, weight, values, bias, crow, col, index, crow_t, col_t, perm_t, dense_gradient, weight_in_out):
+def _forward(x, weight, values, bias, crow, col, crow_t):
+    # `weight` only gives the FLOP formula the weight's shape; the product reads the active values.
     in_features = crow_t.numel() - 1
     y = _csr_times(crow, col, values, in_features, x.reshape(-1, in_features).t()).t().contiguous()
     if bias is not None:
@@ -68,7 +71,6 @@ def _backward(
     values,
     crow,
     col,
-    index,
     crow_t,
     col_t,
     perm_t,
@@ -96,11 +98,11 @@ def _backward(
     return grad_x, grad_w
 
 
-def _forward_fake(x, weight, values, bias, crow, col, index, crow_t, col_t, perm_t, dense_gradient, weight_in_out):
+def _forward_fake(x, weight, values, bias, crow, col, crow_t):
     return x.new_empty(*x.shape[:-1], crow.shape[0] - 1)
 
 
-def _backward_fake(grad_out, x, weight, values, crow, col, index, crow_t, col_t, perm_t, dense_gradient, *flags):
+def _backward_fake(grad_out, x, weight, values, crow, col, crow_t, col_t, perm_t, dense_gradient, *flags):
     _, needs_input_grad, needs_weight_grad = flags
     grad_x = torch.empty_like(x) if needs_input_grad else x.new_empty(0)
     if not needs_weight_grad:
@@ -118,17 +120,10 @@ torch.library.register_fake("lightning_rigl::sparse_linear_backward", _backward_
 # FlopCounterMode cannot see inside an operator: count each like the dense matmuls it replaces.
 @register_flop_formula(torch.ops.lightning_rigl.sparse_linear)
 def _sparse_linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _prod(x_shape) * weight_shape[0] * weight_shape[1] // x_shape[-1]
+    return 2 * math.prod(x_shape) * weight_shape[0] * weight_shape[1] // x_shape[-1]
 
 
 @register_flop_formula(torch.ops.lightning_rigl.sparse_linear_backward)
 def _sparse_linear_backward_flops(grad_out_shape, x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     needs_input_grad, needs_weight_grad = args[-2:]
     return (int(needs_input_grad) + int(needs_weight_grad)) * _sparse_linear_flops(x_shape, weight_shape)
-
-
-def _prod(shape) -> int:
-    result = 1
-    for size in shape:
-        result *= size
-    return result
