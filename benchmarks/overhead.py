@@ -10,9 +10,12 @@ Compared runs, same model, data and optimizer (SGD with momentum and weight deca
   (d) rigl+monitor: (b) plus SparsityMonitor (FLOPs counted, logging every 50 steps, no table or image)
   (e) rigl-dense, rigl-sparse: (b) with kernels="dense" / "sparse" (every masked Linear on dense / sparse
       kernels), not run by default
-The five fits run in one process, each in its own thread, taking turns: one fit runs `--block`
+Each fit runs in its own process, as a user's fit does, and the fits take turns: one runs `--block`
 steps while the others wait, then the next one does. The machine's noise comes in bursts of a few
 seconds, so every run meets the same noise; timing them one after the other does not manage that.
+(In threads of one process, `--in-threads`, the fits would share one OpenMP runtime with more threads
+than cores, which then puts its workers to sleep between parallel regions: every step measured about
+twice as long as in a lone fit, and many small operations, as in a topology update, even more.)
 Each step is timed (batch start to next batch start). The figure of a run is its amortized median:
 the median time of ordinary steps, plus the extra time of the scheduled steps (every 50th: RigL
 updates at multiples of 100, the monitor logs at multiples of 50) spread over all steps. The median
@@ -26,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import queue
 import statistics
 import threading
 import time
+from multiprocessing.context import BaseContext
 
 import lightning.pytorch as pl
 import torch
@@ -41,30 +47,48 @@ from lightning_rigl import RigLCallback
 
 
 class Turns:
-    """Lets threads run in turn, round robin, one at a time; a thread that is done leaves the rotation."""
+    """Lets fits (processes or threads) run in turn, round robin, one at a time; one that is done leaves the rotation.
 
-    def __init__(self, parties: int, timeout: float = 600.0) -> None:
-        self.start = threading.Barrier(parties, timeout=timeout)  # every fit set up before the first step
-        self.end = threading.Barrier(parties, timeout=timeout)  # no teardown while another fit still steps
-        self.order, self.current, self.timeout = list(range(parties)), 0, timeout
-        self.cond = threading.Condition()
+    Its state lives in shared memory, so it works across processes (made with the spawn context) and
+    threads alike. After every fit of a round has ended, :meth:`end_fit` puts them all back in the rotation.
+    """
+
+    def __init__(self, parties: int, context: BaseContext, timeout: float = 600.0) -> None:
+        self.start = context.Barrier(parties, timeout=timeout)  # every fit set up before the first step
+        self.end = context.Barrier(parties, timeout=timeout)  # no teardown while another fit still steps
+        self.cond = context.Condition()
+        # The rotation: order[:size] are the fits still stepping, order[current] the one whose turn it is.
+        self.parties, self.timeout = parties, timeout
+        self.order = context.Array("i", range(parties), lock=False)
+        self.size = context.Value("i", parties, lock=False)
+        self.current = context.Value("i", 0, lock=False)
 
     def wait(self, who: int) -> None:
         with self.cond:
-            if not self.cond.wait_for(lambda: self.order[self.current] == who, self.timeout):
+            if not self.cond.wait_for(lambda: self.order[self.current.value] == who, self.timeout):
                 raise TimeoutError(f"run {who} never got its turn")
 
     def done(self, who: int, leave: bool = False) -> None:
         with self.cond:
-            if who not in self.order:
+            order = list(self.order[: self.size.value])
+            if who not in order:
                 return
-            index = self.order.index(who)
+            index = order.index(who)
             if leave:
-                self.order.pop(index)
-                self.current = index % len(self.order) if self.order else 0
+                order.pop(index)
+                self.order[: len(order)] = order
+                self.size.value = len(order)
+                self.current.value = index % len(order) if order else 0
             else:
-                self.current = (index + 1) % len(self.order)
+                self.current.value = (index + 1) % len(order)
             self.cond.notify_all()
+
+    def end_fit(self) -> None:
+        """Wait for every fit of the round to end; then the rotation is full again for the next round."""
+        if self.end.wait() == 0:  # one party resets; nobody passes the next start barrier before it
+            with self.cond:
+                self.order[:] = list(range(self.parties))
+                self.size.value, self.current.value = self.parties, 0
 
 
 class StepTimer(Callback):
@@ -90,7 +114,7 @@ class StepTimer(Callback):
     def on_train_end(self, trainer, pl_module):
         self._lap(trainer.global_step)
         self.turns.done(self.who, leave=True)
-        self.turns.end.wait()
+        self.turns.end_fit()
 
     def on_exception(self, trainer, pl_module, exception):
         self.turns.start.abort()
@@ -193,19 +217,45 @@ def fit(model_name: str, run: str, steps: int, warmup: int, timer: StepTimer) ->
     trainer.fit(Classifier(build()), loader)
 
 
-def time_round(model_name: str, runs: list[str], steps: int, warmup: int, block: int) -> dict[str, float]:
-    """Fit every run once, in turns; return each run's amortized median step time."""
-    turns = Turns(len(runs))
-    timers = [StepTimer(warmup, turns, who, block) for who in range(len(runs))]
-    threads = [
-        threading.Thread(target=fit, args=(model_name, run, steps, warmup, timer))
-        for run, timer in zip(runs, timers, strict=True)
+def fit_rounds(model_name: str, run: str, who: int, settings: tuple[int, int, int, int], turns: Turns, results) -> None:
+    """One run's fits, one a round, each in turns with the other runs' fits; puts (who, figure) in ``results``."""
+    steps, warmup, block, rounds = settings
+    for _ in range(rounds):
+        timer = StepTimer(warmup, turns, who, block)
+        fit(model_name, run, steps, warmup, timer)
+        results.put((who, amortized_median(timer.times)))
+
+
+def time_rounds(model_name: str, runs: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Fit every run once a round, in turns, each run in its own process; each run's figure of every round."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no OpenMP state from this one
+    turns, results = Turns(len(runs), context), context.Queue()
+    settings = (args.steps, args.warmup, args.block, args.rounds)
+    start = threading.Thread if args.in_threads else context.Process
+    workers = [
+        start(target=fit_rounds, args=(model_name, run, who, settings, turns, results), daemon=True)
+        for who, run in enumerate(runs)
     ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return {run: amortized_median(timer.times) for run, timer in zip(runs, timers, strict=True)}
+    for worker in workers:
+        worker.start()
+    figures: dict[str, list[float]] = {run: [] for run in runs}
+    for _ in range(len(runs) * args.rounds):
+        while True:
+            try:
+                who, figure = results.get(timeout=1.0)
+                break
+            except queue.Empty:  # nothing pending: a fit that is gone before its last round failed
+                failed = [
+                    runs[i] for i, w in enumerate(workers) if not w.is_alive() and len(figures[runs[i]]) < args.rounds
+                ]
+                if failed:
+                    turns.start.abort()  # the others stop waiting for it
+                    turns.end.abort()
+                    raise RuntimeError(f"The {model_name} fit of {failed} failed (its traceback is above).") from None
+        figures[runs[who]].append(figure)  # a run's rounds come in order: each waits for the others
+    for worker in workers:
+        worker.join()
+    return figures
 
 
 def main() -> None:
@@ -216,6 +266,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--block", type=int, default=10, help="steps a run makes in one turn")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS[:-2]))
+    parser.add_argument("--in-threads", action="store_true", help="every fit in a thread of this process instead")
     parser.add_argument("--out", default="overhead.json")
     args = parser.parse_args()
     # A run named twice is timed twice ("dense dense" is an A/A check of the method's noise).
@@ -226,10 +277,7 @@ def main() -> None:
 
     results = {}
     for model_name in args.models:
-        times: dict[str, list[float]] = {run: [] for run in runs}
-        for _ in range(args.rounds):
-            for run, value in time_round(model_name, runs, args.steps, args.warmup, args.block).items():
-                times[run].append(value)
+        times = time_rounds(model_name, runs, args)
         # Ratios are paired within a round (the same seconds of machine noise), then the median is taken.
         results[model_name] = {
             run: {
