@@ -128,3 +128,41 @@ def test_non_finite_gradients_defer_the_update_to_the_next_finite_step():
     sparse.after_step([])
     assert sparse.updates == 1 and sparse.history[0].step == 2
     assert sparse.masks["weight"].int().flatten().tolist() == NEW_MASK
+
+
+def test_a_layer_with_every_position_active_is_left_as_it_is_by_an_update(monkeypatch):
+    import lightning_rigl.core.layer_update as layer_update
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))  # ERK-style: a dense small head
+    sparse = SparseTraining(
+        {"0.weight": model[0].weight, "2.weight": model[2].weight},
+        {"0.weight": 0.75, "2.weight": 0.0},
+        schedule=UpdateSchedule(delta_t=1, t_end=10, alpha=0.5, decay="constant"),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    selected = []
+    real = layer_update.grow_candidates
+
+    def spy(mask, *args, **kwargs):
+        selected.append(mask)
+        return real(mask, *args, **kwargs)
+
+    monkeypatch.setattr(layer_update, "grow_candidates", spy)
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    for step in range(3):
+        nn.functional.mse_loss(model(x), y).backward()
+        sparse.before_step(step, optimizer)
+        head_before = model[2].weight.detach().clone()
+        optimizer.step()
+        stepped = model[2].weight.detach().clone()
+        momentum = optimizer.state[model[2].weight]["momentum_buffer"].clone()
+        assert sparse.after_step([optimizer], optimizer) == ["0.weight", "2.weight"]
+        optimizer.zero_grad()
+        # The dense head: no weight zeroed, none restarted, its momentum untouched, and no selection run for it.
+        assert torch.equal(model[2].weight, stepped) and not torch.equal(stepped, head_before)
+        assert torch.equal(optimizer.state[model[2].weight]["momentum_buffer"], momentum)
+        assert bool(sparse.masks["2.weight"].all())
+    assert [mask.numel() for mask in selected] == [96] * 3  # the sparse layer's only
+    assert all(0 < record.changed <= 12 for record in sparse.history)  # k = 12 of the sparse layer's 24
+    assert all(record.active == 24 + 48 for record in sparse.history)  # both layers' active connections

@@ -43,12 +43,17 @@ def read_grow_scores(
         >>> read_grow_scores(get_method("rigl"), masks, "w", grad, 0.5, torch.Generator()).index.tolist()
         [1]
     """
+    param, k = masks.params[name], int(masks.counts[name] * fraction)
+    if is_full(masks, name) and not method.random_score:
+        # Nothing inactive to grow: the update is a no-op (see drop_and_grow_layer). Random scores are
+        # drawn all the same, so that the generator's stream, and the later layers' draws, stay as they were.
+        empty = torch.empty(0, device=local_shard(param).device)
+        return GrowCandidates(k, empty, empty.int(), empty, empty.int())
     # One layer at a time: a sharded layer's weight, signal and mask are gathered here and freed after.
-    param = masks.params[name]
     weight, signal = gather_full(param), None if signal is None else gather_full(signal)
     scores = score_chunks(method.score, weight, signal, generator)
     mask = masks.whole(name) if is_sharded(param) else masks.local[name]
-    return grow_candidates(mask, int(masks.counts[name] * fraction), scores, sample=not method.random_score)
+    return grow_candidates(mask, k, scores, sample=not method.random_score)
 
 
 def drop_and_grow_layer(
@@ -59,10 +64,20 @@ def drop_and_grow_layer(
     The paper's grow init: new connections start at 0 with fresh optimizer state; a weight dropped and
     regrown in the same update keeps its value and state. A dropped weight is zeroed and its state
     restarted, which nothing reads again: regrowing it restarts it anyway.
+
+    A layer with every position active (ERK often leaves small layers dense) is left as it is: its
+    ``k`` dropped weights would be the ``k`` regrown, with their values and state.
     """
+    if is_full(masks, name):
+        return 0  # the same on every rank: the counts are the whole layer's
     param: nn.Parameter = masks.params[name]
     grown, gone = masks.drop_and_grow(name, candidates)
     changed = torch.cat([grown, gone])
     fill_positions(local_shard(param), changed, 0.0)
     reset_optimizer_state(optimizers, param, changed)
     return all_ranks_sum(grown.numel(), [param])
+
+
+def is_full(masks: LayerMasks, name: str) -> bool:
+    """Whether every position of layer ``name`` is active (its sparsity is 0): no update can change it."""
+    return masks.counts[name] == masks.params[name].numel()

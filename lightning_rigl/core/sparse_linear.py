@@ -64,9 +64,11 @@ class SparseStructure:
         out_features, in_features = logical.shape
         rows, cols = logical.nonzero().unbind(1)  # row-major: W's CSR order
         stored = rows * in_features + cols if not weight_in_out else cols * out_features + rows
-        order_t = torch.argsort(cols * out_features + rows)  # W^T's CSR order
         # MKL's sparse products take 32-bit indices: int64 ones are converted on every call (~30 % slower).
         index_dtype = torch.int32 if mask.numel() < 2**31 else torch.int64
+        # W^T's CSR order: by column, and by row within one (a stable sort keeps the row order); on
+        # 32-bit keys twice as fast as an argsort of the flat transposed index.
+        order_t = torch.sort(cols.to(index_dtype), stable=True).indices
 
         def compact(indices: Tensor) -> Tensor:
             return indices.to(index_dtype).contiguous()
