@@ -95,13 +95,14 @@ class SparseKernels:
     def __init__(self, layers: Mapping[str, tuple[nn.Module, Tensor]], masks: Mapping[str, Tensor]) -> None:
         self.dense_gradient = False
         self._modules: dict[str, nn.Module] = {}
+        self._weights: dict[str, Tensor] = {}  # read every step: a module's __getattr__ costs ~10 us there
         self._structures: dict[str, SparseStructure] = {}
         for name, (module, weight) in layers.items():
             if weight_in_out(module) is None or module.weight is not weight:
                 raise ValueError(f"{name!r} must be the `weight` of an nn.Linear or a Hugging Face Conv1D.")
             if "forward" in vars(module):
                 raise ValueError(f"The module of {name!r} already has its own forward (attached twice?).")
-            self._modules[name] = module
+            self._modules[name], self._weights[name] = module, weight
             self.update_structure(name, masks[name])
         for name, module in self._modules.items():
             module.forward = _SparseForward(self, name, module)
@@ -130,8 +131,7 @@ class SparseKernels:
         return [
             name
             for name in names
-            if name in self._modules
-            and gradient_is_masked(self._modules[name].weight.grad, self._structures[name].index)
+            if name in self._weights and gradient_is_masked(self._weights[name].grad, self._structures[name].index)
         ]
 
     def offer_gradients(self, names: Iterable[str]) -> None:
@@ -143,8 +143,8 @@ class SparseKernels:
         next step. See :func:`~lightning_rigl.core.masked_gradients.offer_gradient`.
         """
         for name in names:
-            if name in self._modules:
-                offer_gradient(self._modules[name].weight.grad, self._structures[name].index)
+            if name in self._weights:
+                offer_gradient(self._weights[name].grad, self._structures[name].index)
 
     def update_structure(self, name: str, mask: Tensor) -> None:
         """Rebuild a layer's structure from its new mask (after a topology update)."""
@@ -161,6 +161,7 @@ class SparseKernels:
             if isinstance(vars(module).get("forward"), _SparseForward):
                 del module.forward
         self._modules.clear()
+        self._weights.clear()
         self._structures.clear()
 
     def _structure(self, name: str, device: torch.device) -> SparseStructure:

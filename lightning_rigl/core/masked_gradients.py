@@ -17,15 +17,38 @@ Both are kept per sparse structure (by its ``index`` tensor, weakly: a rebuilt s
 from __future__ import annotations
 
 import sys
+import weakref
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakTensorKeyDictionary
 
 _STORAGE_USERS = getattr(torch._C, "_storage_Use_Count", None)  # absent: never reuse (a view could exist)
+
+
+class _ByTensor:
+    """A table keyed by a tensor's identity, whose entry goes when that tensor is freed.
+
+    ``torch.utils.weak.WeakTensorKeyDictionary`` does the same, but builds a weak reference for every
+    lookup: about 10 us a call inside a training step, several calls a layer and step.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def __setitem__(self, key: Tensor, value: Any) -> None:
+        address, entries = id(key), self._entries
+        # The callback runs when the key is freed, before its id can be given to another object.
+        self._entries[address] = (weakref.ref(key, lambda _: entries.pop(address, None)), value)
+
+    def pop(self, key: Tensor, default: Any = None) -> Any:
+        entry = self._entries.pop(id(key), None)
+        return default if entry is None or entry[0]() is not key else entry[1]
+
+
 # Recorded in eager autograd only: a compiled backward records nothing.
-_WRITTEN = WeakTensorKeyDictionary()  # index -> (address, version) of the gradient written at active positions
-_FREE = WeakTensorKeyDictionary()  # index -> (gradient, version when offered)
+_WRITTEN = _ByTensor()  # index -> (address, version) of the gradient written at active positions
+_FREE = _ByTensor()  # index -> (gradient, version when offered)
 
 
 def record_written(grad: Tensor, index: Tensor) -> None:

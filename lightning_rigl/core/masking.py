@@ -8,9 +8,8 @@ import torch
 from torch import Tensor
 
 
-@torch.no_grad()
 def multiply_by_masks(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
-    """Multiply each tensor by its mask (of the tensor's dtype) in place, in one fused call.
+    """Multiply each tensor by its mask (of the tensor's dtype) in place, in one fused call, outside autograd.
 
     Example:
         >>> t = torch.tensor([1.0, -2.0, 3.0])
@@ -18,8 +17,15 @@ def multiply_by_masks(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> Non
         >>> t.tolist()
         [1.0, -0.0, 3.0]
     """
-    if tensors:
-        torch._foreach_mul_(list(tensors), list(masks))
+    if not tensors:
+        return
+    tensors, masks = list(tensors), list(masks)
+    # Gradients (every step) need no grad mode switch, which costs about as much as a small layer's multiply.
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        with torch.no_grad():
+            torch._foreach_mul_(tensors, masks)
+    else:
+        torch._foreach_mul_(tensors, masks)
 
 
 @torch.no_grad()
