@@ -13,9 +13,9 @@ Compared runs, same model, data and optimizer (SGD with momentum and weight deca
 Each fit runs in its own process, as a user's fit does, and the fits take turns: one runs `--block`
 steps while the others wait, then the next one does. The machine's noise comes in bursts of a few
 seconds, so every run meets the same noise; timing them one after the other does not manage that.
-(In threads of one process, `--in-threads`, the fits would share one OpenMP runtime with more threads
-than cores, which then puts its workers to sleep between parallel regions: every step measured about
-twice as long as in a lone fit, and many small operations, as in a topology update, even more.)
+(In threads of one process, `--in-threads`, the fits share one OpenMP runtime with more threads than
+cores, whose workers then likely sleep between parallel regions: every MLP step measured about twice
+as long as in a lone fit, and a topology update, many small operations, even more.)
 Each step is timed (batch start to next batch start). The figure of a run is its amortized median:
 the median time of ordinary steps, plus the extra time of the scheduled steps (every 50th: RigL
 updates at multiples of 100, the monitor logs at multiples of 50) spread over all steps. The median
@@ -229,7 +229,7 @@ def fit_rounds(model_name: str, run: str, who: int, settings: tuple[int, int, in
 
 
 def time_rounds(model_name: str, runs: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
-    """Fit every run once a round, in turns, each run in its own process; each run's figure of every round."""
+    """Fit every run once a round, in turns, each in its own process (or thread); its figure of each counted round."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no OpenMP state from this one
     turns, results = Turns(len(runs), context), context.Queue()
     rounds = args.warmup_rounds + args.rounds
