@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -21,10 +22,8 @@ def multiply_by_masks(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> Non
         return
     tensors, masks = list(tensors), list(masks)
     # Gradients (every step) need no grad mode switch, which costs about as much as a small layer's multiply.
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
-        with torch.no_grad():
-            torch._foreach_mul_(tensors, masks)
-    else:
+    switch = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+    with torch.no_grad() if switch else contextlib.nullcontext():
         torch._foreach_mul_(tensors, masks)
 
 
