@@ -32,7 +32,8 @@ def sparsify(
 
     Returns:
         The copy, with ``sparse_kernels`` (a :class:`~lightning_rigl.core.kernels.SparseKernels`,
-        ``.names`` lists the sparse layers) set on it.
+        ``.names`` lists the sparse layers) set on it. Its masks are fixed: a copy of it
+        (``copy.deepcopy``, pickle) computes sparse too.
 
     Example:
         >>> from lightning_rigl import load_sparse, save_sparse
@@ -60,5 +61,5 @@ def sparsify(
     layers = linear_layers(sparse_model, list(masks))
     choices = choose_kernels(layers, masks, tokens, kernels, backward=False)
     chosen = {name: layer for name, layer in layers.items() if choices[name] == "sparse"}
-    sparse_model.sparse_kernels = SparseKernels(chosen, masks)
+    sparse_model.sparse_kernels = SparseKernels(chosen, masks, fixed_masks=True)  # copies of it stay sparse
     return sparse_model

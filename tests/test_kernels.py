@@ -1,5 +1,8 @@
 """Sparse kernels: the same numbers as the masked dense path, stored state untouched, compile, FLOPs, inference."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -306,6 +309,24 @@ def test_sparsify_recomputes_after_the_weights_change_in_place_or_are_loaded():
         fast.load_state_dict({name: value * 0.5 for name, value in fast.state_dict().items()})
         torch.testing.assert_close(fast(x), masked_dense(), **F64)
     assert not torch.allclose(fast(x), first)
+
+
+def test_copies_of_a_sparsified_model_compute_sparse_with_their_own_weights():
+    model, masks = big_sparse_mlp()
+    fast = sparsify(model, masks, kernels="sparse")
+    x = torch.randn(4, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = fast(x)
+    for copied in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert copied.sparse_kernels.names == ["0.weight", "2.weight"]
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            torch.testing.assert_close(copied(x), expected, **F64)
+        assert counter.get_flop_counts()["Global"].get(torch.ops.lightning_rigl.sparse_linear, 0) > 0
+        with torch.no_grad():
+            copied[2].weight.mul_(-3.0)  # the copy's own weights, not the original's
+            hidden = torch.relu(x @ (fast[0].weight * masks["0.weight"]).T + fast[0].bias)
+            scaled = hidden @ (-3 * fast[2].weight * masks["2.weight"]).T + fast[2].bias
+            torch.testing.assert_close(copied(x), scaled, **F64)
 
 
 def test_sparsify_auto_keeps_small_layers_dense():

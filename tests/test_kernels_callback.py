@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -415,3 +417,40 @@ def test_masks_replaced_mid_run_get_new_sparse_structures():
         assert model.get_parameter(name)[~mask].eq(0).all(), name  # the old structure's gradients would move these
     for name, value in dense_model.state_dict().items():  # newly active weights train as on dense kernels
         torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-10, atol=1e-10 * value.abs().max())
+
+
+class SnapshotAt(Callback):
+    """Deep-copies and pickles the module at one batch's end, as a best-model snapshot would."""
+
+    def __init__(self, batch: int, x: Tensor, rigl: RigLCallback) -> None:
+        self.batch, self.x, self.rigl = batch, x, rigl
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch:
+            self.original_sparse = computes_sparse(pl_module.net, self.x)
+            self.masks = {name: mask.clone() for name, mask in self.rigl.masks.items()}
+            self.copied = copy.deepcopy(pl_module.net)
+            self.unpickled = pickle.loads(pickle.dumps(pl_module.net))
+
+
+def computes_sparse(module: nn.Module, x: Tensor) -> bool:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return any(counter.get_flop_counts()["Global"].get(op, 0) > 0 for op in SPARSE_OPS)
+
+
+def test_a_copy_taken_mid_run_computes_with_its_own_weights_on_dense_kernels():
+    pl.seed_everything(0, verbose=False)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
+    rigl = RigLCallback(0.8, delta_t=4, t_end=100, alpha=0.5, seed=1, kernels="sparse")
+    snapshot, model = SnapshotAt(batch=2, x=x, rigl=rigl), MLP()
+    make_trainer([rigl, snapshot], max_steps=18).fit(model, make_loader())  # two steps after the 4th update
+    assert rigl.sparse.updates == 4 and snapshot.original_sparse
+    # Weights grown since the snapshot and trained: what a copy computing with its old structure would miss.
+    assert any(model.get_parameter(name)[~mask].ne(0).any() for name, mask in snapshot.masks.items())
+    for copied in (snapshot.copied, snapshot.unpickled):
+        assert not computes_sparse(copied, x)
+        # No structure of batch 2 in the copy: the weights it is given later, grown connections and all, count.
+        copied.load_state_dict(model.net.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), model.net(x), rtol=1e-6, atol=1e-6)

@@ -8,6 +8,7 @@ changes, to :func:`~lightning_rigl.core.sparse_linear.sparse_linear` at the mask
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -80,6 +81,10 @@ class SparseKernels:
         layers: Name to (module, its ``weight``), e.g. from :func:`linear_layers`; ``nn.Linear`` or
             Hugging Face ``Conv1D``.
         masks: Name to bool mask of the weight's stored shape (True = active).
+        fixed_masks: The masks never change (a deployed model, see ``sparsify``): a copy of a served
+            layer (``copy.deepcopy``, pickle) computes sparse too, with its copy of the structure. By
+            default (training) a copy computes with its class's forward: the run's updates move the
+            structure, and a copy, no longer driven by them, would keep an old one.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3))
@@ -92,8 +97,10 @@ class SparseKernels:
 
     """
 
-    def __init__(self, layers: Mapping[str, tuple[nn.Module, Tensor]], masks: Mapping[str, Tensor]) -> None:
-        self.dense_gradient = False
+    def __init__(
+        self, layers: Mapping[str, tuple[nn.Module, Tensor]], masks: Mapping[str, Tensor], *, fixed_masks: bool = False
+    ) -> None:
+        self.dense_gradient, self.fixed_masks = False, fixed_masks
         self._modules: dict[str, nn.Module] = {}
         self._weights: dict[str, Tensor] = {}  # read every step: a module's __getattr__ costs ~10 us there
         self._structures: dict[str, SparseStructure] = {}
@@ -179,6 +186,14 @@ class _SparseForward:
         self.in_out = bool(weight_in_out(module))
         # Inference only: ((the weight's address, its version), the structure, the active values).
         self._cached: tuple[tuple[int, int], SparseStructure, Tensor] | None = None
+
+    def __reduce_ex__(self, protocol: int) -> str | tuple:
+        if self.kernels.fixed_masks:
+            return super().__reduce_ex__(protocol)
+        # A copy of a training layer (copy.deepcopy, pickle: a best-model snapshot, weight averaging)
+        # would keep this structure while its own weights move on or are loaded anew, and drop whatever
+        # lies outside it. It computes with its class's forward instead: the same outputs at the masks' zeros.
+        return functools.partial, (type(self.module).forward, self.module)
 
     def __call__(self, x: Tensor) -> Tensor:
         module, weight = self.module, self.module.weight
