@@ -25,6 +25,14 @@ A first round is fitted and not counted (`--warmup-rounds`): a process's first f
 dense one by 1.3-1.5x here, which would hand every run a ratio below 1 in that round.
 
     python benchmarks/overhead.py --models mlp --runs dense dense   # A/A check: the method's own noise
+
+torch's CPU allocator hands every freed tensor back to glibc, which returns large blocks to the kernel;
+the next step then faults the pages in again. On this machine a lone dense CNN fit took 9,000-13,000
+page faults and 26-30 ms of kernel CPU time a step (getrusage, both threads), and what they cost
+drifts: that made the CNN's rounds noisy. ``--keep-freed-memory`` starts each fit's process with glibc keeping freed blocks
+of up to 32 MiB (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): the same fits with 200-600
+page faults a step, faster, and quieter (BENCHMARKS.md). Every run gets the same setting, so the ratios
+stay comparable; a faster dense step makes RigL's fixed costs a larger share.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import queue
 import statistics
 import threading
@@ -182,6 +191,10 @@ MODELS = {
 }
 
 
+#: glibc's settings under --keep-freed-memory, read when each fit's process starts: freed blocks of up to
+#: 32 MiB (glibc's largest mmap threshold) stay in the process instead of going back to the kernel.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
+
 RUNS = ("dense", "static", "rigl", "pruning", "rigl+monitor", "rigl-dense", "rigl-sparse")
 
 
@@ -270,8 +283,17 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=10, help="steps a run makes in one turn")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS[:-2]))
     parser.add_argument("--in-threads", action="store_true", help="every fit in a thread of this process instead")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="each fit's process keeps freed blocks of up to 32 MiB (glibc's malloc settings): fewer page faults",
+    )
     parser.add_argument("--out", default="overhead.json")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        if args.in_threads:  # glibc reads them once, when a process starts: this one has started
+            parser.error("--keep-freed-memory sets each fit's own process: it cannot be used with --in-threads")
+        os.environ.update(KEEP_FREED_MEMORY)  # inherited by the spawned fits
     # A run named twice is timed twice ("dense dense" is an A/A check of the method's noise).
     runs = [
         run if args.runs[:i].count(run) == 0 else f"{run}#{args.runs[:i].count(run) + 1}"
@@ -294,7 +316,13 @@ def main() -> None:
     for model_name, rows in results.items():
         for run, row in rows.items():
             print(f"{model_name:<6}{run:<14}{row['median_ms']:>19.2f}{row['ratio']:>32.3f}")
-    meta = {"torch": torch.__version__, "lightning": pl.__version__, "threads": torch.get_num_threads(), **vars(args)}
+    meta = {
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "threads": torch.get_num_threads(),
+        "malloc": {name: os.environ.get(name) for name in KEEP_FREED_MEMORY},  # as the fits' processes got them
+        **vars(args),
+    }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
 

@@ -16,11 +16,22 @@ def _run(script: str, *args: str, out: Path) -> dict:
 
 def test_overhead_runs_every_fit_in_turns_and_reports_ratios(tmp_path):
     args = ("--models", "mlp", "--rounds", "1", "--warmup-rounds", "0", "--steps", "4", "--warmup", "1", "--block", "2")
-    result = _run("overhead.py", *args, out=tmp_path / "overhead.json")["results"]["mlp"]
+    written = _run("overhead.py", *args, "--keep-freed-memory", out=tmp_path / "overhead.json")
+    # The fits' processes were started with glibc keeping freed blocks of up to 32 MiB.
+    assert written["meta"]["malloc"] == {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+    result = written["results"]["mlp"]
     assert list(result) == ["dense", "static", "rigl", "pruning", "rigl+monitor"]
     assert all(row["median_ms"] > 0 and row["ratio"] > 0 for row in result.values())
     assert result["dense"]["ratio"] == 1.0
     assert all(len(row["all_ms"]) == 1 for row in result.values())
+
+
+def test_overhead_refuses_to_keep_freed_memory_in_threads(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--keep-freed-memory", "--in-threads"]
+    done = subprocess.run(command, cwd=tmp_path, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--keep-freed-memory" in done.stderr and "--in-threads" in done.stderr
+    assert not (tmp_path / "overhead.json").exists()
 
 
 def test_overhead_a_a_check_names_the_repeated_run_and_runs_in_threads_on_request(tmp_path):
