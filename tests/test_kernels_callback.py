@@ -121,6 +121,42 @@ class Wide(MLP):
         super().__init__(in_features=64, hidden=1024)
 
 
+class Scaled(nn.Linear):
+    """A Linear subclass with a forward of its own: the sparse product would skip its scale."""
+
+    def forward(self, x):
+        return 1.5 * super().forward(x)
+
+
+class Shifted:
+    """A forward set on a layer instance, as a library's wrapper does: it adds to the layer's output."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        self.layer, self.calls = layer, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return nn.Linear.forward(self.layer, x) + 0.25
+
+
+class OwnForwards(MLP):
+    """``net.0`` a Linear subclass with its own forward, ``net.2`` a Linear whose instance forward is wrapped."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[0] = Scaled(16, 32)
+        self.net[2].forward = self.shifted = Shifted(self.net[2])
+
+
+def test_layers_with_a_forward_of_their_own_stay_dense_and_train_as_on_dense_kernels():
+    sparse, dense = (fit(kernels, module=OwnForwards, precision="64-true", steps=12) for kernels in ("sparse", "dense"))
+    assert sparse[0].kernel_choices == {"net.0.weight": "dense", "net.2.weight": "dense", "net.5.weight": "sparse"}
+    assert sparse[1].shifted.calls == dense[1].shifted.calls == 12  # the wrapper ran at every batch
+    assert sparse[0].sparse.updates == dense[0].sparse.updates == 3
+    for name, value in dense[1].state_dict().items():  # the scale and the shift were applied on both
+        torch.testing.assert_close(sparse[1].state_dict()[name], value, rtol=1e-10, atol=1e-10 * value.abs().max())
+
+
 def test_auto_picks_sparse_for_a_large_very_sparse_layer_and_dense_for_small_ones():
     loader = make_loader(512, batch_size=256, in_features=64)
     rigl, _ = fit("auto", module=Wide, loader=loader, steps=2, sparsity=0.95)
@@ -454,3 +490,9 @@ def test_a_copy_taken_mid_run_computes_with_its_own_weights_on_dense_kernels():
         copied.load_state_dict(model.net.state_dict())
         with torch.no_grad():
             torch.testing.assert_close(copied(x), model.net(x), rtol=1e-6, atol=1e-6)
+    # A later fit serves the copy's layers again.
+    again = MLP()
+    again.net = snapshot.copied
+    rigl_again = RigLCallback(0.8, delta_t=4, seed=1, kernels="sparse")
+    make_trainer([rigl_again], max_steps=3).fit(again, make_loader())
+    assert rigl_again.kernel_choices == dict.fromkeys(MASKED, "sparse")

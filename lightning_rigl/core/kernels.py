@@ -8,8 +8,8 @@ changes, to :func:`~lightning_rigl.core.sparse_linear.sparse_linear` at the mask
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +41,35 @@ def weight_in_out(module: nn.Module) -> bool | None:
     return None
 
 
+def can_serve(module: nn.Module) -> bool:
+    """Whether sparse kernels can compute ``module``'s forward: a Linear-type layer with its kind's own forward.
+
+    That is an ``nn.Linear`` or Hugging Face ``Conv1D`` that runs that class's forward. A subclass with a
+    forward of its own may compute more than ``x W^T + b`` (a scale, an adapter), and a forward set on
+    the instance (another library's wrapper) does something around it: a sparse product would skip
+    both, so such layers keep their dense forward.
+
+    Example:
+        >>> class Scaled(nn.Linear):
+        ...     def forward(self, x):
+        ...         return 2 * super().forward(x)
+        >>> can_serve(nn.Linear(2, 3)), can_serve(Scaled(2, 3)), can_serve(nn.Conv1d(2, 3, 1))
+        (True, False, False)
+
+    """
+    if weight_in_out(module) is None:
+        return False
+    own = vars(module).get("forward")
+    if own is not None and not isinstance(own, (_SparseForward, _ClassForward)):
+        return False
+    owner = next(cls for cls in type(module).__mro__ if "forward" in vars(cls))
+    return owner is nn.Linear or owner.__name__ == "Conv1D"
+
+
 def linear_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, tuple[nn.Module, nn.Parameter]]:
-    """Parameter name to (module, weight) for each ``weight`` of a served module, among ``names`` (all if None).
+    """Parameter name to (module, weight) for each ``weight`` of a module :func:`can_serve` takes, among ``names``.
+
+    All of them if ``names`` is None.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.Conv1d(3, 3, 1), nn.Linear(3, 1))
@@ -53,7 +80,7 @@ def linear_layers(model: nn.Module, names: list[str] | None = None) -> dict[str,
     layers = {}
     for prefix, module in model.named_modules():
         name = f"{prefix}.weight" if prefix else "weight"
-        if weight_in_out(module) is not None and (names is None or name in names):
+        if can_serve(module) and (names is None or name in names):
             layers[name] = (module, module.weight)
     return layers
 
@@ -105,10 +132,13 @@ class SparseKernels:
         self._weights: dict[str, Tensor] = {}  # read every step: a module's __getattr__ costs ~10 us there
         self._structures: dict[str, SparseStructure] = {}
         for name, (module, weight) in layers.items():
-            if weight_in_out(module) is None or module.weight is not weight:
-                raise ValueError(f"{name!r} must be the `weight` of an nn.Linear or a Hugging Face Conv1D.")
-            if "forward" in vars(module):
-                raise ValueError(f"The module of {name!r} already has its own forward (attached twice?).")
+            if isinstance(vars(module).get("forward"), _SparseForward):
+                raise ValueError(f"The module of {name!r} is served already (attached twice?).")
+            if not can_serve(module) or module.weight is not weight:
+                raise ValueError(
+                    f"{name!r} must be the `weight` of an nn.Linear or a Hugging Face Conv1D that runs its "
+                    f"class's own forward (see `can_serve`); got a {type(module).__name__}."
+                )
             self._modules[name], self._weights[name] = module, weight
             self.update_structure(name, masks[name])
         for name, module in self._modules.items():
@@ -178,6 +208,16 @@ class SparseKernels:
         return structure
 
 
+class _ClassForward:
+    """The forward of a copy of a training layer: its class's own (a later fit may serve it again)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
 class _SparseForward:
     """A served layer's forward: the sparse op, or the class's own forward for inputs it cannot take."""
 
@@ -193,7 +233,7 @@ class _SparseForward:
         # A copy of a training layer (copy.deepcopy, pickle: a best-model snapshot, weight averaging)
         # would keep this structure while its own weights move on or are loaded anew, and drop whatever
         # lies outside it. It computes with its class's forward instead: the same outputs at the masks' zeros.
-        return functools.partial, (type(self.module).forward, self.module)
+        return _ClassForward, (self.module,)
 
     def __call__(self, x: Tensor) -> Tensor:
         module, weight = self.module, self.module.weight
