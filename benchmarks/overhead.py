@@ -27,12 +27,12 @@ dense one by 1.3-1.5x here, which would hand every run a ratio below 1 in that r
     python benchmarks/overhead.py --models mlp --runs dense dense   # A/A check: the method's own noise
 
 torch's CPU allocator hands every freed tensor back to glibc, which returns large blocks to the kernel;
-the next step then faults the pages in again. On this machine a lone dense CNN fit took 9,000-13,000
+the next step then faults the pages in again. On this machine a lone dense CNN fit took 9,400-12,600
 page faults and 26-30 ms of kernel CPU time a step (getrusage, both threads), and what they cost
-drifts: that made the CNN's rounds noisy. ``--keep-freed-memory`` starts each fit's process with glibc keeping freed blocks
-of up to 32 MiB (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): the same fits with 200-600
-page faults a step, faster, and quieter (BENCHMARKS.md). Every run gets the same setting, so the ratios
-stay comparable; a faster dense step makes RigL's fixed costs a larger share.
+drifts: that made the CNN's rounds noisy. ``--keep-freed-memory`` starts each fit's process with glibc
+keeping freed blocks of up to 32 MiB (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): the same
+fits with 200-600 page faults a step, faster, and quieter (BENCHMARKS.md). Every run gets the same
+setting, so the ratios stay comparable; a faster dense step makes RigL's fixed costs a larger share.
 """
 
 from __future__ import annotations
