@@ -94,6 +94,11 @@ class Turns:
                 self.current.value = (index + 1) % len(order)
             self.cond.notify_all()
 
+    def abort(self) -> None:
+        """A fit failed: every fit waiting at a barrier for it raises instead of waiting out the timeout."""
+        self.start.abort()
+        self.end.abort()
+
     def end_fit(self) -> None:
         """Wait for every fit of the round to end; then the rotation is full again for the next round."""
         if self.end.wait() == 0:  # one party resets; nobody passes the next start barrier before it
@@ -128,8 +133,7 @@ class StepTimer(Callback):
         self.turns.end_fit()
 
     def on_exception(self, trainer, pl_module, exception):
-        self.turns.start.abort()
-        self.turns.end.abort()
+        self.turns.abort()
         self.turns.done(self.who, leave=True)
 
     def _lap(self, step: int) -> None:
@@ -263,8 +267,7 @@ def time_rounds(model_name: str, runs: list[str], args: argparse.Namespace) -> d
             except queue.Empty:  # nothing pending: a fit that is gone before its last round failed
                 failed = [runs[i] for i, w in enumerate(workers) if not w.is_alive() and len(figures[runs[i]]) < rounds]
                 if failed:
-                    turns.start.abort()  # the others stop waiting for it
-                    turns.end.abort()
+                    turns.abort()  # the others stop waiting for it
                     raise RuntimeError(f"The {model_name} fit of {failed} failed (its traceback is above).") from None
         figures[runs[who]].append(figure)  # a run's rounds come in order: each waits for the others
     for worker in workers:
