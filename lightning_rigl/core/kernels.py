@@ -62,8 +62,9 @@ def can_serve(module: nn.Module) -> bool:
     own = vars(module).get("forward")
     if own is not None and not isinstance(own, (_SparseForward, _ClassForward)):
         return False
-    owner = next(cls for cls in type(module).__mro__ if "forward" in vars(cls))
-    return owner is nn.Linear or owner.__name__ == "Conv1D"
+    # The class whose forward runs must be the kind's: nn.Linear, or the Conv1D class weight_in_out matched.
+    kind = nn.Linear if isinstance(module, nn.Linear) else type(module)
+    return next(cls for cls in type(module).__mro__ if "forward" in vars(cls)) is kind
 
 
 def linear_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, tuple[nn.Module, nn.Parameter]]:
