@@ -300,3 +300,46 @@ def test_set_on_a_large_layer_grows_where_the_whole_layers_draw_says():
     expected = mask.clone().view(-1)
     expected[dropped], expected[grown] = False, True
     assert torch.equal(sparse.masks["w"].view(-1), expected)
+
+
+@pytest.mark.parametrize("numel", [3 * 2**13, 31_000, 93_437])
+@pytest.mark.parametrize("fraction", [0.02, 0.13, 0.3, 0.5, 0.77, 0.99])
+@pytest.mark.parametrize("kind", ["continuous", "integers", "zeros", "few"])
+def test_large_selections_through_a_band_equal_a_stable_sort(numel, fraction, kind):
+    g = torch.Generator().manual_seed(numel + int(fraction * 100))
+    values, k = draw(kind, numel, g), max(int(numel * fraction), 1)
+    index = torch.randperm(numel, generator=g)  # the tie rule by a given index, not by position
+    for largest in (True, False):
+        order = torch.sort(values, descending=largest, stable=True).indices
+        assert top_k_indices(values, k, largest=largest).tolist() == sorted(order[:k].tolist())
+        # With an index, ties go to the lower index: sort by index first, then stably by value.
+        by_index = torch.sort(index).indices
+        expected = by_index[torch.sort(values[by_index], descending=largest, stable=True).indices[:k]]
+        assert top_k_indices(values, k, largest=largest, index=index).tolist() == sorted(expected.tolist())
+
+
+def test_a_band_read_from_a_misleading_sample_gives_way_to_the_exact_selection():
+    from lightning_rigl.core.top_k import _BAND_SAMPLE, _banded_top_k_mask
+
+    numel, k = 40_000, 15_000
+    values = torch.rand(numel, generator=torch.Generator().manual_seed(3))
+    values[:: numel // _BAND_SAMPLE] += 10.0  # the sampled entries are all far beyond the others
+    assert _banded_top_k_mask(values, k, True, None) is None
+    expected = torch.sort(values, descending=True, stable=True).indices[:k]
+    assert top_k_indices(values, k).tolist() == sorted(expected.tolist())
+
+
+@pytest.mark.parametrize("density", [0.01, 0.09, 0.125, 0.3])
+@pytest.mark.parametrize("kind", ["continuous", "integers", "zeros"])
+def test_a_sparse_layers_drop_lists_its_active_positions_and_selects_exactly(density, kind):
+    # Where the active count is given and small, the drop reads the active weights only: the same selection.
+    g = torch.Generator().manual_seed(int(density * 1000))
+    numel = 2**17 + 3
+    mask = torch.rand(numel, generator=g) < density
+    weight = draw(kind, numel, g) * mask  # "zeros": active weights at exactly 0, tied with each other
+    active = int(mask.sum())
+    k = int(active * 0.3)
+    expected = reference(mask, weight, torch.zeros(numel), k)[0]
+    for stored in (mask, mask.float()):
+        assert smallest_active(stored, weight, k, active=active, chunk_size=2**15).tolist() == expected
+        assert smallest_active(stored, weight, k).tolist() == expected

@@ -54,7 +54,9 @@ def one_pass(
     kept, limit = 0, min(4 * k + 64, numel // ONE_PASS_SHARE)
     if 2 * k > limit:
         return None  # about 1.5 k entries would reach the hint: more than may be kept
-    parts: tuple[list[Tensor], ...] = ([], [], [], [])  # inactive values, their index, active values, index
+    values: list[Tensor] = []
+    index: list[Tensor] = []
+    flags: list[Tensor] = []  # which of them are active
     for start in range(0, numel, chunk_size):
         stop = min(start + chunk_size, numel)
         chunk = read(start, stop).reshape(-1)
@@ -66,13 +68,24 @@ def one_pass(
         kept += at.numel()
         if kept > limit:
             return None
-        active = torch.ones_like(at, dtype=torch.bool) if only_active else active_flags(flat_mask[start:stop][at])
-        for offset, where in ((0, ~active), (2, active)):
-            chosen = at[where]
-            parts[offset].append(chunk[chosen])
-            parts[offset + 1].append(flat_index(chosen, start, dtype))
-        del chunk, at, active
-    return tuple(torch.cat(part) for part in parts)  # type: ignore[return-value]
+        # index_select, not indexing: several times faster on CPU for the same gather.
+        values.append(chunk.index_select(0, at))
+        index.append(flat_index(at, start, dtype))
+        if not only_active:
+            flags.append(active_flags(flat_mask[start:stop].index_select(0, at)))
+        del chunk, at
+    kept_values, kept_index = torch.cat(values), torch.cat(index)
+    if only_active:
+        return kept_values[:0], kept_index[:0], kept_values, kept_index
+    # Split once, by the mask, after the pass: per chunk it would cost twice the small calls.
+    active = torch.cat(flags)
+    inactive_at, active_at = (~active).nonzero().flatten(), active.nonzero().flatten()
+    return (
+        kept_values.index_select(0, inactive_at),
+        kept_index.index_select(0, inactive_at),
+        kept_values.index_select(0, active_at),
+        kept_index.index_select(0, active_at),
+    )
 
 
 def sampled_hint(
@@ -89,10 +102,10 @@ def sampled_hint(
     starts = torch.linspace(0, numel - width, windows, device=flat_mask.device).long()
     # One gather of the mask's windows and one selection: per-window indexing costs 64 small calls.
     positions = (starts[:, None] + torch.arange(width, device=starts.device)).reshape(-1)
-    kind = active_flags(flat_mask[positions])
+    kind = active_flags(flat_mask.index_select(0, positions))
     at = getattr(read, "at", None)  # one gather where the scores can be read at any positions
     sample = at(positions) if at is not None else torch.cat([read(i, i + width).reshape(-1) for i in starts.tolist()])
-    sample = sample[kind if active else ~kind]
+    sample = sample.masked_select(kind if active else ~kind)
     # Entries of the sample beyond the hint stand for about 1.5 k of the layer's, plus a margin of a few.
     rank = math.ceil(1.5 * k * windows * width / numel) + 16
     if rank > sample.numel():

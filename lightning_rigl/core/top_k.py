@@ -12,6 +12,9 @@ import torch
 from torch import Tensor
 
 _CUT_SAMPLE = 4096
+#: Entries from which a selection goes through a band of values (:func:`_banded_top_k_mask`), and its sample.
+_BAND_MIN = 3 * 2**13  # below it, torch.topk is about as fast (measured 16 K to 93 K entries)
+_BAND_SAMPLE = 4096
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -60,9 +63,9 @@ def top_k_indices(values: Tensor, k: int, *, largest: bool = True, index: Tensor
         within = reaches(values, bound, largest).nonzero().flatten()
         # Every entry outside is worse than the bound, which at least k entries match or beat.
         if k <= within.numel() < numel:
-            return within[
-                _top_k_mask(values[within], k, largest, None if index is None else index[within]).nonzero()[:, 0]
-            ]
+            within_index = None if index is None else index.index_select(0, within)
+            chosen = _top_k_mask(values.index_select(0, within), k, largest, within_index)
+            return within.index_select(0, chosen.nonzero().flatten())
     return _top_k_mask(values, k, largest, index).nonzero().flatten()
 
 
@@ -86,6 +89,46 @@ def _sample_bound(sample: Tensor, k: int, numel: int, largest: bool, *, slack: f
 
 def _top_k_mask(values: Tensor, k: int, largest: bool, index: Tensor | None = None) -> Tensor:
     """A bool mask of the ``k`` best entries (``0 < k < values.numel()``), ties to the lower index."""
+    if values.numel() >= _BAND_MIN:
+        chosen = _banded_top_k_mask(values, k, largest, index)
+        if chosen is not None:
+            return chosen
+    return _exact_top_k_mask(values, k, largest, index)
+
+
+def _banded_top_k_mask(values: Tensor, k: int, largest: bool, index: Tensor | None) -> Tensor | None:
+    """:func:`_top_k_mask` through a narrow band of values around the ``k``-th best; None where a sample misleads.
+
+    Two values read from a sample bracket the ``k``-th best: every entry beyond the outer one is selected,
+    and the rest are picked from the few between the two. Counted, so exact. It spares ``torch.topk`` over
+    the whole tensor, which on CPU is slow for a large ``k``: about 3x slower at 93 K entries here.
+    """
+    numel = values.numel()
+    sample = values[:: max(numel // _BAND_SAMPLE, 1)]
+    expected = k * sample.numel() / numel  # where the k-th best falls in the sample's ranking
+    margin = 4 * math.sqrt(expected * (1 - k / numel)) + 8
+    first, last = max(math.floor(expected - margin), 1), min(math.ceil(expected + margin), sample.numel())
+    ranked = torch.topk(sample, last, largest=largest, sorted=True).values
+    outer, inner = ranked[first - 1], ranked[last - 1]
+    beyond = values > outer if largest else values < outer  # all selected if they are at most k
+    band = reaches(values, inner, largest).logical_xor_(beyond)  # between the two values, both included
+    band_at = band.nonzero().flatten()
+    del band
+    n_beyond = int(beyond.count_nonzero())
+    need = k - n_beyond
+    if need < 0 or need > band_at.numel() or band_at.numel() > numel // 2:
+        return None  # the k-th best is not in the band (or ties crowd it): the exact way
+    if need == band_at.numel():
+        return beyond.index_fill_(0, band_at, True)
+    if need > 0:
+        band_index = band_at if index is None else index.index_select(0, band_at)
+        picked = _exact_top_k_mask(values.index_select(0, band_at), need, largest, band_index)
+        beyond.index_fill_(0, band_at.masked_select(picked), True)
+    return beyond
+
+
+def _exact_top_k_mask(values: Tensor, k: int, largest: bool, index: Tensor | None = None) -> Tensor:
+    """:func:`_top_k_mask` by ``torch.topk`` on every entry."""
     numel = values.numel()
     if 2 * k <= numel:
         best = torch.topk(values, k, largest=largest, sorted=False).values
@@ -98,8 +141,11 @@ def _top_k_mask(values: Tensor, k: int, largest: bool, index: Tensor | None = No
     need = k - int(chosen.sum())
     if ties.numel() > need:
         # `nonzero` lists ties by position: by index too when there is no separate index.
-        ties = ties[:need] if index is None else ties[torch.topk(index[ties], need, largest=False).indices]
-    chosen[ties] = True
+        if index is None:
+            ties = ties[:need]
+        else:
+            ties = ties.index_select(0, torch.topk(index.index_select(0, ties), need, largest=False).indices)
+    chosen.index_fill_(0, ties, True)
     return chosen
 
 
@@ -166,7 +212,7 @@ class RunningTopK:
         """Add entries whose indices are above all pushed so far."""
         if values.numel() > self.k:
             keep = _top_k_mask(values, self.k, self.largest)
-            values, index = values[keep], index[keep]
+            values, index = values.masked_select(keep), index.masked_select(keep)
         self.values.append(values)
         self.index.append(index)
         self.size += values.numel()
@@ -186,7 +232,7 @@ class RunningTopK:
         values, index = self._joined()
         if values.numel() > self.k:
             keep = _top_k_mask(values, self.k, self.largest)
-            values, index = values[keep], index[keep]
+            values, index = values.masked_select(keep), index.masked_select(keep)
         self.values, self.index, self.size = [values], [index], values.numel()
         if self.size == self.k:
             self.bound, self.last = worst_kept(values, index, self.largest)
@@ -210,14 +256,14 @@ class RunningTopK:
                 for i, part in enumerate(self.values):
                     # One `nonzero` for both tensors (a bool index would run one for each), part by part.
                     at = reaches(part, bound, self.largest).nonzero().flatten()
-                    self.values[i], self.index[i] = part[at], self.index[i][at]
+                    self.values[i], self.index[i] = part.index_select(0, at), self.index[i].index_select(0, at)
                     del part, at
                 self.size, self.bound = count, bound
                 return
         values, index = self._joined()
         if values.numel() > self.k:
             keep = _top_k_mask(values, self.k, self.largest)
-            values, index = values[keep], index[keep]
+            values, index = values.masked_select(keep), index.masked_select(keep)
         self.values, self.index, self.size = [values], [index], values.numel()
         self.bound = values.min() if self.largest else values.max()
 
