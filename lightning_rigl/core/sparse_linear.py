@@ -78,7 +78,7 @@ class SparseStructure:
             col=compact(cols),
             index=stored.contiguous(),
             crow_t=compact(_row_pointers(cols, in_features)),
-            col_t=compact(rows[order_t]),
+            col_t=compact(rows.index_select(0, order_t)),  # index_select: twice as fast as indexing
             perm_t=compact(order_t),
         )
 
