@@ -327,19 +327,3 @@ def test_a_band_read_from_a_misleading_sample_gives_way_to_the_exact_selection()
     assert _banded_top_k_mask(values, k, True, None) is None
     expected = torch.sort(values, descending=True, stable=True).indices[:k]
     assert top_k_indices(values, k).tolist() == sorted(expected.tolist())
-
-
-@pytest.mark.parametrize("density", [0.01, 0.09, 0.125, 0.3])
-@pytest.mark.parametrize("kind", ["continuous", "integers", "zeros"])
-def test_a_sparse_layers_drop_lists_its_active_positions_and_selects_exactly(density, kind):
-    # Where the active count is given and small, the drop reads the active weights only: the same selection.
-    g = torch.Generator().manual_seed(int(density * 1000))
-    numel = 2**17 + 3
-    mask = torch.rand(numel, generator=g) < density
-    weight = draw(kind, numel, g) * mask  # "zeros": active weights at exactly 0, tied with each other
-    active = int(mask.sum())
-    k = int(active * 0.3)
-    expected = reference(mask, weight, torch.zeros(numel), k)[0]
-    for stored in (mask, mask.float()):
-        assert smallest_active(stored, weight, k, active=active, chunk_size=2**15).tolist() == expected
-        assert smallest_active(stored, weight, k).tolist() == expected

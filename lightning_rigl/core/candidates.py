@@ -30,9 +30,6 @@ from lightning_rigl.core.top_k import RunningTopK, could_enter, index_dtype, top
 
 #: Flat positions a chunk: its temporaries (a bool, an index and a value buffer) stay near 3 MB.
 DEFAULT_CHUNK = 2**18
-#: The drop lists the active positions of a layer at most this sparse (1 / it active), and reads only their
-#: weights: 8 bytes an active weight, at most one byte a weight of the layer.
-LISTED_SHARE = 8
 
 
 @dataclass(frozen=True)
@@ -192,21 +189,10 @@ def grow_candidates(
     return GrowCandidates(k, values, index, a_values, a_index)
 
 
-def smallest_active(
-    mask: Tensor, weight: Tensor, k: int, *, chunk_size: int = DEFAULT_CHUNK, active: int | None = None
-) -> Tensor:
+def smallest_active(mask: Tensor, weight: Tensor, k: int, *, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
     """Flat indices (ascending) of the ``k`` active weights of smallest magnitude; ties to the lower index.
 
     An active weight at exactly 0 is a candidate like any other; an inactive position never is.
-
-    Args:
-        mask: The layer's mask (float or bool, non-zero where active).
-        weight: The layer's weights (same shape).
-        k: How many to select.
-        chunk_size: Flat positions a chunk.
-        active: The mask's number of active positions, if known. Where at most ``1 / LISTED_SHARE`` of the
-            layer is active, its active positions are listed (chunk by chunk) and one selection runs over
-            their magnitudes: on CPU several times faster than comparing every weight to a sampled bound.
 
     Example:
         >>> mask = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0])
@@ -216,10 +202,6 @@ def smallest_active(
     """
     flat_mask, flat_weight = mask.reshape(-1), weight.detach().reshape(-1)
     numel, dtype = flat_mask.numel(), index_dtype(flat_mask.numel())
-    if k > 0 and active is not None and active * LISTED_SHARE <= numel:
-        positions = active_positions(flat_mask, chunk_size=chunk_size)
-        magnitudes = flat_weight.index_select(0, positions).abs_()
-        return positions.index_select(0, top_k_indices(magnitudes, k, largest=False))  # ascending, as listed
 
     def magnitudes(start: int, stop: int) -> Tensor:
         return flat_weight[start:stop].abs()
@@ -247,28 +229,8 @@ def smallest_active(
     return stream.result()[1] if k > 0 else torch.empty(0, dtype=dtype, device=mask.device)
 
 
-def active_positions(flat_mask: Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
-    """Flat indices, ascending, of a flat mask's active entries (int32 where the layer fits), chunk by chunk.
-
-    Example:
-        >>> active_positions(torch.tensor([0.0, 1, 1, 0, 1]), chunk_size=2).tolist()
-        [1, 2, 4]
-    """
-    numel, dtype = flat_mask.numel(), index_dtype(flat_mask.numel())
-    parts = [
-        flat_index(active_flags(flat_mask[start : start + chunk_size]).nonzero().flatten(), start, dtype)
-        for start in range(0, numel, chunk_size)
-    ]
-    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=flat_mask.device)
-
-
 def drop_grow_from_candidates(
-    mask: Tensor,
-    weight: Tensor,
-    candidates: GrowCandidates,
-    *,
-    chunk_size: int = DEFAULT_CHUNK,
-    active: int | None = None,
+    mask: Tensor, weight: Tensor, candidates: GrowCandidates, *, chunk_size: int = DEFAULT_CHUNK
 ) -> tuple[Tensor, Tensor]:
     """One RigL update of one layer from its reduced grow scores: ``(dropped, grown)`` flat indices.
 
@@ -281,7 +243,6 @@ def drop_grow_from_candidates(
         weight: The layer's weights now (after the optimizer step).
         candidates: From :func:`grow_candidates` on this mask.
         chunk_size: Flat positions a chunk, for the drop.
-        active: The mask's number of active positions, if known (see :func:`smallest_active`).
 
     Returns:
         Two int64 tensors of ``k`` flat indices each: dropped (ascending), grown (deterministic order).
@@ -296,7 +257,7 @@ def drop_grow_from_candidates(
 
     """
     k = candidates.k
-    dropped = smallest_active(mask, weight, k, chunk_size=chunk_size, active=active)
+    dropped = smallest_active(mask, weight, k, chunk_size=chunk_size)
     # The scores of the dropped positions where saved; an unsaved one loses to k inactive candidates.
     saved = candidates.active_index
     at = torch.searchsorted(saved, dropped.to(saved.dtype), out_int32=True).clamp_(max=max(saved.numel() - 1, 0))

@@ -91,7 +91,7 @@ class LayerMasks:
         if is_sharded(param):
             return self._drop_and_grow_sharded(name, candidates)
         mask = self.local[name].view(-1)
-        dropped, grown = drop_grow_from_candidates(mask, param, candidates, active=self.counts[name])
+        dropped, grown = drop_grow_from_candidates(mask, param, candidates)
         # index_select and index_fill_, not indexing: several times faster on CPU.
         new = grown.masked_select(mask.index_select(0, grown) == 0)
         mask.index_fill_(0, dropped, 0)
@@ -106,7 +106,7 @@ class LayerMasks:
     def _drop_and_grow_sharded(self, name: str, candidates: GrowCandidates) -> tuple[Tensor, Tensor]:
         param = self.params[name]
         old = self.whole(name).reshape(-1)
-        dropped, grown_at = drop_grow_from_candidates(old, gather_full(param), candidates, active=self.counts[name])
+        dropped, grown_at = drop_grow_from_candidates(old, gather_full(param), candidates)
         new = old.clone()
         new[dropped] = False
         new[grown_at] = True

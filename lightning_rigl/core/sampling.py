@@ -74,11 +74,11 @@ def one_pass(
         if not only_active:
             flags.append(active_flags(flat_mask[start:stop].index_select(0, at)))
         del chunk, at
-    kept_values, kept_index = torch.cat(values), torch.cat(index)
-    if only_active:
+    kept_values, kept_index, active = torch.cat(values), torch.cat(index), torch.cat(flags) if flags else None
+    del values, index, flags  # the parts, before the split allocates
+    if active is None:
         return kept_values[:0], kept_index[:0], kept_values, kept_index
     # Split once, by the mask, after the pass: per chunk it would cost twice the small calls.
-    active = torch.cat(flags)
     inactive_at, active_at = (~active).nonzero().flatten(), active.nonzero().flatten()
     return (
         kept_values.index_select(0, inactive_at),

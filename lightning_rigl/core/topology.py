@@ -86,11 +86,10 @@ def drop_grow_indices(
         ([1, 3], [1, 4])
 
     """
-    active = active_in_mask(mask, chunk_size=chunk_size)
-    k = int(active * drop_fraction)
+    k = int(active_in_mask(mask, chunk_size=chunk_size) * drop_fraction)
     flat_scores = grow_scores.detach().reshape(-1)
     candidates = grow_candidates(mask, k, lambda start, stop: flat_scores[start:stop], chunk_size=chunk_size)
-    return drop_grow_from_candidates(mask, weight, candidates, chunk_size=chunk_size, active=active)
+    return drop_grow_from_candidates(mask, weight, candidates, chunk_size=chunk_size)
 
 
 def drop_and_grow(mask: Tensor, weight: Tensor, grow_scores: Tensor, drop_fraction: float) -> tuple[Tensor, Tensor]:
