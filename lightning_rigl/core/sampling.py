@@ -23,6 +23,9 @@ ChunkScores = Callable[[int, int], Tensor]
 
 #: The one-pass selection keeps at most this fraction (1 / it) of a layer's entries (see :func:`one_pass`).
 ONE_PASS_SHARE = 8
+#: A hint is read from ``SAMPLE_WINDOWS`` runs of ``SAMPLE_WIDTH`` entries, with ``HINT_MARGIN`` sampled entries
+#: to spare (see :func:`sampled_hint`).
+SAMPLE_WINDOWS, SAMPLE_WIDTH, HINT_MARGIN = 64, 512, 16
 
 
 def one_pass(
@@ -40,7 +43,8 @@ def one_pass(
     With ``only_active``, active entries only (the inactive pair is empty). One comparison and one
     ``nonzero`` a chunk, and no running selection: the hint is meant to let about ``1.5 k`` entries through,
     and the caller checks that at least ``k`` candidates did. None, for the streaming pass instead, where
-    more than ``4 k`` entries, or an eighth of the layer, would be kept (8 bytes an entry).
+    more than ``4 k`` entries (plus twice what the hint's margin lets through), or an eighth of the layer,
+    would be kept (8 bytes an entry).
 
     Example:
         >>> mask, scores = (torch.arange(64) % 3 == 0).float(), torch.arange(64.0) % 10
@@ -51,7 +55,10 @@ def one_pass(
         ([9.0, 9.0, 9.0, 9.0], [19, 29, 49, 59], [9.0, 9.0], [9, 39])
     """
     numel, dtype = flat_mask.numel(), index_dtype(flat_mask.numel())
-    kept, limit = 0, min(4 * k + 64, numel // ONE_PASS_SHARE)
+    # The hint's margin alone lets about HINT_MARGIN / sample of the layer through, whatever k: room for
+    # twice that, or every small update (the late ones of a decaying schedule) would stream instead.
+    margin = 2 * HINT_MARGIN * numel // (SAMPLE_WINDOWS * SAMPLE_WIDTH)
+    kept, limit = 0, min(4 * k + 64 + margin, numel // ONE_PASS_SHARE)
     if 2 * k > limit:
         return None  # about 1.5 k entries would reach the hint: more than may be kept
     values: list[Tensor] = []
@@ -89,7 +96,14 @@ def one_pass(
 
 
 def sampled_hint(
-    flat_mask: Tensor, read: ChunkScores, k: int, *, largest: bool, active: bool, windows: int = 64, width: int = 512
+    flat_mask: Tensor,
+    read: ChunkScores,
+    k: int,
+    *,
+    largest: bool,
+    active: bool,
+    windows: int = SAMPLE_WINDOWS,
+    width: int = SAMPLE_WIDTH,
 ) -> Tensor | None:
     """A value that about ``1.5 k`` of the layer's active (or inactive) entries reach, read from a sample.
 
@@ -107,7 +121,7 @@ def sampled_hint(
     sample = at(positions) if at is not None else torch.cat([read(i, i + width).reshape(-1) for i in starts.tolist()])
     sample = sample.masked_select(kind if active else ~kind)
     # Entries of the sample beyond the hint stand for about 1.5 k of the layer's, plus a margin of a few.
-    rank = math.ceil(1.5 * k * windows * width / numel) + 16
+    rank = math.ceil(1.5 * k * windows * width / numel) + HINT_MARGIN
     if rank > sample.numel():
         return None
     best = torch.topk(sample, rank, largest=largest, sorted=False).values
