@@ -278,7 +278,7 @@ def time_rounds(model_name: str, runs: list[str], args: argparse.Namespace) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7, help="rounds counted (targets: medians over 7 or more)")
     # A process's first fit runs slower, for a dense one by 1.3-1.5x here: that round is not counted.
     parser.add_argument("--warmup-rounds", type=int, default=1, help="rounds fitted first and not counted")
     parser.add_argument("--steps", type=int, default=300)
