@@ -13,7 +13,7 @@ from lightning_rigl.core.candidates import (
     smallest_active,
 )
 from lightning_rigl.core.methods import gradient_magnitude, uniform_random
-from lightning_rigl.core.top_k import index_dtype, top_k_indices
+from lightning_rigl.core.top_k import _BAND_SAMPLE, _banded_top_k_mask, index_dtype, top_k_indices
 from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices, num_active, random_mask
 
 MASK = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0])
@@ -321,8 +321,6 @@ def test_large_selections_through_a_band_equal_a_stable_sort(numel, fraction, ki
 
 
 def test_a_band_read_from_a_misleading_sample_gives_way_to_the_exact_selection():
-    from lightning_rigl.core.top_k import _BAND_SAMPLE, _banded_top_k_mask
-
     numel, k = 40_000, 15_000
     values = torch.rand(numel, generator=torch.Generator().manual_seed(3))
     values[:: numel // _BAND_SAMPLE] += 10.0  # the sampled entries are all far beyond the others
