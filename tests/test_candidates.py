@@ -13,6 +13,7 @@ from lightning_rigl.core.candidates import (
     smallest_active,
 )
 from lightning_rigl.core.methods import gradient_magnitude, uniform_random
+from lightning_rigl.core.sampling import SAMPLE_WIDTH, SAMPLE_WINDOWS
 from lightning_rigl.core.top_k import _BAND_SAMPLE, _banded_top_k_mask, index_dtype, top_k_indices
 from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices, num_active, random_mask
 
@@ -127,7 +128,7 @@ def test_without_sampling_large_layers_are_read_once_in_order_too():
     assert calls == [(start, start + 2**16) for start in range(0, 2**18, 2**16)]
 
 
-def sampled_windows(numel, windows=64, width=512):
+def sampled_windows(numel, windows=SAMPLE_WINDOWS, width=SAMPLE_WIDTH):
     starts = torch.linspace(0, numel - width, windows).long()
     return (starts.unsqueeze(1) + torch.arange(width)).flatten()
 

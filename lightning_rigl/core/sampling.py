@@ -95,22 +95,14 @@ def one_pass(
     )
 
 
-def sampled_hint(
-    flat_mask: Tensor,
-    read: ChunkScores,
-    k: int,
-    *,
-    largest: bool,
-    active: bool,
-    windows: int = SAMPLE_WINDOWS,
-    width: int = SAMPLE_WIDTH,
-) -> Tensor | None:
+def sampled_hint(flat_mask: Tensor, read: ChunkScores, k: int, *, largest: bool, active: bool) -> Tensor | None:
     """A value that about ``1.5 k`` of the layer's active (or inactive) entries reach, read from a sample.
 
-    The sample is ``windows`` runs of ``width`` positions spread over the layer, so it sees every part
-    of it. None where sampling does not pay (small layers, ``k`` near the number of entries).
+    The sample is ``SAMPLE_WINDOWS`` runs of ``SAMPLE_WIDTH`` positions spread over the layer, so it sees
+    every part of it; :func:`one_pass` sizes its limit by the same sample. None where sampling does not pay
+    (small layers, ``k`` near the number of entries).
     """
-    numel = flat_mask.numel()
+    numel, windows, width = flat_mask.numel(), SAMPLE_WINDOWS, SAMPLE_WIDTH
     if k <= 0 or numel < 4 * windows * width or 8 * k > numel:
         return None
     starts = torch.linspace(0, numel - width, windows, device=flat_mask.device).long()
