@@ -14,7 +14,7 @@ from lightning_rigl.core.candidates import (
 )
 from lightning_rigl.core.methods import gradient_magnitude, uniform_random
 from lightning_rigl.core.sampling import SAMPLE_WIDTH, SAMPLE_WINDOWS
-from lightning_rigl.core.top_k import _BAND_SAMPLE, _banded_top_k_mask, index_dtype, top_k_indices
+from lightning_rigl.core.top_k import _BAND_SAMPLE, _banded_top_k_mask, index_dtype, top_k_indices, where_true
 from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices, num_active, random_mask
 
 MASK = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0])
@@ -174,6 +174,39 @@ def test_a_well_sampled_layer_is_read_once_after_its_sample(k):
     assert calls[64:] == [(start, start + chunk_size) for start in range(0, numel, chunk_size)]
     dropped, grown = drop_grow_from_candidates(mask, weight, found, chunk_size=chunk_size)
     assert (sorted(dropped.tolist()), sorted(grown.tolist())) == reference(mask, weight, grad.abs(), k)
+
+
+@pytest.mark.parametrize("k", [1, 40, 900])
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.bool, torch.int64])
+@pytest.mark.parametrize("density", [0.1, 0.999])
+def test_small_drops_never_take_inactive_weights_that_are_smaller(k, mask_dtype, density):
+    # Inactive weights not re-zeroed yet (an optimizer that does not keep zeros) and far smaller than
+    # every active one, active weights at exactly 0 among them: the drop takes the k smallest active ones
+    # only. Small k on a large layer: one pass that lists what reaches its hint by words of bools (at
+    # density 0.999 the inactive weights are few enough for the one pass to keep them all if it let them in).
+    numel, chunk_size = 2**18, 2**16
+    g = torch.Generator().manual_seed(21)
+    active = torch.rand(numel, generator=g) < density
+    weight = torch.where(active, torch.randn(numel, generator=g), 1e-9 * torch.randn(numel, generator=g))
+    weight[active.nonzero().flatten()[::997]] = 0.0
+    grad = torch.randn(numel, generator=g)
+    mask = active.to(mask_dtype)
+    expected = reference(active, weight, grad.abs(), k)
+    assert rigl_update(mask, weight, grad, k, chunk_size) == expected
+    assert sorted(smallest_active(mask, weight, k, chunk_size=chunk_size).tolist()) == expected[0]
+
+
+@pytest.mark.parametrize("numel", [2**14, 2**14 + 5, 2**18 + 3])
+@pytest.mark.parametrize("density", [0.0, 1e-4, 2e-3, 0.05, 0.6, 1.0])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_where_true_lists_what_nonzero_lists(numel, density, offset):
+    # Sparse, dense (the plain path after the words), a tail past the last whole word, and a view that
+    # starts off an 8-byte boundary.
+    g = torch.Generator().manual_seed(numel + offset)
+    flags = (torch.rand(numel + offset, generator=g) < density)[offset:]
+    flags[-1] = density > 0  # in the tail past the last whole word, where there is one
+    assert torch.equal(where_true(flags), flags.nonzero().flatten())
+    assert where_true(flags).dtype == torch.int64
 
 
 @pytest.mark.parametrize("chunk_size", [2**14 + 3, 2**18])

@@ -208,9 +208,14 @@ def smallest_active(mask: Tensor, weight: Tensor, k: int, *, chunk_size: int = D
 
     magnitudes.at = lambda index: flat_weight.index_select(0, index).abs()  # type: ignore[attr-defined]
 
+    def active_magnitudes(start: int, stop: int) -> Tensor:
+        # |w| / mask: |w| where active, inf or NaN where inactive, which no hint reaches. One division
+        # instead of a bool mask and its `and`, which take 2-3x as long on CPU.
+        return flat_weight[start:stop].abs().div_(flat_mask[start:stop])
+
     hint = sampled_hint(flat_mask, magnitudes, k, largest=False, active=True)
     if hint is not None:
-        found = one_pass(flat_mask, magnitudes, k, hint, largest=False, chunk_size=chunk_size, only_active=True)
+        found = one_pass(flat_mask, active_magnitudes, k, hint, largest=False, chunk_size=chunk_size, only_active=True)
         if found is not None and found[2].numel() >= k:  # kept in index order: ties go to the lower
             return found[3].index_select(0, top_k_indices(found[2], k, largest=False))
         if found is not None:  # fewer than k active entries reached the hint: the exact pass, without it

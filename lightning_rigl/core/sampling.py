@@ -8,13 +8,14 @@ those (:func:`one_pass`), and a single selection among them follows. The caller 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from lightning_rigl.core.top_k import index_dtype, reaches
+from lightning_rigl.core.top_k import index_dtype, reaches, where_true
 
 #: ``scores(start, stop)``: the grow scores of flat positions ``start`` to ``stop - 1`` of a layer. One may
 #: also have an ``at(index)`` attribute giving the scores at any flat positions: a sample is then one gather.
@@ -26,6 +27,8 @@ ONE_PASS_SHARE = 8
 #: A hint is read from ``SAMPLE_WINDOWS`` runs of ``SAMPLE_WIDTH`` entries, with ``HINT_MARGIN`` sampled entries
 #: to spare (see :func:`sampled_hint`).
 SAMPLE_WINDOWS, SAMPLE_WIDTH, HINT_MARGIN = 64, 512, 16
+#: One pass lists what reaches a hint with :func:`where_true` where at most 1 / it of the entries are expected to.
+WORDS_SHARE = 128
 
 
 def one_pass(
@@ -40,11 +43,12 @@ def one_pass(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """Every entry that reaches a sampled ``hint``, in one pass: values and flat indices, inactive then active.
 
-    With ``only_active``, active entries only (the inactive pair is empty). One comparison and one
-    ``nonzero`` a chunk, and no running selection: the hint is meant to let about ``1.5 k`` entries through,
-    and the caller checks that at least ``k`` candidates did. None, for the streaming pass instead, where
-    more than ``4 k`` entries (plus twice what the hint's margin lets through), or an eighth of the layer,
-    would be kept (8 bytes an entry).
+    With ``only_active``, ``read`` must score every inactive entry so that it never reaches a hint (NaN, or
+    an infinity on the far side: ``|w| / mask`` for the drop); the inactive pair is then empty and the mask
+    is not read. One comparison and one listing a chunk, and no running selection: the hint is meant to let
+    about ``1.5 k`` entries through, and the caller checks that at least ``k`` candidates did. None, for the
+    streaming pass instead, where more than ``4 k`` entries (plus twice what the hint's margin lets through),
+    or an eighth of the layer, would be kept (8 bytes an entry).
 
     Example:
         >>> mask, scores = (torch.arange(64) % 3 == 0).float(), torch.arange(64.0) % 10
@@ -61,6 +65,8 @@ def one_pass(
     kept, limit = 0, min(4 * k + 64 + margin, numel // ONE_PASS_SHARE)
     if 2 * k > limit:
         return None  # about 1.5 k entries would reach the hint: more than may be kept
+    # Where few entries reach the hint (late, small updates), listing them by words of bools is faster.
+    few = (1.5 * k + margin) * WORDS_SHARE < numel
     values: list[Tensor] = []
     index: list[Tensor] = []
     flags: list[Tensor] = []  # which of them are active
@@ -68,9 +74,7 @@ def one_pass(
         stop = min(start + chunk_size, numel)
         chunk = read(start, stop).reshape(-1)
         reached = reaches(chunk, hint, largest)
-        if only_active:
-            reached.logical_and_(active_flags(flat_mask[start:stop]))
-        at = reached.nonzero().flatten()
+        at = where_true(reached) if few else reached.nonzero().flatten()
         del reached
         kept += at.numel()
         if kept > limit:
@@ -105,12 +109,14 @@ def sampled_hint(flat_mask: Tensor, read: ChunkScores, k: int, *, largest: bool,
     numel, windows, width = flat_mask.numel(), SAMPLE_WINDOWS, SAMPLE_WIDTH
     if k <= 0 or numel < 4 * windows * width or 8 * k > numel:
         return None
-    starts = torch.linspace(0, numel - width, windows, device=flat_mask.device).long()
     # One gather of the mask's windows and one selection: per-window indexing costs 64 small calls.
-    positions = (starts[:, None] + torch.arange(width, device=starts.device)).reshape(-1)
+    positions = _sample_positions(numel, flat_mask.device)
     kind = active_flags(flat_mask.index_select(0, positions))
     at = getattr(read, "at", None)  # one gather where the scores can be read at any positions
-    sample = at(positions) if at is not None else torch.cat([read(i, i + width).reshape(-1) for i in starts.tolist()])
+    if at is not None:
+        sample = at(positions)
+    else:
+        sample = torch.cat([read(i, i + width).reshape(-1) for i in positions[::width].tolist()])
     sample = sample.masked_select(kind if active else ~kind)
     # Entries of the sample beyond the hint stand for about 1.5 k of the layer's, plus a margin of a few.
     rank = math.ceil(1.5 * k * windows * width / numel) + HINT_MARGIN
@@ -118,6 +124,13 @@ def sampled_hint(flat_mask: Tensor, read: ChunkScores, k: int, *, largest: bool,
         return None
     best = torch.topk(sample, rank, largest=largest, sorted=False).values
     return best.min() if largest else best.max()
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_positions(numel: int, device: torch.device) -> Tensor:
+    """The flat positions of the sampled windows of a layer of ``numel`` entries (read-only: shared)."""
+    starts = torch.linspace(0, numel - SAMPLE_WIDTH, SAMPLE_WINDOWS, device=device).long()
+    return (starts[:, None] + torch.arange(SAMPLE_WIDTH, device=device)).reshape(-1)
 
 
 def active_flags(mask_chunk: Tensor) -> Tensor:

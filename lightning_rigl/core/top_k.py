@@ -15,6 +15,8 @@ _CUT_SAMPLE = 4096
 #: Entries from which a selection goes through a band of values (:func:`_banded_top_k_mask`), and its sample.
 _BAND_MIN = 3 * 2**13  # below it, torch.topk is about as fast (measured 16 K to 93 K entries)
 _BAND_SAMPLE = 4096
+#: Entries from which :func:`where_true` reads words of bools first (below, one ``nonzero`` is as fast).
+_WORDS_MIN = 2**14
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -67,6 +69,35 @@ def top_k_indices(values: Tensor, k: int, *, largest: bool = True, index: Tensor
             chosen = _top_k_mask(values.index_select(0, within), k, largest, within_index)
             return within.index_select(0, chosen.nonzero().flatten())
     return _top_k_mask(values, k, largest, index).nonzero().flatten()
+
+
+def where_true(flags: Tensor) -> Tensor:
+    """Where a flat bool tensor with few True entries is True, as ``flags.nonzero().flatten()`` gives it.
+
+    On CPU, ``nonzero`` reads about 1 ns an entry here, however few are True. Read as 8-byte words,
+    the bools list first the words that hold any True (an eighth of the entries), then the entries of
+    those words only: 1.5-4x faster at 0.1 % True, slower from a few %. Where more than an eighth of
+    the words hold one, the plain ``nonzero`` follows (the first listing wasted).
+
+    Example:
+        >>> flags = torch.zeros(40_000, dtype=torch.bool)
+        >>> flags[[3, 17, 39_999]] = True
+        >>> where_true(flags).tolist()
+        [3, 17, 39999]
+    """
+    numel = flags.numel()
+    if numel < _WORDS_MIN or flags.device.type != "cpu" or not flags.is_contiguous() or flags.data_ptr() % 8:
+        return flags.nonzero().flatten()
+    whole = numel - numel % 8
+    words = flags[:whole].view(torch.int64)
+    hit = words.nonzero().flatten()
+    if 8 * hit.numel() > words.numel():
+        return flags.nonzero().flatten()
+    within = words.index_select(0, hit).view(torch.bool).nonzero().flatten()  # word i's bools: 8 i to 8 i + 7
+    found = hit.index_select(0, within >> 3).mul_(8).add_(within & 7)
+    if whole < numel:
+        found = torch.cat([found, flags[whole:].nonzero().flatten().add_(whole)])
+    return found
 
 
 def reaches(values: Tensor, bound: Tensor, largest: bool) -> Tensor:
