@@ -21,8 +21,11 @@ the median time of ordinary steps, plus the extra time of the scheduled steps (e
 updates at multiples of 100, the monitor logs at multiples of 50) spread over all steps. The median
 resists the bursts; the scheduled work is counted in full. The table gives, over rounds (each round
 is five fresh fits), the median of that figure and the median of its ratio to (a) in the same round.
-A first round is fitted and not counted (`--warmup-rounds`): a process's first fit runs slower, a
-dense one by 1.3-1.5x here, which would hand every run a ratio below 1 in that round.
+Each fit runs in a worker process, and a worker fits another run each round (worker i fits run i + r
+in round r, modulo the runs), so what makes one process or one place in the turns slower lands on
+every run alike. The first rounds are fitted and not counted (`--warmup-rounds`, by default one a
+run: every worker then has fitted every run once): a process's first fit runs slower, a dense one by
+1.3-1.5x here, which would hand every run a ratio below 1 in that round.
 
     python benchmarks/overhead.py --models mlp --runs dense dense   # A/A check: the method's own noise
 
@@ -236,43 +239,67 @@ def fit(model_name: str, run: str, steps: int, warmup: int, timer: StepTimer) ->
     trainer.fit(Classifier(build()), loader)
 
 
-def fit_rounds(model_name: str, run: str, who: int, settings: tuple[int, int, int, int], turns: Turns, results) -> None:
-    """One run's fits, one a round, each in turns with the other runs' fits; puts (who, figure) in ``results``."""
+def run_of(who: int, round_index: int, runs: list[str]) -> str:
+    """The run that worker ``who`` fits in a round: each round shifts them by one (see :func:`time_rounds`)."""
+    return runs[(who + round_index) % len(runs)]
+
+
+def fit_rounds(
+    model_name: str, runs: list[str], who: int, settings: tuple[int, int, int, int], turns: Turns, results
+) -> None:
+    """A worker's fits, one a round, in turns with the other workers'; puts (who, run, round, figure) in ``results``."""
     steps, warmup, block, rounds = settings
-    for _ in range(rounds):
+    for round_index in range(rounds):
+        run = run_of(who, round_index, runs)
         timer = StepTimer(warmup, turns, who, block)
         fit(model_name, run, steps, warmup, timer)
-        results.put((who, amortized_median(timer.times)))
+        results.put((who, run, round_index, amortized_median(timer.times)))
 
 
-def time_rounds(model_name: str, runs: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
-    """Fit every run once a round, in turns, each in its own process (or thread); its figure of each counted round."""
+def time_rounds(
+    model_name: str, runs: list[str], args: argparse.Namespace
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Fit every run once a round, in turns, each in a worker process (or thread).
+
+    Returns, per run and counted round, its figure and the worker that fitted it.
+
+    A worker fits a different run each round (worker ``i`` fits run ``i + r`` in round ``r``, modulo the
+    runs), and so takes a different place in the turns: whatever makes one process slower than another
+    (an A/A check once measured one of four dense workers 2 % slower than the first, in 8 of 9 rounds)
+    then lands on every run alike instead of on one of them in every round.
+    """
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no OpenMP state from this one
     turns, results = Turns(len(runs), context), context.Queue()
-    rounds = args.warmup_rounds + args.rounds
+    warmup_rounds = len(runs) if args.warmup_rounds is None else args.warmup_rounds
+    rounds = warmup_rounds + args.rounds
     settings = (args.steps, args.warmup, args.block, rounds)
     start = threading.Thread if args.in_threads else context.Process
     workers = [
-        start(target=fit_rounds, args=(model_name, run, who, settings, turns, results), daemon=True)
-        for who, run in enumerate(runs)
+        start(target=fit_rounds, args=(model_name, runs, who, settings, turns, results), daemon=True)
+        for who in range(len(runs))
     ]
     for worker in workers:
         worker.start()
-    figures: dict[str, list[float]] = {run: [] for run in runs}
+    figures: dict[str, list[float]] = {run: [0.0] * rounds for run in runs}
+    fitted_by: dict[str, list[int]] = {run: [-1] * rounds for run in runs}
+    done = [0] * len(workers)  # rounds each worker has reported
     for _ in range(len(runs) * rounds):
         while True:
             try:
-                who, figure = results.get(timeout=1.0)
+                who, run, round_index, figure = results.get(timeout=1.0)
                 break
-            except queue.Empty:  # nothing pending: a fit that is gone before its last round failed
-                failed = [runs[i] for i, w in enumerate(workers) if not w.is_alive() and len(figures[runs[i]]) < rounds]
+            except queue.Empty:  # nothing pending: a worker that is gone before its last round failed
+                gone = [i for i, worker in enumerate(workers) if not worker.is_alive() and done[i] < rounds]
+                failed = [run_of(i, done[i], runs) for i in gone]
                 if failed:
                     turns.abort()  # the others stop waiting for it
                     raise RuntimeError(f"The {model_name} fit of {failed} failed (its traceback is above).") from None
-        figures[runs[who]].append(figure)  # a run's rounds come in order: each waits for the others
+        figures[run][round_index], fitted_by[run][round_index] = figure, who
+        done[who] += 1
     for worker in workers:
         worker.join()
-    return {run: values[args.warmup_rounds :] for run, values in figures.items()}
+    counted = slice(warmup_rounds, None)
+    return {run: values[counted] for run, values in figures.items()}, {run: w[counted] for run, w in fitted_by.items()}
 
 
 def main() -> None:
@@ -280,7 +307,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--rounds", type=int, default=7, help="rounds counted (targets: medians over 7 or more)")
     # A process's first fit runs slower, for a dense one by 1.3-1.5x here: that round is not counted.
-    parser.add_argument("--warmup-rounds", type=int, default=1, help="rounds fitted first and not counted")
+    parser.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=None,
+        help="rounds fitted first and not counted (default: one a run, so every worker has fitted every run once)",
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--block", type=int, default=10, help="steps a run makes in one turn")
@@ -305,13 +337,14 @@ def main() -> None:
 
     results = {}
     for model_name in args.models:
-        times = time_rounds(model_name, runs, args)
+        times, fitted_by = time_rounds(model_name, runs, args)
         # Ratios are paired within a round (the same seconds of machine noise), then the median is taken.
         results[model_name] = {
             run: {
                 "median_ms": statistics.median(values) * 1e3,
                 "ratio": statistics.median(t / d for t, d in zip(values, times[runs[0]], strict=True)),
                 "all_ms": [t * 1e3 for t in values],
+                "workers": fitted_by[run],  # which worker process fitted it, a round
             }
             for run, values in times.items()
         }
