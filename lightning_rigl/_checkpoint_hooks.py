@@ -72,6 +72,7 @@ class CheckpointHooks(Callback):
         with misconfiguration():
             params = select_parameters(pl_module, self.include, self.exclude)
             self.sparse = SparseTraining.from_state(params, state)
+            self.sparse.remove_hooks()  # no training here: nothing to mask as it accumulates
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
 
     def _warn_unless_restored(self, trainer: pl.Trainer) -> None:

@@ -181,6 +181,8 @@ class RigLCallback(CheckpointHooks):
                 self._kernels.choices, self._loaded_choices = self._loaded_choices, None
             self.sparse.check_optimizers(trainer.optimizers)
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
+        # Gradients masked as they accumulate; weights and optimizer state masked again after a load mid-run.
+        self.sparse.install_hooks([pl_module], trainer.optimizers)
         self._trainer = trainer
         self._optimizers_checked = False
         self._stepped = []
@@ -217,10 +219,9 @@ class RigLCallback(CheckpointHooks):
     ) -> None:
         if self.sparse is None:
             return
-        # Known before the forward pass; in manual optimization the batch may run one step per
-        # optimizer: the dense gradient if any of them reads it.
-        steps = 1 if pl_module.automatic_optimization else len(trainer.optimizers)
-        needed = any(self.sparse.dense_gradient_needed(trainer.global_step + i) for i in range(steps))
+        # Before the forward pass: the step its backward is for decides whether it writes dense gradients; in
+        # manual optimization each later step of the batch begins after the one before (apply_updates).
+        needed = self.sparse.start_step(trainer.global_step)
         self._kernels.begin_batch(pl_module, self.sparse, needed)
 
     @override
@@ -267,6 +268,7 @@ class RigLCallback(CheckpointHooks):
                 with misconfiguration():  # the state exists now: each per-element key needs a fresh value
                     self.sparse.check_optimizers(self._trainer.optimizers)
         self._kernels.masks_changed(self.sparse, updated)
+        self._kernels.step_begun(self.sparse)
         if self.sparse.updates > self._seen_updates:
             self._seen_updates = self.sparse.updates
             mask_averaged_copies(self._trainer, self.sparse.layer_masks, self)
@@ -289,6 +291,8 @@ class RigLCallback(CheckpointHooks):
 
     def _detach(self) -> None:
         self._kernels.detach()
+        if self.sparse is not None:
+            self.sparse.remove_hooks()
         for handle in self._manual_step_hooks:
             handle.remove()
         self._manual_step_hooks = []

@@ -416,9 +416,10 @@ def test_ordinary_steps_do_not_mask_the_gradients_the_sparse_kernels_wrote(monke
     rigl = RigLCallback(0.8, method="rigl", delta_t=4, t_end=100, seed=1, kernels="sparse")
     make_trainer([rigl], max_steps=steps).fit(model, make_loader())
     gradient_calls = [n for n in masked_gradients_per_step if n]
-    # Step 1 runs dense (it measures the tokens); steps 4 and 8 read the dense gradient for RigL's update:
-    # those three mask all three layers, no other step masks any.
-    assert gradient_calls == [3, 3, 3]
+    # Step 1 runs dense (it measures the tokens): each layer's gradient is masked as it is accumulated; steps 4
+    # and 8 read the dense gradient for RigL's update: they mask all three layers at once before the step. No
+    # other step masks any.
+    assert gradient_calls == [1, 1, 1, 3, 3]
     assert all(model.get_parameter(name)[~mask].eq(0).all() for name, mask in rigl.masks.items())
 
 

@@ -19,6 +19,7 @@ from lightning_rigl.core.masked_gradients import (
     forget_written,
     gradient_is_masked,
     offer_gradient,
+    wrote_masked,
 )
 from lightning_rigl.core.sparse_linear import SPARSE_DTYPES, SparseStructure, active_values, sparse_linear
 
@@ -132,6 +133,8 @@ class SparseKernels:
         self._modules: dict[str, nn.Module] = {}
         self._weights: dict[str, Tensor] = {}  # read every step: a module's __getattr__ costs ~10 us there
         self._structures: dict[str, SparseStructure] = {}
+        # Layers whose current gradient holds a contribution written at active positions only.
+        self._sampled: dict[str, bool] = {}
         for name, (module, weight) in layers.items():
             if isinstance(vars(module).get("forward"), _SparseForward):
                 raise ValueError(f"The module of {name!r} is served already (attached twice?).")
@@ -156,8 +159,12 @@ class SparseKernels:
         Set it before the forward pass: the forward records it for its backward.
         """
         self.dense_gradient = bool(needed)
+        self.forget_written()  # a record from an earlier step must not vouch for this one's
+
+    def forget_written(self) -> None:
+        """Forget which gradients the sparse ops wrote at active positions (the masks changed, or a step began)."""
         for structure in self._structures.values():
-            forget_written(structure.index)  # a record from an earlier step must not vouch for this one's
+            forget_written(structure.index)
 
     def already_masked(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` whose weight gradient is the one their sparse op wrote, at active positions only.
@@ -171,6 +178,31 @@ class SparseKernels:
             for name in names
             if name in self._weights and gradient_is_masked(self._weights[name].grad, self._structures[name].index)
         ]
+
+    def wrote_masked(self, name: str, grad: Tensor | None) -> bool:
+        """Whether ``grad`` is the very tensor the sparse op of ``name`` wrote at active positions, unchanged since.
+
+        Like :meth:`already_masked` for one layer, without using the record up: a gradient hook may ask.
+        """
+        structure = self._structures.get(name)
+        return structure is not None and wrote_masked(grad, structure.index)
+
+    def holds_sampled(self, name: str) -> bool:
+        """Whether the gradient of ``name`` holds a contribution written at active positions only.
+
+        Such a gradient is no dense gradient: a topology update must not grow from it.
+        """
+        return self._sampled.get(name, False)
+
+    def steps_taken(self, names: Iterable[str]) -> None:
+        """The optimizer stepped ``names``: what their gradients held is forgotten."""
+        for name in names:
+            self._sampled.pop(name, None)
+
+    def wrote_gradient(self, name: str, weight: Tensor, sampled: bool) -> None:
+        """Hear that the sparse op of ``name`` wrote a weight gradient, ``sampled`` at active positions only."""
+        # Called before the gradient is accumulated: with no .grad yet, this contribution starts it.
+        self._sampled[name] = sampled or (weight.grad is not None and self._sampled.get(name, False))
 
     def offer_gradients(self, names: Iterable[str]) -> None:
         """Offer the weight gradients of ``names`` to their layers' next backward, which writes into them.
@@ -201,6 +233,7 @@ class SparseKernels:
         self._modules.clear()
         self._weights.clear()
         self._structures.clear()
+        self._sampled.clear()
 
     def _structure(self, name: str, device: torch.device) -> SparseStructure:
         structure = self._structures[name]
@@ -243,7 +276,18 @@ class _SparseForward:
             forget_written(structure.index)  # this call's gradient is dense: no earlier record may vouch for it
             return type(module).forward(module, x)
         values = self._inference_values(weight, structure)
-        return sparse_linear(x, weight, module.bias, structure, self.kernels.dense_gradient, self.in_out, values)
+        # Eager autograd asks this object again at the backward: the step a gradient is for is known then.
+        gate = None if torch.compiler.is_compiling() else self
+        return sparse_linear(x, weight, module.bias, structure, self.kernels.dense_gradient, self.in_out, values, gate)
+
+    @property
+    def dense_gradient(self) -> bool:
+        """Whether the weight gradient written now is dense (the coming step reads it)."""
+        return self.kernels.dense_gradient
+
+    def wrote_gradient(self, weight: Tensor, sampled: bool) -> None:
+        """Hear what the sparse op wrote for this layer (see :meth:`SparseKernels.wrote_gradient`)."""
+        self.kernels.wrote_gradient(self.name, weight, sampled)
 
     def _inference_values(self, weight: Tensor, structure: SparseStructure) -> Tensor | None:
         """Without autograd, the active values gathered once and again only when the weight changes.

@@ -38,6 +38,7 @@ class LayerKernels:
         self.choices = choices
         self._probe: TokenProbe | None = None
         self._kernels: SparseKernels | None = None
+        self._run: SparseTraining | None = None  # the run whose layers the kernels serve
         # Per served layer, the mask its structure was built from: (the run's mask tensor, its version).
         self._built_from: dict[str, _MaskKey] = {}
 
@@ -91,6 +92,13 @@ class LayerKernels:
         chosen = {name: layer for name, layer in layers.items() if self.choices.get(name) == "sparse"}
         self._kernels = SparseKernels(chosen, sparse.masks)
         self._built_from = {name: _mask_key(sparse, name) for name in chosen}
+        self._run = sparse
+        sparse.kernels = self._kernels  # the gradients they write masked need no second pass
+
+    def step_begun(self, sparse: SparseTraining) -> None:
+        """A new optimizer step began within a batch (manual optimization): its backward writes what it reads."""
+        if self._kernels is not None:
+            self._kernels.set_dense_gradient(sparse.reading)
 
     def state(self) -> dict[str, Any] | None:
         """The setting and the choices, for a checkpoint; None until chosen."""
@@ -149,6 +157,9 @@ class LayerKernels:
         if self._kernels is not None:
             self._kernels.detach()
             self._kernels = None
+        if self._run is not None and self._run.kernels is not None:
+            self._run.kernels = None
+        self._run = None
         self._built_from = {}
 
     def _in_sync(self, sparse: SparseTraining, name: str) -> bool:

@@ -3,8 +3,9 @@
 Both are kept per sparse structure (by its ``index`` tensor, weakly: a rebuilt structure starts with none).
 
 - **Written masked.** The sparse kernels write a weight gradient at the active positions only. Recorded
-  as (address, version), it lets the optimizer step skip multiplying it by the mask
-  (:func:`gradient_is_masked`).
+  as a :class:`GradientStamp`, it lets the optimizer step skip multiplying it by the mask
+  (:func:`gradient_is_masked`). A stamp vouches for that one tensor's memory, unchanged: another tensor,
+  even one allocated where a freed gradient was, with the same version, never matches.
 - **Free for reuse.** Such a gradient, once its step is done, is still exactly 0 at every inactive
   position when the next backward needs a new one; the next backward writes its active values into it
   instead of zero-filling a new tensor (:func:`offer_gradient`, :func:`take_gradient`). By induction
@@ -41,19 +42,23 @@ class _ByTensor:
         # The callback runs when the key is freed, before its id can be given to another object.
         self._entries[address] = (weakref.ref(key, lambda _: entries.pop(address, None)), value)
 
+    def get(self, key: Tensor, default: Any = None) -> Any:
+        entry = self._entries.get(id(key))
+        return default if entry is None or entry[0]() is not key else entry[1]
+
     def pop(self, key: Tensor, default: Any = None) -> Any:
         entry = self._entries.pop(id(key), None)
         return default if entry is None or entry[0]() is not key else entry[1]
 
 
 # Recorded in eager autograd only: a compiled backward records nothing.
-_WRITTEN = _ByTensor()  # index -> (address, version) of the gradient written at active positions
+_WRITTEN = _ByTensor()  # index -> GradientStamp of the gradient written at active positions
 _FREE = _ByTensor()  # index -> (gradient, version when offered)
 
 
 def record_written(grad: Tensor, index: Tensor) -> None:
     """Note that ``grad`` was just written at the active positions of the structure with ``index`` only."""
-    _WRITTEN[index] = (grad.data_ptr(), grad._version)
+    _WRITTEN[index] = GradientStamp(grad)
 
 
 def gradient_is_masked(grad: Tensor | None, index: Tensor) -> bool:
@@ -71,8 +76,47 @@ def gradient_is_masked(grad: Tensor | None, index: Tensor) -> bool:
         >>> gradient_is_masked(grad, index), gradient_is_masked(grad, index)
         (True, False)
     """
-    written = _WRITTEN.pop(index, None)
-    return grad is not None and written == (grad.data_ptr(), grad._version)
+    stamp = _WRITTEN.pop(index, None)
+    return stamp is not None and stamp.matches(grad)
+
+
+def wrote_masked(grad: Tensor | None, index: Tensor) -> bool:
+    """:func:`gradient_is_masked` without using the record up (gradient hooks ask it during the backward)."""
+    stamp = _WRITTEN.get(index)
+    return stamp is not None and stamp.matches(grad)
+
+
+class GradientStamp:
+    """Vouches that a gradient is the very tensor memory seen when it was made, unchanged since.
+
+    A Python tensor object is no identity (a gradient's wrapper dies in the backward and ``.grad`` makes a
+    new one), nor is an address (a freed gradient's memory goes to the next tensor allocated). The stamp
+    holds the gradient's storage, so its memory cannot be freed and given to another tensor while the
+    stamp lives: a tensor at that address with that version is the stamped one, unchanged (any in-place
+    write through it or a view bumps the version; writes through ``.data`` do not, and are not seen).
+
+    Example:
+        >>> grad = torch.zeros(3)
+        >>> stamp = GradientStamp(grad)
+        >>> stamp.matches(grad), stamp.matches(grad.clone())
+        (True, False)
+        >>> _ = grad.add_(1.0)
+        >>> stamp.matches(grad)
+        False
+    """
+
+    __slots__ = ("_storage", "_address", "_version")
+
+    def __init__(self, grad: Tensor) -> None:
+        self._storage, self._address, self._version = grad.untyped_storage(), grad.data_ptr(), grad._version
+
+    def matches(self, grad: Tensor | None) -> bool:
+        """Whether ``grad`` is the stamped tensor's memory, unchanged since the stamp."""
+        return self.same_memory(grad) and grad._version == self._version  # type: ignore[union-attr]
+
+    def same_memory(self, grad: Tensor | None) -> bool:
+        """Whether ``grad`` is the stamped tensor's memory, changed or not (accumulated into, say)."""
+        return grad is not None and grad.data_ptr() == self._address
 
 
 def forget_written(index: Tensor) -> None:

@@ -10,6 +10,7 @@ are the operators of :mod:`~lightning_rigl.core.sparse_ops`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -105,13 +106,16 @@ def sparse_linear(
     dense_gradient: bool = False,
     weight_in_out: bool = False,
     values: Tensor | None = None,
+    gate: GradientGate | None = None,
 ) -> Tensor:
     """``x W^T + b`` with the active weights of ``structure`` only (``x W + b`` for an (in, out) weight).
 
-    Differentiable in ``x``, ``weight`` and ``bias``. The weight gradient is dense ``grad_out^T x``
-    when ``dense_gradient`` (what RigL's grow score reads), else nonzero at the active positions only.
-    The active values are gathered once per call (or given as ``values``, the weight's entries at
-    ``structure.index``) and serve the forward and the input gradient.
+    Differentiable in ``x``, ``weight`` and ``bias``, twice too (a gradient penalty's ``create_graph=True``
+    takes the dense formulas, equal to dense kernels'). The weight gradient is dense ``grad_out^T x``
+    when ``dense_gradient`` (what RigL's grow score reads), else nonzero at the active positions only;
+    with a ``gate`` (eager autograd), the gate's ``dense_gradient`` at the time of the backward decides
+    instead, and the gate hears what was written. The active values are gathered once per call (or given
+    as ``values``, the weight's entries at ``structure.index``) and serve the forward and the input gradient.
 
     Example:
         >>> weight = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
@@ -124,8 +128,31 @@ def sparse_linear(
     if values is None:
         values = active_values(weight, structure)
     return _SparseLinear.apply(
-        x, weight, values, bias, s.crow, s.col, s.index, s.crow_t, s.col_t, s.perm_t, dense_gradient, weight_in_out
+        x,
+        weight,
+        values,
+        bias,
+        s.crow,
+        s.col,
+        s.index,
+        s.crow_t,
+        s.col_t,
+        s.perm_t,
+        dense_gradient,
+        weight_in_out,
+        gate,
     )
+
+
+class GradientGate(Protocol):
+    """Decides, when a backward runs, whether a layer's weight gradient is dense, and hears what was written."""
+
+    @property
+    def dense_gradient(self) -> bool:
+        """Whether the optimizer step this gradient is for reads the dense weight gradient."""
+
+    def wrote_gradient(self, weight: Tensor, sampled: bool) -> None:
+        """Called before the weight gradient is accumulated: ``sampled`` if written at active positions only."""
 
 
 def active_values(weight: Tensor, structure: SparseStructure) -> Tensor:
@@ -143,26 +170,58 @@ class _SparseLinear(torch.autograd.Function):
     """The autograd of the operators; a plain (old-style) Function, the cheapest to call from Python."""
 
     @staticmethod
-    def forward(ctx, x, weight, values, bias, crow, col, index, crow_t, col_t, perm_t, dense_gradient, weight_in_out):
-        ctx.save_for_backward(x, weight, values, crow, col, crow_t, col_t, perm_t, index)
+    def forward(
+        ctx, x, weight, values, bias, crow, col, index, crow_t, col_t, perm_t, dense_gradient, weight_in_out, gate
+    ):
+        # As dense autograd does, keep the weight for the backward only where the input gradient needs it:
+        # an in-place write to it before the backward (an optimizer step between two backward passes of one
+        # graph) then raises where, and only where, it raises on dense kernels. Traced code keeps it always.
+        keep = x.requires_grad or gate is None
+        ctx.save_for_backward(x, weight if keep else None, values, crow, col, crow_t, col_t, perm_t, index)
         ctx.flags = (dense_gradient, weight_in_out)
         ctx.has_bias = bias is not None
+        ctx.gate, ctx.weight = (gate, weight) if gate is not None else (None, None)
         return torch.ops.lightning_rigl.sparse_linear(x, weight, values, bias, crow, col, crow_t)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, values, *structure, index = ctx.saved_tensors
+        x, saved_weight, values, *structure, index = ctx.saved_tensors
+        weight = saved_weight if saved_weight is not None else ctx.weight
+        dense_gradient, weight_in_out = ctx.flags
+        gate = ctx.gate
+        if gate is not None:  # the step the gradient is for is known now, not at the forward
+            dense_gradient = gate.dense_gradient
         needs_x, needs_w, _, needs_b = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = None
-        if needs_x or needs_w:
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty): the dense formulas, differentiable, as dense kernels run them.
+            grad_x, grad_w = _dense_backward(grad_out, x, saved_weight, weight_in_out, needs_x, needs_w)
+            dense_gradient = True
+        elif needs_x or needs_w:
             grad_x, grad_w = torch.ops.lightning_rigl.sparse_linear_backward(
-                grad_out, x, weight, values, *structure, *ctx.flags, needs_x, needs_w
+                grad_out, x, weight, values, *structure, dense_gradient, weight_in_out, needs_x, needs_w
             )
-            if needs_w and not ctx.flags[0]:
+            if needs_w and not dense_gradient:
                 grad_w = _scatter_active(grad_w, weight, index)
+        if needs_w and gate is not None:
+            gate.wrote_gradient(weight, sampled=not dense_gradient)
         if needs_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return (grad_x if needs_x else None, grad_w if needs_w else None, None, grad_b) + (None,) * 8
+        return (grad_x if needs_x else None, grad_w if needs_w else None, None, grad_b) + (None,) * 9
+
+
+def _dense_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor | None, weight_in_out: bool, needs_x: bool, needs_w: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The input and weight gradients by dense, differentiable products (the weight is 0 where inactive)."""
+    g2d, x2d = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+    grad_x = grad_w = None
+    if needs_x:
+        assert weight is not None  # kept by the forward whenever the input needs a gradient
+        grad_x = (grad_out @ (weight.t() if weight_in_out else weight)).view_as(x)
+    if needs_w:
+        grad_w = x2d.t() @ g2d if weight_in_out else g2d.t() @ x2d
+    return grad_x, grad_w
 
 
 def _scatter_active(active: Tensor, weight: Tensor, index: Tensor) -> Tensor:

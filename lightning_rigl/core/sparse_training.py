@@ -21,6 +21,7 @@ from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import select_parameters
 from lightning_rigl.core.sharding import wrap_like_param
 from lightning_rigl.core.topology import num_active, random_mask
+from lightning_rigl.core.user_hooks import GradientSource, UserCodeHooks
 from lightning_rigl.core.zero_guard import ZeroGuard
 
 ParamsLike = torch.optim.Optimizer | Iterable[Tensor] | None
@@ -88,6 +89,11 @@ class SparseTraining:
         self.grow_candidates: dict[str, GrowCandidates] = {}
         self.layer_masks = LayerMasks(self.params)
         self.zero_guard = ZeroGuard(self.layer_masks, verify_every)
+        #: Updates that waited a step because a gradient held masked contributions (no dense gradient to grow from).
+        self.deferred_steps = 0
+        self._next_step = self._last_step = 0  # the coming optimizer step, the last one begun by before_step
+        self._reading = False
+        self.hooks = UserCodeHooks(self.layer_masks, lambda: self._reading)
         if state is not None:
             self.load_state_dict(state)  # no fresh draw: it would zero weights the saved masks keep
         else:
@@ -95,6 +101,8 @@ class SparseTraining:
             self.set_masks(
                 {name: random_mask(self.params[name].shape, k, self.generator) for name, k in counts.items()}
             )
+        self.hooks.install()
+        self.start_step(0)
 
     @classmethod
     def from_model(
@@ -194,13 +202,24 @@ class SparseTraining:
             step: 0-based index of the optimizer step about to run (``trainer.global_step``).
             params: The parameters this optimizer step updates (an optimizer); None for all.
             already_masked: Names whose gradients are known to be 0 at every inactive position already
-                (written so by the sparse kernels): not multiplied by their masks again.
+                (written so by the sparse kernels): not multiplied by their masks again. Gradients masked by
+                the run's own hooks, or written masked by the kernels of :attr:`kernels`, are known already.
+
+        A due update whose layer's gradient holds masked contributions (see
+        :meth:`~lightning_rigl.core.user_hooks.UserCodeHooks.holds_partial`) waits for the next step.
 
         """
         names = [name for name in self.masked_names(params) if self.params[name].grad is not None]
         if self.method.updates and self.schedule is not None and self.schedule.is_update_step(step + 1):
             self.due_updates.update(dict.fromkeys(self.params, (step + 1, self.schedule.drop_fraction(step + 1))))
         due = [name for name in names if name in self.due_updates]
+        reads = self.method.dense_gradient != "never"
+        partial = [name for name in due if reads and self.hooks.holds_partial(name)]
+        if partial:
+            # A gradient with masked contributions (accumulated for an earlier step that did not read it) is no
+            # dense gradient: these layers stay due and read the next step's, which is dense throughout.
+            due = [name for name in due if name not in partial]
+            self.deferred_steps += 1
         observed = names if self.method.dense_gradient == "every_step" else due
         if observed:
             # Only where gradients are read: an ordinary step spares the grad mode switch (about 10 us).
@@ -219,8 +238,11 @@ class SparseTraining:
                 if due and not finite:
                     # No update from this step; the layers stay due and retry at their next finite step.
                     self.nonfinite_steps += 1
-        self.layer_masks.zero_inactive([name for name in names if name not in already_masked], gradients=True)
+        unmasked = [n for n in names if n not in already_masked and not self.hooks.vouched(n, self.params[n].grad)]
+        self.layer_masks.zero_inactive(unmasked, gradients=True)
+        self.hooks.masked(names)
         self.zero_guard.gradients_masked(names)
+        self._last_step = step
 
     def after_step(self, optimizers: Iterable[torch.optim.Optimizer], params: ParamsLike = None) -> list[str]:
         """Make any topology update that is due after ``optimizer.step()``, and keep inactive weights at 0.
@@ -241,7 +263,48 @@ class SparseTraining:
         updated = self.update_topology(optimizers, names)
         self.zero_guard.restart_state_once(names_by_optimizer)
         self.layer_masks.zero_inactive([name for name in names if name not in left_at_zero])
+        self.hooks.weights_masked(names)
+        self.start_step(self._last_step + 1)
         return updated
+
+    def start_step(self, step: int) -> bool:
+        """Begin optimizer step ``step`` (0-based): before its forward pass. Returns whether it reads dense gradients.
+
+        :meth:`after_step` begins the next step itself; call this where steps are counted elsewhere (a
+        resumed run, a loop that skips steps). Masked weights written in place since they were last masked
+        (``load_state_dict``, ``copy_`` under ``no_grad``) are masked again here, before any forward sees them.
+        """
+        self._next_step = step
+        self._reading = self.dense_gradient_needed(step)
+        self.hooks.remask_written_weights()
+        return self._reading
+
+    @property
+    def reading(self) -> bool:
+        """Whether the coming optimizer step reads the dense weight gradients (so user code sees them unmasked)."""
+        return self._reading
+
+    @property
+    def kernels(self) -> GradientSource | None:
+        """The sparse kernels serving layers of this run, if any: they vouch for the gradients they write masked."""
+        return self.hooks.kernels
+
+    @kernels.setter
+    def kernels(self, kernels: GradientSource | None) -> None:
+        self.hooks.kernels = kernels
+
+    def install_hooks(
+        self, modules: Iterable[nn.Module] = (), optimizers: Iterable[torch.optim.Optimizer] = ()
+    ) -> None:
+        """Install the gradient hooks (done at construction), and re-mask after ``load_state_dict`` of these.
+
+        See :class:`~lightning_rigl.core.user_hooks.UserCodeHooks`.
+        """
+        self.hooks.install(modules, optimizers)
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this run installed (the gradients are then masked at :meth:`before_step` only)."""
+        self.hooks.remove()
 
     def update_topology(
         self, optimizers: Iterable[torch.optim.Optimizer], names: Iterable[str] | None = None
@@ -263,6 +326,7 @@ class SparseTraining:
                     continue
                 step, fraction = self.due_updates.pop(name)
                 changed = drop_and_grow_layer(self.layer_masks, name, candidates, optimizers)
+                self.hooks.masks_changed([name])
                 record_update(self.history, step, fraction, changed, self.layer_masks.counts[name])
                 updated.append(name)
         return updated
@@ -305,4 +369,7 @@ class SparseTraining:
     def masks_replaced(self) -> None:
         """Forget what the old masks made true: zero the weights they made inactive, restart the optimizer check."""
         self.zero_guard.masks_replaced()  # optimizer state may be nonzero where the new masks are inactive
+        self.hooks.masks_changed()
         self.apply_masks()
+        self.hooks.weights_masked(self.params)
+        self._reading = self.dense_gradient_needed(self._next_step)

@@ -1,0 +1,304 @@
+"""Same training whatever the user's code does: sparse and dense kernels train alike around user code.
+
+A differential harness: each case runs one user pattern (manual optimization, gradient hooks, clipping,
+rollbacks, shared layers, double backward, ...) twice in float64, once with ``kernels="sparse"`` and once
+with ``kernels="dense"``, and demands the same masks after every update, the same update history and the
+same weights to rtol 1e-10. A second group checks what user code sees between backward and the step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_rigl import RigLCallback
+from tests.conftest import make_loader, make_trainer
+
+
+class Net(pl.LightningModule):
+    """Three Linear layers (16-32-32-4) with signed data; subclasses change how they are used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.hidden, self.out = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(torch.tanh(self.inp(x)))))
+
+    def loss(self, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+class MasksAfterUpdates(Callback):
+    """Records every mask after every topology update (listed after RigLCallback)."""
+
+    def __init__(self, rigl: RigLCallback) -> None:
+        self.rigl, self.masks, self._seen = rigl, [], 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.rigl.sparse is not None and self.rigl.sparse.updates > self._seen:
+            self._seen = self.rigl.sparse.updates
+            self.masks.append((trainer.global_step, self.rigl.masks))
+
+
+def train(kernels, module, steps=14, before=(), after=(), **trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    rigl = RigLCallback(0.8, delta_t=3, t_end=100, alpha=0.5, seed=1, kernels=kernels)
+    recorder = MasksAfterUpdates(rigl)
+    model = module()
+    callbacks = [*(copy.deepcopy(c) for c in before), rigl, recorder, *(copy.deepcopy(c) for c in after)]
+    make_trainer(callbacks, max_steps=steps, precision="64-true", **trainer_kwargs).fit(model, make_loader(seed=3))
+    return rigl, recorder, model
+
+
+def assert_same_training(module, **kwargs):
+    rigl_s, rec_s, model_s = train("sparse", module, **kwargs)
+    rigl_d, rec_d, model_d = train("dense", module, **kwargs)
+    assert "sparse" in rigl_s.kernel_choices.values()  # the case did run on sparse kernels
+    assert set(rigl_d.kernel_choices.values()) == {"dense"}
+    assert rigl_s.sparse.updates == rigl_d.sparse.updates >= 3
+    assert [(r.step, r.changed) for r in rigl_s.sparse.history] == [(r.step, r.changed) for r in rigl_d.sparse.history]
+    assert all(r.changed > 0 for r in rigl_d.sparse.history)  # every update grew new connections
+    assert len(rec_s.masks) == len(rec_d.masks)
+    for (step_s, masks_s), (step_d, masks_d) in zip(rec_s.masks, rec_d.masks, strict=True):
+        assert step_s == step_d
+        for name, mask in masks_d.items():
+            assert torch.equal(masks_s[name], mask), (step_d, name)
+    for name, value in model_d.state_dict().items():
+        torch.testing.assert_close(model_s.state_dict()[name], value, rtol=1e-10, atol=1e-10 * value.abs().max())
+    for name, mask in rigl_s.masks.items():  # and the masked model is what both trained
+        assert model_s.get_parameter(name)[~mask].eq(0).all(), name
+        assert model_d.get_parameter(name)[~mask].eq(0).all(), name
+    return rigl_s, rigl_d
+
+
+# ---- the user patterns ----
+
+
+class HalfBatchSteps(Net):
+    """Manual optimization: two optimizer steps per batch, one per half batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        for part in (slice(0, len(x) // 2), slice(len(x) // 2, None)):
+            opt.zero_grad()
+            self.manual_backward(self.loss((x[part], y[part])))
+            opt.step()
+
+
+class OneGraphTwoSteps(Net):
+    """Manual optimization: one forward whose graph serves two optimizer steps (retain_graph).
+
+    The first optimizer holds the first layer (whose weight no backward reads: its input needs no
+    gradient), the second the others; so the first step does not change what the second backward reads.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, rest = self.optimizers()
+        x, y = batch
+        logits = self(x)
+        first.zero_grad()
+        rest.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(logits[:8], y[:8]), retain_graph=True)
+        first.step()
+        rest.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(logits[8:], y[8:]))
+        rest.step()
+
+    def configure_optimizers(self):
+        others = [*self.hidden.parameters(), *self.out.parameters()]
+        return torch.optim.SGD(self.inp.parameters(), lr=0.1, momentum=0.9), torch.optim.SGD(others, lr=0.1)
+
+
+class ManualClipping(Net):
+    """Lightning's documented manual pattern: clip the gradients, then step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self.loss(batch))
+        self.clip_gradients(opt, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+        opt.step()
+
+
+class ReplaceGradients(Callback):
+    """Differential-privacy style: each gradient replaced by a freshly allocated, noised tensor."""
+
+    def on_after_backward(self, trainer, pl_module):
+        gen = torch.Generator().manual_seed(trainer.global_step)
+        for p in pl_module.parameters():
+            clipped = p.grad * 0.5
+            p.grad = None  # frees the old gradient: the new one may get its address
+            fresh = torch.empty_like(p)
+            fresh.copy_(clipped + 0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            p.grad = fresh
+
+
+class ClipByNorm(Callback):
+    """A callback listed before RigLCallback that reads every gradient: global-norm clipping of its own."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        torch._foreach_mul_(grads, float(min(1.0, 0.05 / (float(norm) + 1e-12))))
+
+
+class Rollback(Callback):
+    """Snapshots model and optimizer after step 4, rolls back to them after step 10 (a loss-spike guard)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 4:
+            self.saved = (copy.deepcopy(pl_module.state_dict()), copy.deepcopy(trainer.optimizers[0].state_dict()))
+        if trainer.global_step == 10:
+            pl_module.load_state_dict(self.saved[0])
+            trainer.optimizers[0].load_state_dict(self.saved[1])
+
+
+class LayerUsedTwice(Net):
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(torch.tanh(self.hidden(torch.tanh(self.hidden(h)))))
+
+
+class SharedModule(Net):
+    """One module under two names, as N-BEATS does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta_b = self.theta_f = nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(torch.tanh(self.theta_f(h)) + torch.tanh(self.theta_b(h)))
+
+
+class Checkpointed(Net):
+    """Activation checkpointing: the hidden layers are recomputed in the backward pass."""
+
+    def forward(self, x):
+        block = lambda h: torch.tanh(self.hidden(torch.tanh(self.inp(h))))  # noqa: E731
+        return self.out(checkpoint(block, x, use_reentrant=False))
+
+
+class GradientPenalty(Net):
+    """A gradient penalty (WGAN-GP, R1): a double backward through every layer, at every step."""
+
+    def loss(self, batch):
+        x, y = batch
+        x = x.clone().requires_grad_(True)
+        logits = self(x)
+        (grad_x,) = torch.autograd.grad(logits.square().sum(), x, create_graph=True)
+        return nn.functional.cross_entropy(logits, y) + 0.1 * grad_x.square().sum(dim=1).mean()
+
+
+class LazyPenalty(GradientPenalty):
+    """The penalty every 4th batch only, as StyleGAN2's lazy regularization does."""
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch) if batch_idx % 4 == 1 else Net.loss(self, batch)
+
+
+class Compiled(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.compiled = torch.compile(self.forward_eager, backend="aot_eager")
+
+    def forward_eager(self, x):
+        return super().forward(x)
+
+    def forward(self, x):
+        return self.compiled(x)
+
+
+@pytest.mark.parametrize(
+    ("module", "kwargs"),
+    [
+        (Net, {}),
+        (HalfBatchSteps, {"steps": 16}),
+        (OneGraphTwoSteps, {"steps": 16}),
+        (ManualClipping, {}),
+        (Net, {"after": [ReplaceGradients()]}),
+        (Net, {"before": [ReplaceGradients()]}),
+        (Net, {"before": [ClipByNorm()]}),
+        (Net, {"after": [Rollback()]}),
+        (Net, {"accumulate_grad_batches": 2}),
+        (Net, {"gradient_clip_val": 0.05}),
+        (LayerUsedTwice, {}),
+        (SharedModule, {}),
+        (Checkpointed, {}),
+        (GradientPenalty, {}),
+        (LazyPenalty, {}),
+    ],
+    ids=[
+        "plain",
+        "manual-two-steps-per-batch",
+        "manual-one-graph-two-steps",
+        "manual-clipping",
+        "gradients-replaced-after",
+        "gradients-replaced-before",
+        "callback-reads-gradients-first",
+        "rollback",
+        "accumulation",
+        "clipping",
+        "layer-used-twice",
+        "shared-module",
+        "activation-checkpointing",
+        "gradient-penalty",
+        "lazy-gradient-penalty",
+    ],
+)
+def test_sparse_and_dense_kernels_train_alike_around_user_code(module, kwargs):
+    assert_same_training(module, **kwargs)
+
+
+def test_a_compiled_model_trains_alike_on_sparse_and_dense_kernels():
+    assert_same_training(Compiled, steps=10)
+
+
+class StepBetweenBackwards(Net):
+    """One graph, two backward passes and an optimizer step in between that writes a weight the graph uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        logits = self(x)
+        self.manual_backward(nn.functional.cross_entropy(logits[:8], y[:8]), retain_graph=True)
+        opt.step()
+        if batch_idx > 0:  # the first batch runs on dense kernels (it measures the rows): later ones on the chosen
+            self.manual_backward(nn.functional.cross_entropy(logits[8:], y[8:]))
+
+
+@pytest.mark.parametrize("kernels", ["sparse", "dense"])
+def test_a_step_between_two_backward_passes_of_one_graph_raises_on_either_kernels(kernels):
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        train(kernels, StepBetweenBackwards, steps=4)
