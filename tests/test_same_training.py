@@ -302,3 +302,200 @@ class StepBetweenBackwards(Net):
 def test_a_step_between_two_backward_passes_of_one_graph_raises_on_either_kernels(kernels):
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         train(kernels, StepBetweenBackwards, steps=4)
+
+
+# ---- what user code sees, and what the run does around it ----
+
+
+class GradientsSeen(Callback):
+    """Records, after each backward, whether each masked gradient is 0 at every inactive position."""
+
+    def __init__(self, rigl: RigLCallback) -> None:
+        self.rigl, self.seen = rigl, []
+
+    def on_after_backward(self, trainer, pl_module):
+        masks = self.rigl.masks
+        zero = [bool(pl_module.get_parameter(n).grad[~m].eq(0).all()) for n, m in masks.items()]
+        self.seen.append((trainer.global_step, all(zero), not any(zero)))
+
+
+@pytest.mark.parametrize("kernels", ["sparse", "dense"])
+def test_user_code_sees_masked_gradients_except_at_the_steps_whose_dense_gradient_is_read(kernels):
+    pl.seed_everything(0, verbose=False)
+    rigl = RigLCallback(0.8, delta_t=3, t_end=100, alpha=0.5, seed=1, kernels=kernels)
+    seen = GradientsSeen(rigl)
+    make_trainer([rigl, seen], max_steps=10, precision="64-true").fit(Net(), make_loader(seed=3))
+    for step, masked, dense in seen.seen:
+        reads = (step + 1) % 3 == 0  # RigL's update steps: the dense gradient is the grow score
+        assert (dense, masked) == (reads, not reads), step
+
+
+class DoubleOpt(Net):
+    """Manual optimization with two optimizers: the first layer's gradient accumulates across the other's step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, rest = self.optimizers()
+        rest.zero_grad()
+        self.manual_backward(self.loss(batch))  # into the first layer's gradient too, kept (not zeroed)
+        rest.step()
+        if batch_idx % 2 == 1:  # the first layer steps every other batch, on two batches' gradients
+            first.step()
+            first.zero_grad()
+
+    def configure_optimizers(self):
+        others = [*self.hidden.parameters(), *self.out.parameters()]
+        return torch.optim.SGD(self.inp.parameters(), lr=0.1), torch.optim.SGD(others, lr=0.1)
+
+
+def test_an_update_never_grows_from_a_gradient_with_masked_contributions_it_waits_for_a_dense_one():
+    # The first layer's gradient sums a batch whose step did not read it (masked as it accumulated) and one
+    # whose step does: no dense gradient. Its update waits for the next step, on either kernels alike.
+    rigl_s, rigl_d = assert_same_training(DoubleOpt, steps=24)
+    assert rigl_s.sparse.deferred_steps == rigl_d.sparse.deferred_steps > 0
+
+
+class RollbackAndCheck(Rollback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == 10:  # right after the load: masked already, before any other hook
+            rigl = next(c for c in trainer.callbacks if isinstance(c, RigLCallback))
+            opt = trainer.optimizers[0]
+            self.after_load = [
+                (
+                    bool(pl_module.get_parameter(n)[~m].eq(0).all()),
+                    bool(opt.state[pl_module.get_parameter(n)]["momentum_buffer"][~m].eq(0).all()),
+                )
+                for n, m in rigl.masks.items()
+            ]
+            self.snapshot_nonzero = any(self.saved[0][n][~m].ne(0).any() for n, m in rigl.masks.items())
+
+
+def test_a_rollback_mid_run_keeps_the_current_masks_and_masks_the_loaded_weights_and_state():
+    pl.seed_everything(0, verbose=False)
+    rigl = RigLCallback(0.8, delta_t=3, t_end=100, alpha=0.5, seed=1, kernels="dense")
+    check = RollbackAndCheck()
+    make_trainer([rigl, check], max_steps=11, precision="64-true").fit(Net(), make_loader(seed=3))
+    assert check.snapshot_nonzero  # the snapshot holds weights where the current masks are inactive
+    assert check.after_load == [(True, True)] * 3
+
+
+class WriteInPlace(Callback):
+    """Writes every masked weight in place (no_grad copy_) after step 5; checks them at the next batch start."""
+
+    def __init__(self) -> None:
+        self.checked = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 5:
+            with torch.no_grad():
+                for p in (pl_module.inp.weight, pl_module.hidden.weight, pl_module.out.weight):
+                    p.copy_(torch.randn_like(p))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # listed after RigLCallback
+        if trainer.global_step == 5:
+            rigl = next(c for c in trainer.callbacks if isinstance(c, RigLCallback))
+            self.checked = all(pl_module.get_parameter(n)[~m].eq(0).all() for n, m in rigl.masks.items())
+
+
+def test_weights_written_in_place_between_steps_are_masked_before_the_next_forward():
+    pl.seed_everything(0, verbose=False)
+    rigl = RigLCallback(0.8, delta_t=3, t_end=100, seed=1, kernels="dense")
+    write = WriteInPlace()
+    make_trainer([rigl, write], max_steps=7).fit(Net(), make_loader(seed=3))
+    assert write.checked is True
+
+
+def test_second_derivatives_through_sparse_kernels_equal_dense_ones():
+    from lightning_rigl.core.sparse_linear import SparseStructure, sparse_linear
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(6, 5, generator=g) < 0.4
+    weight = (torch.randn(6, 5, generator=g, dtype=torch.float64) * mask).requires_grad_(True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    structure = SparseStructure.from_mask(mask)
+
+    def penalty(linear):
+        out = torch.tanh(linear(x))
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        return grad_x.square().sum() + out.sum()
+
+    dense = torch.autograd.grad(penalty(lambda v: nn.functional.linear(v, weight, bias)), (weight, bias, x))
+    for reads in (True, False):  # an update step's dense weight gradient, or an ordinary step's
+        sparse = torch.autograd.grad(
+            penalty(lambda v, reads=reads: sparse_linear(v, weight, bias, structure, dense_gradient=reads)),
+            (weight, bias, x),
+        )
+        # An ordinary step's weight gradient is kept at active positions only (the masked gradient): equal there.
+        keep = torch.ones_like(mask) if reads else mask
+        torch.testing.assert_close(sparse[0] * keep, dense[0] * keep, rtol=1e-12, atol=1e-12)
+        for s, d in zip(sparse[1:], dense[1:], strict=True):
+            torch.testing.assert_close(s, d, rtol=1e-12, atol=1e-12)
+
+
+def test_a_restored_sparse_choice_the_run_cannot_serve_computes_dense_with_a_warning(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0, verbose=False)
+    rigl = RigLCallback(0.8, delta_t=3, t_end=100, seed=1, kernels="sparse")
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer([rigl, saver], max_steps=4, enable_checkpointing=True).fit(Net(), make_loader(seed=3))
+    assert set(rigl.kernel_choices.values()) == {"sparse"}
+    resumed = RigLCallback(0.8, delta_t=3, t_end=100, seed=1, kernels="sparse")
+    with pytest.warns(UserWarning, match=r"cannot serve \['inp.weight', 'hidden.weight', 'out.weight'\]"):
+        make_trainer([resumed], max_steps=6, precision="bf16-true").fit(
+            Net(), make_loader(seed=3), ckpt_path=tmp_path / "last.ckpt"
+        )
+    assert set(resumed.kernel_choices.values()) == {"dense"}
+
+
+def test_hooks_belong_to_the_fit_and_to_the_latest_run_on_a_model():
+    from lightning_rigl.core import SparseTraining
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    first = SparseTraining.from_model(model, 0.5, seed=0)
+    second = SparseTraining.from_model(model, 0.5, seed=1)  # the latest run masks the gradients
+    model(torch.randn(4, 8)).sum().backward()
+    assert model[0].weight.grad[~second.masks["0.weight"]].eq(0).all()
+    assert model[0].weight.grad[~first.masks["0.weight"] & second.masks["0.weight"]].ne(0).all()
+    second.remove_hooks()
+    model[0].weight.grad = None
+    model(torch.randn(4, 8)).sum().backward()
+    assert model[0].weight.grad.ne(0).all()  # no run's hooks left: the plain gradient
+
+    rigl, net = RigLCallback(0.8, seed=1), Net()
+    make_trainer([rigl], max_steps=2).fit(net, make_loader(seed=3))
+    net.zero_grad()
+    net.loss(next(iter(make_loader(seed=3)))).backward()  # after the fit: the user's own code, untouched
+    assert net.hidden.weight.grad.ne(0).float().mean() > 0.5
+
+
+def clip_bucket_then_allreduce(state, bucket):
+    """A DDP communication hook that reads the gradients: scales each bucket to norm <= 0.05, then all-reduces."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    buffer = bucket.buffer()
+    buffer.mul_(min(1.0, 0.05 / (float(buffer.norm()) + 1e-12)))
+    return allreduce_hook(state, bucket)
+
+
+def test_a_ddp_communication_hook_sees_the_same_gradients_on_either_kernels():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    runs = []
+    for kernels in ("sparse", "dense"):
+        pl.seed_everything(0, verbose=False)
+        rigl = RigLCallback(0.8, delta_t=3, t_end=100, alpha=0.5, seed=1, kernels=kernels)
+        strategy = DDPStrategy(start_method="spawn", ddp_comm_hook=clip_bucket_then_allreduce)
+        model = Net()
+        trainer = make_trainer([rigl], max_steps=8, precision="64-true", devices=2, strategy=strategy)
+        trainer.fit(model, make_loader(seed=3))
+        runs.append((rigl.masks, model.state_dict()))  # rank 0's, handed back to this process
+    (masks_s, weights_s), (masks_d, weights_d) = runs
+    assert masks_d and all(torch.equal(masks_s[name], mask) for name, mask in masks_d.items())
+    for name, value in weights_d.items():
+        torch.testing.assert_close(weights_s[name], value, rtol=1e-10, atol=1e-12)

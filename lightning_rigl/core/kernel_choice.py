@@ -126,7 +126,7 @@ def choose_kernels(
     choices = {}
     for name, (module, weight) in layers.items():
         rows = tokens.get(name) if isinstance(tokens, Mapping) else tokens
-        if kernels == "dense" or rows is None or weight.dtype not in SPARSE_DTYPES or is_sharded(weight):
+        if kernels == "dense" or rows is None or not can_compute_sparse(weight):
             choices[name] = "dense"
         elif kernels == "sparse":
             choices[name] = "sparse"
@@ -143,6 +143,16 @@ def choose_kernels(
                 input_gradient=input_gradient is None or name in input_gradient,
             )
     return choices
+
+
+def can_compute_sparse(weight: Tensor) -> bool:
+    """Whether the sparse kernels can take ``weight``: float32/float64 and not sharded by FSDP2.
+
+    Example:
+        >>> can_compute_sparse(torch.zeros(2, 2)), can_compute_sparse(torch.zeros(2, 2, dtype=torch.bfloat16))
+        (True, False)
+    """
+    return weight.dtype in SPARSE_DTYPES and not is_sharded(weight)
 
 
 class TokenProbe:

@@ -9,13 +9,14 @@ gradient switched on for the steps that read it.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from lightning_rigl.core.kernel_choice import TokenProbe, choose_kernels
+from lightning_rigl.core.kernel_choice import TokenProbe, can_compute_sparse, choose_kernels
 from lightning_rigl.core.kernels import SparseKernels, linear_layers
 from lightning_rigl.core.sparse_training import SparseTraining
 
@@ -86,10 +87,24 @@ class LayerKernels:
         self.choices = dict(broadcast(choices))  # even if the ranks' first batches differed in length
 
     def attach(self, model: nn.Module, sparse: SparseTraining) -> None:
-        """Make the layers chosen ``"sparse"`` compute with their active weights (structures from the masks)."""
+        """Make the layers chosen ``"sparse"`` compute with their active weights (structures from the masks).
+
+        Choices restored from a checkpoint pass the checks fresh ones pass: a layer the sparse kernels cannot
+        serve in this run (sharded by FSDP2 now, another dtype, no longer a served layer type) computes dense,
+        with one warning naming it.
+        """
         assert self.choices is not None
         layers = linear_layers(model, list(sparse.params))
-        chosen = {name: layer for name, layer in layers.items() if self.choices.get(name) == "sparse"}
+        wanted = [name for name, choice in self.choices.items() if choice == "sparse"]
+        chosen = {name: layers[name] for name in wanted if name in layers and can_compute_sparse(layers[name][1])}
+        refused = [name for name in wanted if name not in chosen]
+        if refused:
+            warnings.warn(
+                f"The sparse kernels cannot serve {refused} in this run (sharded by FSDP2, not float32/float64, or "
+                "not an nn.Linear-type layer running its own forward): they compute on dense kernels.",
+                stacklevel=2,
+            )
+            self.choices.update(dict.fromkeys(refused, "dense"))
         self._kernels = SparseKernels(chosen, sparse.masks)
         self._built_from = {name: _mask_key(sparse, name) for name in chosen}
         self._run = sparse
