@@ -139,6 +139,17 @@ def test_recurrent_layers_count_every_step_per_weight(layer, gates):
     assert (torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled) == flags  # restored
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's recurrent kernels need a GPU")
+@pytest.mark.parametrize("layer", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layers_on_cuda_count_as_on_cpu(layer):
+    # On CUDA every recurrent layer runs one cuDNN kernel (aten._cudnn_rnn), without a FLOP formula.
+    model = layer(6, 8, num_layers=2, batch_first=True)
+    x = torch.randn(3, 5, 6)
+    on_cpu = count_flops(model, x)
+    on_cuda = count_flops(model.cuda(), x.cuda())
+    assert (on_cuda.per_layer, on_cuda.uncounted) == (on_cpu.per_layer, ())
+
+
 def test_a_matrix_vector_product_with_a_weight_is_counted():
     class MatVec(nn.Module):
         def __init__(self):
