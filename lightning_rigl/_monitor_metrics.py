@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_rigl._lightning import MisconfigurationException
 from lightning_rigl.core import FlopsCount, SparseTraining
-from lightning_rigl.core.flops import count_flops, training_flops_per_sample
+from lightning_rigl.core.flops import count_flops, training_flops_per_sample, uncounted_warning
 from lightning_rigl.report import density
 
 
@@ -33,7 +33,8 @@ def count_module_flops(
         batch_size: Samples in ``example``; ``None`` reads dim 0 of its first tensor.
 
     Returns:
-        The count, or ``None`` without an example input.
+        The count, or ``None`` without an example input. Operations on weights without a FLOP formula are
+        named in one warning, on rank 0.
 
     Raises:
         MisconfigurationException: The model's forward fails on ``example``.
@@ -49,12 +50,14 @@ def count_module_flops(
     # At training's precision (autocast's low-precision copies of a weight still count as that weight).
     with trainer.precision_plugin.forward_context():
         try:
-            flops = count_flops(pl_module, example, batch_size=batch_size)
+            flops = count_flops(pl_module, example, batch_size=batch_size, warn=False)
         except ValueError as error:
             raise MisconfigurationException(
                 f"SparsityMonitor could not count FLOPs: {str(error).rstrip('.')}. Pass an `example_input` "
                 "(or set `example_input_array`) that the model's forward takes."
             ) from error
+    if flops.uncounted:
+        rank_zero_warn(f"SparsityMonitor: {uncounted_warning(flops.uncounted)}")
     return flops
 
 

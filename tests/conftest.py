@@ -136,3 +136,35 @@ class StepWatch(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step - 1  # the step that just ran (or was skipped)
         self.around[step] = (self._before, (self.rigl.masks, pl_module.net[0].weight.detach().clone()))
+
+
+@torch.library.custom_op("rigl_tests::unformulated_matmul", mutates_args=())
+def unformulated_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight^T`` as an operator torch's FLOP counter has no formula for (a user's fused kernel, say)."""
+    return x @ weight.t()
+
+
+@unformulated_matmul.register_fake
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _unformulated_matmul_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    return grad @ weight, grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+unformulated_matmul.register_autograd(
+    _unformulated_matmul_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs)
+)
+
+
+class FusedLinear(nn.Module):
+    """A bias-free Linear computed by ``unformulated_matmul``: its FLOPs count as 0, with a warning."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
+
+    def forward(self, x):
+        return unformulated_matmul(x, self.weight)

@@ -1,10 +1,13 @@
 """count_flops, the paper's training-FLOPs accounting and active counts (torch-only core)."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_rigl.core.flops import FlopsCount, LayerFlops, count_active, count_flops, training_flops_per_sample
+from tests.conftest import FusedLinear
 
 
 def _mlp():
@@ -113,6 +116,96 @@ def test_a_weight_used_twice_counts_twice():
             return self.fc(self.fc(x))
 
     assert count_flops(Twice(), torch.randn(2, 4)).per_layer["fc.weight"].dense == 2 * 2 * 4 * 4
+
+
+@pytest.mark.parametrize(("layer", "gates"), [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+def test_recurrent_layers_count_every_step_per_weight(layer, gates):
+    # On CPU nn.LSTM runs one oneDNN kernel that FlopCounterMode cannot see into (it counted 0).
+    steps, inputs, hidden = 5, 6, 8
+    model = layer(inputs, hidden, num_layers=2, bidirectional=True, batch_first=True)
+    flags = (torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled)
+    count = count_flops(model, torch.randn(3, steps, inputs), sparsity={"weight_hh_l1_reverse": 0.75})
+    per_step = {  # a multiply-add per weight and time step, for each sample
+        "weight_ih_l0": 2 * gates * hidden * inputs,
+        "weight_hh_l0": 2 * gates * hidden * hidden,
+        "weight_ih_l1": 2 * gates * hidden * 2 * hidden,  # layer 1 reads both directions' outputs
+        "weight_hh_l1": 2 * gates * hidden * hidden,
+    }
+    expected = {name + direction: steps * flops for name, flops in per_step.items() for direction in ("", "_reverse")}
+    assert {name: layer.dense for name, layer in count.per_layer.items()} == expected
+    assert count.dense == sum(expected.values())
+    assert count.sparse == count.dense - 0.75 * expected["weight_hh_l1_reverse"]
+    assert count.uncounted == ()
+    assert (torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled) == flags  # restored
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's recurrent kernels need a GPU")
+@pytest.mark.parametrize("layer", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layers_on_cuda_count_as_on_cpu(layer):
+    # On CUDA every recurrent layer runs one cuDNN kernel (aten._cudnn_rnn), without a FLOP formula.
+    model = layer(6, 8, num_layers=2, batch_first=True)
+    x = torch.randn(3, 5, 6)
+    on_cpu = count_flops(model, x)
+    on_cuda = count_flops(model.cuda(), x.cuda())
+    assert (on_cuda.per_layer, on_cuda.uncounted) == (on_cpu.per_layer, ())
+
+
+def test_a_matrix_vector_product_with_a_weight_is_counted():
+    class MatVec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return torch.mv(self.weight, x) + torch.addmv(x[:3], self.weight, x)
+
+    count = count_flops(MatVec(), torch.randn(4), batch_size=1)
+    assert count.per_layer == {"weight": LayerFlops(2 * 2 * 4 * 3, 1.0)}
+
+
+def _record_uncounted_warnings(model, example):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        count = count_flops(model, example)
+    return count, [str(w.message) for w in caught if "No FLOP formula" in str(w.message)]
+
+
+def test_an_operation_on_a_weight_without_a_formula_warns_once_naming_its_module():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+            self.fused = FusedLinear(8, 8)
+
+        def forward(self, x):
+            return self.fused(self.fused(self.fc(x)))  # the operator runs twice
+
+    count, messages = _record_uncounted_warnings(Block(), torch.randn(3, 4))
+    assert count.uncounted == ("rigl_tests.unformulated_matmul in `fused` (FusedLinear)",)
+    assert len(messages) == 1
+    assert messages[0].startswith("No FLOP formula for rigl_tests.unformulated_matmul in `fused` (FusedLinear): ")
+    assert count.dense == 2 * 4 * 8  # the fused layer's FLOPs are what is missing
+
+
+@pytest.mark.parametrize(
+    ("model", "example"),
+    [
+        (nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)), torch.randn(3, 4)),
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.ConvTranspose2d(4, 2, 3)),
+            torch.randn(2, 3, 8, 8),
+        ),
+        (nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2), torch.randn(2, 5, 8)),
+        (nn.Sequential(nn.Embedding(10, 8), nn.LSTM(8, 8, batch_first=True)), torch.randint(0, 10, (2, 5))),
+        (nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)), torch.randn(3, 4)),
+        (nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4)), torch.randn(3, 4)),
+    ],
+    ids=["mlp", "cnn", "transformer", "embedding-lstm", "weight-norm", "spectral-norm"],
+)
+def test_ordinary_layers_count_without_a_warning(model, example):
+    count, messages = _record_uncounted_warnings(model, example)
+    assert (count.uncounted, messages) == ((), [])
+    assert count.dense > 0
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -10,9 +11,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ThroughputMon
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 
 from lightning_rigl import RigLCallback, SparsityMonitor
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.conftest import MLP, FusedLinear, make_loader, make_trainer
 
 LAYERS = ("net.0.weight", "net.2.weight", "net.5.weight")
 NUMEL = {"net.0.weight": 16 * 32, "net.2.weight": 32 * 32, "net.5.weight": 32 * 4}
@@ -217,6 +219,59 @@ def test_without_example_input_warns_once_and_still_logs_sparsity():
     assert len([w for w in warned if "no example input" in str(w.message)]) == 1
     assert all(set(metrics) == SPARSITY_KEYS for metrics in logger.monitored().values())
     assert not hasattr(model, "flops_per_batch")
+
+
+class SequenceClassifier(MLP):
+    """The 16 inputs read as 4 steps of 4 features by an LSTM; a Linear head classifies its last state."""
+
+    def __init__(self):
+        super().__init__()
+        del self.net
+        self.lstm = nn.LSTM(4, 8, batch_first=True)
+        self.head = nn.Linear(8, 4)
+        self.example_input_array = torch.randn(3, 16)
+
+    def forward(self, x):
+        out, _ = self.lstm(x.view(len(x), 4, 4))
+        return self.head(out[:, -1])
+
+
+def test_an_lstm_counts_the_flops_of_every_step():
+    # On CPU nn.LSTM runs one oneDNN kernel that torch's FLOP counter cannot see into: it counted 0.
+    rigl = RigLCallback(sparsity=0.75, delta_t=100, t_end=100)  # masks the head
+    logger = RecordingLogger()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([SparsityMonitor(plot=False), rigl], max_steps=2, log_every_n_steps=1, logger=logger).fit(
+            SequenceClassifier(), make_loader()
+        )
+    lstm = 4 * 2 * (4 * 8) * (4 + 8)  # steps x 2 x gate rows x (inputs + hidden): both weights, every step
+    head = 2 * 8 * 4
+    metrics = logger.monitored()[1]
+    assert metrics["flops/dense_forward"] == lstm + head
+    assert metrics["flops/sparse_forward"] == pytest.approx(
+        lstm + head * float(rigl.masks["head.weight"].float().mean())
+    )
+    assert not [w for w in caught if "No FLOP formula" in str(w.message)]
+
+
+class FusedHead(MLP):
+    """The MLP with its last layer computed by an operator that has no FLOP formula."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[5] = FusedLinear(32, 4)
+        self.example_input_array = torch.randn(3, 16)
+
+
+def test_a_layer_without_a_flop_formula_is_named_in_one_warning():
+    with pytest.warns(UserWarning, match="No FLOP formula") as warned:
+        make_trainer([SparsityMonitor(plot=False)], max_steps=4).fit(FusedHead(), make_loader())
+    messages = [str(w.message) for w in warned if "No FLOP formula" in str(w.message)]
+    assert len(messages) == 1
+    assert messages[0].startswith(
+        "SparsityMonitor: No FLOP formula for rigl_tests.unformulated_matmul in `net.5` (FusedLinear): "
+    )
 
 
 def _assert_table_rows(out, rigl, separator):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -15,8 +17,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 def count_by_weight(model: nn.Module, example_input: Any) -> FlopsByWeight:
     """One forward pass under ``FlopCounterMode``, its FLOPs charged to the weights.
 
-    The pass runs in eval mode, without gradients and with attention's fused fast path off (``FlopCounterMode``
-    cannot see inside it); the modules' training flags and the fast path setting are restored afterwards.
+    The pass runs in eval mode, without gradients, with attention's fused fast path off and with recurrent
+    layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) on their plain kernels, oneDNN and cuDNN off while they run:
+    ``FlopCounterMode`` cannot see inside the fused kernels. The modules' training flags and these settings
+    are restored afterwards. Operations that take a weight but have no FLOP formula are listed in
+    ``.uncounted``.
 
     Args:
         model: Any module.
@@ -40,7 +45,7 @@ def count_by_weight(model: nn.Module, example_input: Any) -> FlopsByWeight:
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)
         counter = FlopCounterMode(display=False, custom_mapping=_MISSING_FORMULAS)
-        with torch.no_grad(), counter, FlopsByWeight(counter, model) as by_weight:
+        with torch.no_grad(), _plain_recurrent_kernels(model), counter, FlopsByWeight(counter, model) as by_weight:
             try:
                 if isinstance(example_input, (tuple, list)):
                     model(*example_input)
@@ -68,6 +73,8 @@ class FlopsByWeight(TorchDispatchMode):
         model: The module whose parameters are the weights.
         flops: Parameter name to the FLOPs of the ops that multiply by it.
         density: Parameter name to its fraction of non-zero values, read at its first counted op.
+        uncounted: ``"<operator> in `<module>` (<class>)"`` for each operation that takes a module's weight
+            (>= 2 dims) but has no FLOP formula, so that ``FlopCounterMode`` counts it as 0; in first-seen order.
 
     """
 
@@ -80,6 +87,7 @@ class FlopsByWeight(TorchDispatchMode):
         # id of a cast copy of a weight (autocast's) -> (a weak reference to the copy, the weight's name and
         # the weight): a freed copy's id may be reused, the reference tells.
         self.casts: dict[int, tuple[weakref.ref, str, nn.Parameter]] = {}
+        self.uncounted: list[str] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         before = self.counter.get_total_flops()
@@ -98,7 +106,20 @@ class FlopsByWeight(TorchDispatchMode):
                 if name not in self.density:
                     # Read now: FLOPs of an FSDP2 weight are counted while it is gathered; it is freed after.
                     self.density[name] = _density(param)
+        elif func.overloadpacket not in self.counter.flop_registry and _may_multiply_add(func):
+            # Checked last: looking up the weight costs more than the tags, and most ops are views or element-wise.
+            weight = self._weight_operand(args, kwargs)
+            if weight is not None:
+                entry = f"{func.overloadpacket} in {self._module_of(weight[0])}"
+                if entry not in self.uncounted:
+                    self.uncounted.append(entry)
         return out
+
+    def _module_of(self, param_name: str) -> str:
+        """The module that holds a parameter, by name and class, for a warning."""
+        path = param_name.rpartition(".")[0]
+        cls = type(self.model.get_submodule(path)).__name__
+        return f"`{path}` ({cls})" if path else f"the model ({cls})"
 
     def _weight_operand(self, args: Any, kwargs: Any) -> tuple[str, nn.Parameter] | None:
         # Looked up per counted op: FSDP2 swaps in unsharded Parameters for the forward pass only.
@@ -116,6 +137,45 @@ class FlopsByWeight(TorchDispatchMode):
         return None
 
 
+@contextmanager
+def _plain_recurrent_kernels(model: nn.Module) -> Iterator[None]:
+    """Run the model's recurrent layers with oneDNN and cuDNN off, so that their matmuls are seen.
+
+    On CPU an ``nn.LSTM`` runs one oneDNN kernel (``aten.mkldnn_rnn_layer``), on CUDA every recurrent layer
+    one cuDNN kernel (``aten._cudnn_rnn``); ``FlopCounterMode`` has no formula for either. Their plain kernels
+    compute the same products as ``mm`` / ``addmm`` per weight, which it counts and which are charged to
+    ``weight_ih`` and ``weight_hh`` apart. Only these layers: cuDNN off would slow every convolution.
+    """
+    saved = (torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled)
+
+    def plain(module: nn.Module, args: Any) -> None:
+        torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
+
+    def restore(*_: Any) -> None:
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = saved
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            handles += [module.register_forward_pre_hook(plain), module.register_forward_hook(restore)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        restore()  # also after a forward that raised inside a recurrent layer
+
+
+def _may_multiply_add(func: Any) -> bool:
+    """Whether an operator without a FLOP formula may multiply by a weight it takes (so 0 FLOPs may be wrong).
+
+    Views, element-wise ops and reductions never do (by their tags), nor copies, lookups and normalisations.
+    """
+    if func.is_view or any(tag in _NO_MULTIPLY_ADD_TAGS for tag in func.tags):
+        return False
+    return func.overloadpacket not in _NO_MULTIPLY_ADD
+
+
 def _density(param: Tensor) -> float:
     if param.is_meta or not param.numel():
         return 1.0  # no values to read
@@ -128,7 +188,60 @@ def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: A
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-_MISSING_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+def _mv_flops(matrix_shape: Any, vector_shape: Any, *args: Any, **kwargs: Any) -> int:
+    # A matrix-vector product (a Linear on an unbatched input): one multiply-add per matrix entry.
+    return 2 * matrix_shape[0] * matrix_shape[1]
+
+
+def _addmv_flops(self_shape: Any, matrix_shape: Any, vector_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return _mv_flops(matrix_shape, vector_shape)
+
+
+_MISSING_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten.mv: _mv_flops,
+    torch.ops.aten.addmv: _addmv_flops,
+}
+
+_NO_MULTIPLY_ADD_TAGS = (torch.Tag.pointwise, torch.Tag.reduction, torch.Tag.inplace_view)
+_aten = torch.ops.aten
+# Operators that take a weight without multiplying by it (no formula needed): copies and casts, lookups,
+# normalisations (element-wise, as FlopCounterMode counts them) and writes into the weight.
+_NO_MULTIPLY_ADD = frozenset(
+    {
+        _aten._to_copy,
+        _aten._unsafe_view,
+        _aten.cat,
+        _aten.stack,
+        _aten.constant_pad_nd,
+        _aten.repeat,
+        _aten.flip,
+        _aten.roll,
+        _aten.tril,
+        _aten.triu,
+        _aten.unsafe_split,
+        _aten.unsafe_split_with_sizes,
+        _aten.embedding,
+        _aten._embedding_bag,
+        _aten._embedding_bag_forward_only,
+        _aten.index,
+        _aten.index_select,
+        _aten.gather,
+        _aten.native_layer_norm,
+        _aten.native_group_norm,
+        _aten.native_batch_norm,
+        _aten._native_batch_norm_legit,
+        _aten._native_batch_norm_legit_no_training,
+        _aten._fused_rms_norm,
+        _aten._weight_norm_interface,
+        _aten.copy_,
+        _aten.fill_,
+        _aten.zero_,
+        _aten.index_put_,
+        _aten.masked_scatter_,
+        _aten.set_,
+    }
+)
 
 
 def _describe(example_input: Any) -> str:

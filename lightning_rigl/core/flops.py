@@ -5,11 +5,14 @@ a multiply-add counting 2), attributed to the weight each counted operation mult
 a view of it, or a copy autocast cast it to) and scaled by that weight's density. Operations that
 multiply no weight (attention scores, also CPU's fused ``scaled_dot_product_attention``) stay dense;
 element-wise work (activations, norms, biases, pooling) is not counted by ``FlopCounterMode``.
+Recurrent layers run on their plain kernels for the pass, whose matmuls it counts; an operation on a
+weight that it has no formula for counts 0, with a warning naming the module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,6 +53,8 @@ class FlopsCount:
         per_layer: Parameter name to its :class:`LayerFlops`, for every weight a counted operation
             multiplies by (masked or not).
         other: FLOPs of counted operations that multiply no weight (attention scores); always dense.
+        uncounted: ``"<operator> in `<module>` (<class>)"`` for each operation that takes a module's weight
+            but has no FLOP formula: its FLOPs are missing from ``dense`` and ``sparse``.
 
     Example:
         >>> count = FlopsCount({"fc.weight": LayerFlops(dense=100.0, density=0.25)}, other=20.0)
@@ -60,6 +65,7 @@ class FlopsCount:
 
     per_layer: dict[str, LayerFlops]
     other: float = 0.0
+    uncounted: tuple[str, ...] = ()
 
     @property
     def dense(self) -> float:
@@ -88,7 +94,7 @@ class FlopsCount:
             name: replace(layer, density=1.0 - float(sparsity[name])) if name in sparsity else layer
             for name, layer in self.per_layer.items()
         }
-        return FlopsCount(per_layer, self.other)
+        return replace(self, per_layer=per_layer)
 
 
 def count_flops(
@@ -97,6 +103,7 @@ def count_flops(
     sparsity: Mapping[str, float] | None = None,
     *,
     batch_size: int | None = None,
+    warn: bool = True,
 ) -> FlopsCount:
     """Forward FLOPs per sample of ``model`` on ``example_input``, dense and with its zeros.
 
@@ -105,7 +112,9 @@ def count_flops(
     ``FlopCounterMode`` cannot see inside it) and attributes each counted operation to the weight it
     multiplies by, also through a copy autocast made (``bf16-mixed``). That weight's FLOPs are then
     scaled by its density. CPU's fused ``scaled_dot_product_attention`` counts as CUDA's does: its
-    two matmuls.
+    two matmuls. Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) run on their plain kernels for the
+    pass (oneDNN and cuDNN fuse them into kernels ``FlopCounterMode`` cannot see into), so their input
+    and hidden weights are counted apart.
 
     Args:
         model: Any module.
@@ -114,9 +123,12 @@ def count_flops(
         sparsity: Parameter name to fraction of zeros, overriding what is in the weights; weights it
             does not name count the zeros they actually hold (all of them when ``None``).
         batch_size: Samples in ``example_input``; ``None`` reads dim 0 of its first tensor.
+        warn: Warn (once per call) when an operation that takes a weight has no FLOP formula and so
+            counts 0, naming its module and the operation. ``False`` leaves that to the caller
+            (``.uncounted`` lists them; SparsityMonitor warns on rank 0 only).
 
     Returns:
-        Forward FLOPs per sample: ``.dense`` (f_D), ``.sparse`` (f_S) and ``.per_layer``.
+        Forward FLOPs per sample: ``.dense`` (f_D), ``.sparse`` (f_S), ``.per_layer`` and ``.uncounted``.
 
     Raises:
         ValueError: A ``sparsity`` name that is no parameter of ``model``, a value outside [0, 1], a
@@ -144,7 +156,25 @@ def count_flops(
         name: LayerFlops(flops / batch_size, by_weight.density[name]) for name, flops in by_weight.flops.items()
     }
     other = by_weight.counter.get_total_flops() - sum(by_weight.flops.values())
-    return FlopsCount(per_layer, other / batch_size).with_sparsity(sparsity or {})
+    uncounted = tuple(by_weight.uncounted)
+    if warn and uncounted:
+        warnings.warn(uncounted_warning(uncounted), stacklevel=2)
+    return FlopsCount(per_layer, other / batch_size, uncounted).with_sparsity(sparsity or {})
+
+
+def uncounted_warning(uncounted: Sequence[str]) -> str:
+    """The warning for operations on weights that count 0 FLOPs for want of a formula.
+
+    Example:
+        >>> uncounted_warning(["mylib.fused_linear in `block` (Fused)"]).split(": ")[0]
+        'No FLOP formula for mylib.fused_linear in `block` (Fused)'
+
+    """
+    return (
+        f"No FLOP formula for {'; '.join(uncounted)}: it counts as 0, so the dense and sparse FLOPs leave out "
+        "work done with a weight. Register a formula with `torch.utils.flop_counter.register_flop_formula` "
+        "to count it."
+    )
 
 
 def training_flops_per_sample(

@@ -17,6 +17,7 @@ operators, ``torch.compile`` treats them as opaque calls (with their fake implem
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -38,7 +39,27 @@ _LIBRARY.define(
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, rows: int, cols: int) -> Tensor:
     """A CSR tensor over given indices, unchecked (the structures are built valid)."""
+    if not _beta_warning_consumed:
+        return _first_csr(crow, col, values, rows, cols)
     return torch.sparse_csr_tensor(crow, col, values, (rows, cols), check_invariants=False)
+
+
+_beta_warning_consumed = False
+_BETA_WARNING = "Sparse CSR tensor support is in beta state"
+
+
+def _first_csr(crow: Tensor, col: Tensor, values: Tensor, rows: int, cols: int) -> Tensor:
+    """The process's first CSR tensor of ours, without torch's "Sparse CSR tensor support is in beta state".
+
+    torch warns once per process (``TORCH_WARN_ONCE``) when the first CSR tensor is made; it tells the user
+    nothing they can act on, so it is filtered here, where it fires, not by a filter installed at import.
+    """
+    global _beta_warning_consumed
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_BETA_WARNING, category=UserWarning)
+        csr = torch.sparse_csr_tensor(crow, col, values, (rows, cols), check_invariants=False)
+    _beta_warning_consumed = True
+    return csr
 
 
 def _csr_times(crow: Tensor, col: Tensor, values: Tensor, cols: int, dense: Tensor) -> Tensor:
