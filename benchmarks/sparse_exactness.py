@@ -33,6 +33,7 @@ class Run:
         self.sparse = SparseTraining.from_model(self.model, sparsity, "erk", schedule=schedule, seed=1)
         layers = linear_layers(self.model, list(self.sparse.params))
         self.kernels = SparseKernels(layers, self.sparse.masks) if kernels == "sparse" else None
+        self.sparse.kernels = self.kernels  # as RigLCallback does: what they write masked is not masked again
 
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.kernels is not None:

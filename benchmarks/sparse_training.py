@@ -96,6 +96,7 @@ class Run:
             )
             chosen = {name: layer for name, layer in layers.items() if self.choices[name] == "sparse"}
             self.kernels = SparseKernels(chosen, self.sparse.masks) if chosen else None
+            self.sparse.kernels = self.kernels  # as RigLCallback does: what they write masked is not masked again
 
     def step(self, step: int) -> float:
         start = time.perf_counter()
