@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -40,16 +41,22 @@ class GPT2Like(Conv1D):
 
 def test_a_class_named_transformers_conv1d_is_masked_without_importing_transformers():
     assert is_masked_module(Conv1D(4, 3)) and is_masked_module(GPT2Like(4, 3))
-    # Lightning's own imports (torchmetrics) load transformers when it is installed: load the selection
-    # module alone, with any import of transformers made to fail.
+    # Lightning's own imports (torchmetrics) load transformers when it is installed: load the core modules
+    # without the package's __init__ (which imports Lightning), with any import of transformers made to fail.
+    package = Path(selection.__file__).parents[1]
     code = f"""
-import importlib.util, sys
+import sys, types
 sys.modules["transformers"] = None
-spec = importlib.util.spec_from_file_location("selection", {selection.__file__!r})
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-Conv1D = type("Conv1D", (module.nn.Linear,), {{"__module__": "transformers.pytorch_utils"}})
-assert module.is_masked_module(Conv1D(2, 2))
+for name, path in (("lightning_rigl", {str(package)!r}), ("lightning_rigl.core", {str(package / "core")!r})):
+    sys.modules[name] = types.ModuleType(name)
+    sys.modules[name].__path__ = [path]
+from lightning_rigl.core import kernels, selection
+class Conv1D(selection.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = selection.nn.Parameter(kernels.torch.ones(3, 2)), None
+Conv1D.__module__ = "transformers.pytorch_utils"
+assert selection.is_masked_module(Conv1D()) and kernels.weight_in_out(Conv1D()) is True
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr

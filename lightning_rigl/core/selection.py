@@ -10,6 +10,8 @@ from weakref import WeakKeyDictionary
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_rigl.core.linear_types import linear_kind
+
 #: Modules whose ``weight`` is masked by default.
 MASKED_MODULES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -20,10 +22,6 @@ MASKED_MODULES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
-#: Modules of other libraries whose ``weight`` is masked by default, by ``module.qualname`` of the class
-#: (or of a base class): matched without importing the library. Hugging Face's ``Conv1D`` (GPT-2 and
-#: its family) is a Linear with its weight stored as (in, out); ERK, ER and FLOPs are symmetric in the two.
-MASKED_MODULE_NAMES: frozenset[str] = frozenset({"transformers.pytorch_utils.Conv1D"})
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _Predicate = Callable[[nn.Parameter], bool]
 
@@ -39,9 +37,7 @@ def is_masked_module(module: nn.Module) -> bool:
         (True, False)
 
     """
-    if isinstance(module, MASKED_MODULES):
-        return True
-    return any(f"{cls.__module__}.{cls.__qualname__}" in MASKED_MODULE_NAMES for cls in type(module).__mro__)
+    return isinstance(module, MASKED_MODULES) or linear_kind(module) is not None
 
 
 def _default_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -64,8 +60,9 @@ def _has_weight(module: nn.Module, attr: str) -> bool:
 def default_parameter_names(model: nn.Module) -> list[str]:
     """Names of the weights masked by default.
 
-    The ``weight`` of every Linear, Conv and ConvTranspose module (and of the modules named in
-    :data:`MASKED_MODULE_NAMES`, such as Hugging Face's ``Conv1D``), and the input projections of
+    The ``weight`` of every Linear, Conv and ConvTranspose module (and of the Linear classes of other
+    libraries, such as Hugging Face's ``Conv1D``: see
+    :func:`~lightning_rigl.core.linear_types.register_linear`), and the input projections of
     ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear). Never biases, norms or embeddings.
 
     Example:
@@ -157,8 +154,8 @@ def select_parameters(
     if not selected:
         raise ValueError(
             f"{type(model).__name__} has nothing to mask (include={include}, exclude={exclude}). RigL masks the "
-            "weights of Linear, Conv, ConvTranspose and MultiheadAttention layers that require grad; name "
-            "others with `include`."
+            "weights of Linear, Conv, ConvTranspose and MultiheadAttention layers (and of the classes given to "
+            "`register_linear`) that require grad; name others with `include`."
         )
     lazy = [name for name, param in selected.items() if isinstance(param, nn.parameter.UninitializedParameter)]
     if lazy:
