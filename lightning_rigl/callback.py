@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_rigl._averaging import mask_averaged_copies
 from lightning_rigl._checkpoint_hooks import CheckpointHooks
 from lightning_rigl._fit_settings import shared_seed, t_end_steps
+from lightning_rigl._fit_start_warnings import warn_at_fit_start
 from lightning_rigl._lightning import misconfiguration
 from lightning_rigl._spawn import MaskHandoff
 from lightning_rigl._strategies import check_strategy
@@ -181,6 +182,7 @@ class RigLCallback(CheckpointHooks):
                 self._kernels.choices, self._loaded_choices = self._loaded_choices, None
             self.sparse.check_optimizers(trainer.optimizers)
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
+        warn_at_fit_start(pl_module, self)  # frozen layers left dense
         self._trainer = trainer
         self._optimizers_checked = False
         self._stepped = []
