@@ -1,5 +1,7 @@
 """Which weights get a mask: foreign layer types, tied weights, parametrized and lazy weights."""
 
+import ast
+import re
 import subprocess
 import sys
 import warnings
@@ -446,3 +448,23 @@ def test_a_masked_frozen_backbone_unfrozen_by_backbone_finetuning_trains_sparse(
     assert updates_while_frozen == 2 and all(r.active == head_active for r in rigl.sparse.history[:2])
     assert rigl.sparse.updates == 5
     assert rigl.kernel_choices == dict.fromkeys(rigl.masks, kernels)
+
+
+def test_resuming_a_checkpoint_of_another_selection_gives_the_include_that_restores_it(tmp_path):
+    # A checkpoint that masks fewer weights than today's default selection (as one of a release that
+    # left shared modules or frozen weights dense does): the error gives the include=[...] to resume it.
+    old = RigLCallback(0.8, exclude=["theta_b.weight"], delta_t=2, t_end=100)
+    trainer = make_trainer([old], max_steps=4)
+    trainer.fit(NBeatsBlock(), make_loader())
+    trainer.save_checkpoint(tmp_path / "old.ckpt")
+
+    with pytest.raises(MisconfigurationException, match=r"not in the checkpoint \['theta_b.weight'\]") as error:
+        make_trainer([RigLCallback(0.8, delta_t=2, t_end=100)], max_steps=6).fit(
+            NBeatsBlock(), make_loader(), ckpt_path=tmp_path / "old.ckpt"
+        )
+    include = ast.literal_eval(re.search(r"include=(\[.*?\])", str(error.value)).group(1))
+    assert include == ["body.weight", "head.weight"]
+
+    resumed = RigLCallback(0.8, include=include, delta_t=2, t_end=100)
+    make_trainer([resumed], max_steps=6).fit(NBeatsBlock(), make_loader(), ckpt_path=tmp_path / "old.ckpt")
+    assert list(resumed.masks) == include and resumed.sparse.updates == 3
