@@ -182,7 +182,7 @@ class RigLCallback(CheckpointHooks):
                 self._kernels.choices, self._loaded_choices = self._loaded_choices, None
             self.sparse.check_optimizers(trainer.optimizers)
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
-        warn_at_fit_start(pl_module, self)  # frozen layers left dense
+        warn_at_fit_start(pl_module, self)  # frozen layers left dense, an overall sparsity off its target
         self._trainer = trainer
         self._optimizers_checked = False
         self._stepped = []
