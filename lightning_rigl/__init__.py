@@ -5,6 +5,7 @@ from lightning_rigl.callback import RigLCallback
 from lightning_rigl.core import SparseTraining, UpdateSchedule, layer_sparsities
 from lightning_rigl.core.export import load_sparse, save_sparse
 from lightning_rigl.core.flops import count_flops
+from lightning_rigl.core.linear_types import register_linear
 from lightning_rigl.inference import sparsify
 from lightning_rigl.monitor import SparsityMonitor
 
@@ -16,6 +17,7 @@ __all__ = [
     "count_flops",
     "layer_sparsities",
     "load_sparse",
+    "register_linear",
     "save_sparse",
     "sparsify",
 ]

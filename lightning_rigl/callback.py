@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_rigl._averaging import mask_averaged_copies
 from lightning_rigl._checkpoint_hooks import CheckpointHooks
 from lightning_rigl._fit_settings import shared_seed, t_end_steps
+from lightning_rigl._fit_start_warnings import warn_at_fit_start
 from lightning_rigl._lightning import misconfiguration
 from lightning_rigl._spawn import MaskHandoff
 from lightning_rigl._strategies import check_strategy
@@ -183,6 +184,7 @@ class RigLCallback(CheckpointHooks):
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
         # Gradients masked as they accumulate; weights and optimizer state masked again after a load mid-run.
         self.sparse.install_hooks([pl_module], trainer.optimizers)
+        warn_at_fit_start(pl_module, self)  # frozen layers left dense, an overall sparsity off its target
         self._trainer = trainer
         self._optimizers_checked = False
         self._stepped = []

@@ -24,8 +24,9 @@ def sparsify(
 
     Args:
         model: A trained model.
-        masks: Parameter name to bool mask; default: the nonzero pattern of every Linear/Conv1D
-            weight. Names of other layers (convolutions) are zeroed but keep dense kernels.
+        masks: Parameter name to bool mask; default: the nonzero pattern of every Linear-type weight
+            (``nn.Linear``, ``Conv1D``, torch-geometric ``Linear``, a class given to ``register_linear``).
+            Names of other layers (convolutions) are zeroed but keep dense kernels.
         kernels: ``"auto"`` (sparse where :func:`~lightning_rigl.core.kernel_choice.choose_kernel` finds it
             faster for inference at ``tokens``), ``"sparse"`` (every float32/float64 layer), ``"dense"``.
         tokens: Rows of the flattened input per call the copy will see (batch x sequence); used by ``"auto"``.

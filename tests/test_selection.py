@@ -1,8 +1,11 @@
 """Which weights get a mask: foreign layer types, tied weights, parametrized and lazy weights."""
 
+import ast
+import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -40,16 +43,22 @@ class GPT2Like(Conv1D):
 
 def test_a_class_named_transformers_conv1d_is_masked_without_importing_transformers():
     assert is_masked_module(Conv1D(4, 3)) and is_masked_module(GPT2Like(4, 3))
-    # Lightning's own imports (torchmetrics) load transformers when it is installed: load the selection
-    # module alone, with any import of transformers made to fail.
+    # Lightning's own imports (torchmetrics) load transformers when it is installed: load the core modules
+    # without the package's __init__ (which imports Lightning), with any import of transformers made to fail.
+    package = Path(selection.__file__).parents[1]
     code = f"""
-import importlib.util, sys
+import sys, types
 sys.modules["transformers"] = None
-spec = importlib.util.spec_from_file_location("selection", {selection.__file__!r})
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-Conv1D = type("Conv1D", (module.nn.Linear,), {{"__module__": "transformers.pytorch_utils"}})
-assert module.is_masked_module(Conv1D(2, 2))
+for name, path in (("lightning_rigl", {str(package)!r}), ("lightning_rigl.core", {str(package / "core")!r})):
+    sys.modules[name] = types.ModuleType(name)
+    sys.modules[name].__path__ = [path]
+from lightning_rigl.core import kernels, selection
+class Conv1D(selection.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = selection.nn.Parameter(kernels.torch.ones(3, 2)), None
+Conv1D.__module__ = "transformers.pytorch_utils"
+assert selection.is_masked_module(Conv1D()) and kernels.weight_in_out(Conv1D()) is True
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
@@ -260,3 +269,202 @@ def test_a_materialized_lazy_layer_is_masked():
     assert list(rigl.masks) == ["body.weight", "head.weight"]
     mask = rigl.masks["body.weight"]
     assert mask.shape == (32, 16) and model.body.weight[~mask].eq(0).all()
+
+
+class NBeatsBlock(pl.LightningModule):
+    """One Linear registered under two names, as N-BEATS does (``self.theta_b = self.theta_f = ...``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(16, 32)
+        self.theta_b = self.theta_f = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.relu(self.body(x))
+        h = torch.relu(self.theta_f(h)) + torch.tanh(self.theta_b(h))
+        return nn.functional.cross_entropy(self.head(h), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class RepeatedBlock(NBeatsBlock):
+    """Every masked layer shared: ``nn.ModuleList([block] * n)`` and nothing else."""
+
+    def __init__(self):
+        super().__init__()
+        del self.body, self.theta_b, self.theta_f, self.head
+        self.blocks = nn.ModuleList([nn.Linear(16, 16)] * 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return nn.functional.cross_entropy(x[:, :4], y)
+
+
+class Wrapper(nn.Module):
+    """Holds a model and calls it, as ``AutoregressiveWrapper(net)`` does."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BareAndWrapped(NBeatsBlock):
+    """A network kept both bare and inside a wrapper."""
+
+    def __init__(self):
+        super().__init__()
+        del self.body, self.theta_b, self.theta_f, self.head
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.wrapper = Wrapper(self.net)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.wrapper(x), y)
+
+
+SHARED = [
+    (NBeatsBlock, {"body.weight": ["body.weight"], "theta_b.weight": ["theta_b.weight", "theta_f.weight"]}),
+    (RepeatedBlock, {"blocks.0.weight": ["blocks.0.weight", "blocks.1.weight", "blocks.2.weight"]}),
+    (BareAndWrapped, {"net.0.weight": ["net.0.weight", "wrapper.net.0.weight"]}),
+]
+
+
+@pytest.mark.parametrize("kernels", ["dense", "sparse"])
+@pytest.mark.parametrize(("model_class", "aliases"), SHARED, ids=lambda value: getattr(value, "__name__", ""))
+def test_a_module_reachable_by_several_names_is_masked_once_under_its_first_name(model_class, aliases, kernels):
+    model = model_class()
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100, kernels=kernels)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="RigL leaves dense")  # no tie to blame
+        make_trainer([rigl], max_steps=6).fit(model, make_loader())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for first, names in aliases.items():
+        assert first in rigl.sparse.params  # one mask per Parameter, under its first name
+        mask = rigl.masks[first]
+        assert all(torch.equal(rigl.masks[name], mask) for name in names)  # reported under each name
+        assert int(mask.sum()) == num_active(mask.numel(), rigl.sparse.sparsities[first])
+        assert params[first][~mask].eq(0).all()
+    assert rigl.sparse.updates == 3
+
+
+def test_a_weight_tied_to_an_embedding_inside_a_repeated_module_still_stays_dense():
+    # The one tie that stays dense by default: the Parameter is also an embedding table.
+    model = TiedLM()
+    model.again = model.head  # the head reachable by a second path changes nothing
+    with pytest.warns(UserWarning, match=r"embed\.weight = head\.weight = again\.weight"):
+        assert list(select_parameters(model)) == ["hidden.weight"]
+
+
+class Backbone(pl.LightningModule):
+    """A backbone and a head, with an optimizer over the trainable parameters (what BackboneFinetuning asks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+        self.head = nn.Linear(64, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.05, momentum=0.9)
+
+
+BACKBONE_WEIGHTS = ["backbone.0.weight", "backbone.2.weight"]
+
+
+def test_frozen_layers_the_default_would_mask_are_named_in_one_warning_at_fit_start():
+    model = Backbone()
+    model.backbone.requires_grad_(False)
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100)
+    with pytest.warns(UserWarning, match=r"RigL skips 2 frozen weights") as record:
+        make_trainer([rigl], max_steps=4).fit(model, make_loader())
+    [message] = [str(w.message) for w in record if "frozen weights" in str(w.message)]
+    assert all(name in message for name in BACKBONE_WEIGHTS) and "include" in message
+    assert list(rigl.masks) == ["head.weight"]
+
+
+def test_excluded_frozen_layers_give_no_warning():
+    model = Backbone()
+    model.backbone.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="RigL skips")
+        make_trainer([RigLCallback(0.8, exclude=["backbone.*"])], max_steps=2).fit(model, make_loader())
+
+
+def test_include_masks_frozen_weights_which_stay_fixed_while_frozen():
+    model = Backbone()
+    model.backbone.requires_grad_(False)
+    rigl = RigLCallback(0.8, include=["backbone.*.weight"], delta_t=2, t_end=100)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if name in BACKBONE_WEIGHTS}
+    make_trainer([rigl], max_steps=6).fit(model, make_loader())
+    assert list(rigl.masks) == BACKBONE_WEIGHTS
+    params = dict(model.named_parameters())
+    for name in BACKBONE_WEIGHTS:
+        mask = rigl.masks[name]
+        assert int(mask.sum()) == num_active(mask.numel(), rigl.sparse.sparsities[name])
+        assert params[name][~mask].eq(0).all() and torch.equal(params[name][mask], before[name][mask])
+    assert rigl.sparse.updates == 0 and not rigl.sparse.due_updates  # no gradient to grow from, none waited for
+
+
+@pytest.mark.parametrize("kernels", ["dense", "sparse"])
+def test_a_masked_frozen_backbone_unfrozen_by_backbone_finetuning_trains_sparse(kernels):
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    model = Backbone()
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0)
+    rigl = RigLCallback(0.8, include=["backbone.*.weight", "head.weight"], delta_t=3, t_end=1.0, kernels=kernels)
+    seen = {}
+
+    class Watch(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["start"] = rigl.masks
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            weights = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
+            seen[trainer.current_epoch] = (weights, rigl.masks, len(rigl.sparse.history))
+
+    make_trainer([finetuning, rigl, Watch()], max_epochs=2, max_steps=-1).fit(model, make_loader(n=128))
+    assert list(rigl.masks) == [*BACKBONE_WEIGHTS, "head.weight"]
+    (frozen, frozen_masks, updates_while_frozen), _ = seen[0], seen[1]
+    params = dict(model.named_parameters())
+    for name in BACKBONE_WEIGHTS:
+        mask = rigl.masks[name]
+        assert torch.equal(frozen_masks[name], seen["start"][name])  # no update while frozen
+        assert not torch.equal(mask, frozen_masks[name])  # updates once unfrozen
+        assert int(mask.sum()) == num_active(mask.numel(), rigl.sparse.sparsities[name])  # its sparsity kept
+        assert params[name][~mask].eq(0).all()
+        assert not torch.equal(params[name], frozen[name])  # it trained
+    head_active = int(rigl.masks["head.weight"].sum())
+    assert updates_while_frozen == 2 and all(r.active == head_active for r in rigl.sparse.history[:2])
+    assert rigl.sparse.updates == 5
+    assert rigl.kernel_choices == dict.fromkeys(rigl.masks, kernels)
+
+
+def test_resuming_a_checkpoint_of_another_selection_gives_the_include_that_restores_it(tmp_path):
+    # A checkpoint that masks fewer weights than today's default selection (as one of a release that
+    # left shared modules or frozen weights dense does): the error gives the include=[...] to resume it.
+    old = RigLCallback(0.8, exclude=["theta_b.weight"], delta_t=2, t_end=100)
+    trainer = make_trainer([old], max_steps=4)
+    trainer.fit(NBeatsBlock(), make_loader())
+    trainer.save_checkpoint(tmp_path / "old.ckpt")
+
+    with pytest.raises(MisconfigurationException, match=r"not in the checkpoint \['theta_b.weight'\]") as error:
+        make_trainer([RigLCallback(0.8, delta_t=2, t_end=100)], max_steps=6).fit(
+            NBeatsBlock(), make_loader(), ckpt_path=tmp_path / "old.ckpt"
+        )
+    include = ast.literal_eval(re.search(r"include=(\[.*?\])", str(error.value)).group(1))
+    assert include == ["body.weight", "head.weight"]
+
+    resumed = RigLCallback(0.8, include=include, delta_t=2, t_end=100)
+    make_trainer([resumed], max_steps=6).fit(NBeatsBlock(), make_loader(), ckpt_path=tmp_path / "old.ckpt")
+    assert list(resumed.masks) == include and resumed.sparse.updates == 3

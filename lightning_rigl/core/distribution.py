@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, get_args
 
 from lightning_rigl.core.selection import resolve_custom_sparsity
+from lightning_rigl.core.topology import num_active
 from lightning_rigl.core.validation import check_choice, check_fraction, check_number
 
 Distribution = Literal["erk", "er", "uniform"]
@@ -151,8 +152,48 @@ def resolve_sparsities(
         {'a': 0.0, 'b': 0.5}
     """
     names = list(shapes)
+    custom = resolve_custom_sparsity(dict(custom_sparsity) if custom_sparsity else None, names)
+    budget = budget_layers(names, distribution, dense_first_layer=dense_first_layer, custom_sparsity=custom_sparsity)
+    dense = [name for name in names if name not in budget and name not in custom]
+    return layer_sparsities(shapes, sparsity, distribution, dense=dense, custom=custom, erk_power_scale=erk_power_scale)
+
+
+def budget_layers(
+    names: Sequence[str],
+    distribution: str = "erk",
+    *,
+    dense_first_layer: bool | None = None,
+    custom_sparsity: Mapping[str, float] | None = None,
+) -> list[str]:
+    """The layers that carry ``sparsity``: all but those in ``custom_sparsity`` and a dense first layer.
+
+    Example:
+        >>> budget_layers(["a", "b", "c"], "uniform", custom_sparsity={"c": 0.5})
+        ['b']
+    """
+    names = list(names)
     if dense_first_layer is None:
         dense_first_layer = distribution == "uniform"
     custom = resolve_custom_sparsity(dict(custom_sparsity) if custom_sparsity else None, names)
-    dense = [names[0]] if names and dense_first_layer and names[0] not in custom else []
-    return layer_sparsities(shapes, sparsity, distribution, dense=dense, custom=custom, erk_power_scale=erk_power_scale)
+    dense = names[0] if names and dense_first_layer and names[0] not in custom else None
+    return [name for name in names if name not in custom and name != dense]
+
+
+def achieved_sparsity(shapes: Mapping[str, Sequence[int]], sparsities: Mapping[str, float]) -> float:
+    """The fraction of zeros over the layers of ``shapes`` once each holds its exact active count.
+
+    A layer of ``N`` weights at sparsity ``s`` keeps ``N - floor(s * N)`` active weights
+    (:func:`~lightning_rigl.core.topology.num_active`): rounded up to a whole weight, so the overall
+    figure lands at or just below the target. Over ``L`` layers of ``N`` weights in all it is below
+    the target by at most ``L / N`` for ``"uniform"`` and ``2 L / N`` for ``"er"``/``"erk"``, whose
+    budget is itself counted in such rounded layers (see README, "Per-layer sparsity").
+
+    Example:
+        >>> achieved_sparsity({"a": (2, 2), "b": (4, 4)}, {"a": 0.9, "b": 0.9})  # 1 + 2 of 20 weights active
+        0.85
+    """
+    total = sum(math.prod(shape) for shape in shapes.values())
+    if total == 0:
+        return 0.0
+    active = sum(num_active(math.prod(shape), sparsities[name]) for name, shape in shapes.items())
+    return 1.0 - active / total

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_rigl.core.linear_types import linear_kind
 from lightning_rigl.core.masked_gradients import (
     forget_structures,
     forget_written,
@@ -28,27 +29,29 @@ def weight_in_out(module: nn.Module) -> bool | None:
     """How a served module stores its weight; ``None`` for a module the sparse kernels do not serve.
 
     ``False``: as (out, in), like ``nn.Linear``. ``True``: as (in, out), like Hugging Face ``Conv1D``.
+    Linear classes other than ``nn.Linear`` are matched by name (see
+    :func:`~lightning_rigl.core.linear_types.register_linear`): the core imports no other library.
 
     Example:
         >>> weight_in_out(nn.Linear(2, 3)), weight_in_out(nn.Conv1d(2, 3, 1))
         (False, None)
 
     """
-    if isinstance(module, nn.Linear):
-        return False
-    # Matched by name: the core does not import transformers.
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
-        return True
-    return None
+    kind = linear_kind(module)
+    if kind is None or not isinstance(getattr(module, "weight", None), Tensor):
+        return None
+    return kind[1]
 
 
 def can_serve(module: nn.Module) -> bool:
     """Whether sparse kernels can compute ``module``'s forward: a Linear-type layer with its kind's own forward.
 
-    That is an ``nn.Linear`` or Hugging Face ``Conv1D`` that runs that class's forward. A subclass with a
-    forward of its own may compute more than ``x W^T + b`` (a scale, an adapter), and a forward set on
-    the instance (another library's wrapper) does something around it: a sparse product would skip
-    both, so such layers keep their dense forward.
+    That is an ``nn.Linear``, a Hugging Face ``Conv1D`` or a class given to
+    :func:`~lightning_rigl.core.linear_types.register_linear` that runs that class's forward, with a
+    materialized 2-D weight and a bias that is a 1-D tensor or None. A subclass with a forward of its
+    own may compute more than ``x W^T + b`` (a scale, an adapter), and a forward set on the instance
+    (another library's wrapper) does something around it: a sparse product would skip both, so such
+    layers keep their dense forward.
 
     Example:
         >>> class Scaled(nn.Linear):
@@ -58,14 +61,22 @@ def can_serve(module: nn.Module) -> bool:
         (True, False, False)
 
     """
-    if weight_in_out(module) is None:
+    kind = linear_kind(module)
+    if kind is None or not _linear_parameters(module):
         return False
     own = vars(module).get("forward")
     if own is not None and not isinstance(own, (_SparseForward, _ClassForward)):
         return False
-    # The class whose forward runs must be the kind's: nn.Linear, or the Conv1D class weight_in_out matched.
-    kind = nn.Linear if isinstance(module, nn.Linear) else type(module)
-    return next(cls for cls in type(module).__mro__ if "forward" in vars(cls)) is kind
+    # The class whose forward runs must be the kind's: nn.Linear, or the registered class linear_kind matched.
+    return next(cls for cls in type(module).__mro__ if "forward" in vars(cls)) is kind[0]
+
+
+def _linear_parameters(module: nn.Module) -> bool:
+    """A materialized 2-D ``weight`` and a ``bias`` of one dimension or None: what the sparse op takes."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(weight, Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
+        return False
+    return weight.dim() == 2 and (bias is None or isinstance(bias, Tensor) and bias.dim() == 1)
 
 
 def linear_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, tuple[nn.Module, nn.Parameter]]:

@@ -72,10 +72,28 @@ def check_saved_shapes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
         for name in set(saved) & set(current)
         if saved[name] != current[name]
     )
+    hint = ""
+    if missing or extra:
+        # A release that selects other weights by default masks other names: naming the saved ones restores them.
+        include = "[" + ", ".join(repr(_literal_pattern(name)) for name in saved) + "]"
+        hint = (
+            " If the model is the same and the default selection changed (a newer lightning-rigl), resume with "
+            f"the weights the checkpoint masks: RigLCallback(include={include}, ...)."
+        )
     raise ValueError(
         "The saved RigL state does not match the masked parameters: "
-        f"not in the checkpoint {missing}, not in the model {extra}, different shapes {reshaped}."
+        f"not in the checkpoint {missing}, not in the model {extra}, different shapes {reshaped}.{hint}"
     )
+
+
+def _literal_pattern(name: str) -> str:
+    """An fnmatch pattern that matches ``name`` only: its wildcard characters bracketed.
+
+    Example:
+        >>> _literal_pattern("heads[0]?.weight")
+        'heads[[]0][?].weight'
+    """
+    return "".join(f"[{char}]" if char in "*?[" else char for char in name)
 
 
 def check_same_run(state: Mapping[str, Any], method: str, sparsities: Mapping[str, float]) -> None:

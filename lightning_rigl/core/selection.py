@@ -10,6 +10,8 @@ from weakref import WeakKeyDictionary
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_rigl.core.linear_types import linear_kind
+
 #: Modules whose ``weight`` is masked by default.
 MASKED_MODULES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -20,10 +22,6 @@ MASKED_MODULES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
-#: Modules of other libraries whose ``weight`` is masked by default, by ``module.qualname`` of the class
-#: (or of a base class): matched without importing the library. Hugging Face's ``Conv1D`` (GPT-2 and
-#: its family) is a Linear with its weight stored as (in, out); ERK, ER and FLOPs are symmetric in the two.
-MASKED_MODULE_NAMES: frozenset[str] = frozenset({"transformers.pytorch_utils.Conv1D"})
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _Predicate = Callable[[nn.Parameter], bool]
 
@@ -39,15 +37,17 @@ def is_masked_module(module: nn.Module) -> bool:
         (True, False)
 
     """
-    if isinstance(module, MASKED_MODULES):
-        return True
-    return any(f"{cls.__module__}.{cls.__qualname__}" in MASKED_MODULE_NAMES for cls in type(module).__mro__)
+    return isinstance(module, MASKED_MODULES) or linear_kind(module) is not None
 
 
-def _default_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(parameter name, module, attribute) of every weight the default selection masks."""
+def _default_slots(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, nn.Module, str]]:
+    """(parameter name, module, attribute) of every weight the default selection masks.
+
+    With ``remove_duplicate=False``, a module reachable by several paths (registered twice, kept in a
+    list twice, held bare and inside a wrapper) gives its weight under each path.
+    """
     slots = []
-    for prefix, module in model.named_modules():
+    for prefix, module in model.named_modules(remove_duplicate=remove_duplicate):
         prefix = f"{prefix}." if prefix else ""
         if is_masked_module(module):
             slots.append((f"{prefix}weight", module, "weight"))
@@ -64,9 +64,11 @@ def _has_weight(module: nn.Module, attr: str) -> bool:
 def default_parameter_names(model: nn.Module) -> list[str]:
     """Names of the weights masked by default.
 
-    The ``weight`` of every Linear, Conv and ConvTranspose module (and of the modules named in
-    :data:`MASKED_MODULE_NAMES`, such as Hugging Face's ``Conv1D``), and the input projections of
-    ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear). Never biases, norms or embeddings.
+    The ``weight`` of every Linear, Conv and ConvTranspose module (and of the Linear classes of other
+    libraries, such as Hugging Face's ``Conv1D``: see
+    :func:`~lightning_rigl.core.linear_types.register_linear`), and the input projections of
+    ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear). Never biases, norms or embeddings. A
+    module reachable by several paths is listed under its first.
 
     Example:
         >>> default_parameter_names(nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.Linear(3, 1)))
@@ -111,14 +113,17 @@ def select_parameters(
     """The parameters to mask, by name, in ``model.named_parameters()`` order.
 
     ``include`` (fnmatch patterns on parameter names) replaces the default selection; ``exclude``
-    removes from it. A weight shared by several modules is one entry, under its first name.
-    Parameters with ``requires_grad=False`` and zero-size ones (nothing to mask) are skipped.
+    removes from it. A weight shared by several modules, or held by one module reachable by several
+    paths, is one entry, under its first name. Zero-size parameters (nothing to mask) are skipped.
 
-    The default selection leaves dense, with one warning naming the tie, a weight shared with a
-    module it would not mask (a token embedding tied to an output layer): masking it would zero that
-    module's weights too. It refuses weights it cannot mask correctly by itself: those computed from
-    other tensors (``weight_norm``, ``spectral_norm``, any parametrization or pruning hook). An
-    explicit ``include`` masks what it names.
+    The default selection skips weights with ``requires_grad=False`` (see
+    :func:`frozen_default_weights`); ``include`` masks frozen weights it names: they are zeroed at
+    inactive positions and stay so, and train under their mask once they are unfrozen. The default
+    selection leaves dense, with one warning naming the tie, a weight shared with a module it would
+    not mask (a token embedding tied to an output layer): masking it would zero that module's weights
+    too. It refuses weights it cannot mask correctly by itself: those computed from other tensors
+    (``weight_norm``, ``spectral_norm``, any parametrization or pruning hook). An explicit ``include``
+    masks what it names.
 
     Raises:
         ValueError: A pattern that matches no parameter, nothing left to mask, a computed weight in
@@ -140,25 +145,26 @@ def select_parameters(
                     f"Parameter names are: {[name for name, _ in aliases]}"
                 )
 
-    def matches(patterns: Sequence[str] | None, param: nn.Parameter) -> bool:
-        return any(fnmatchcase(name, pat) for name, p in aliases if p is param for pat in patterns or ())
-
     def wanted(param: nn.Parameter) -> bool:
-        # A zero-size weight (a layer with 0 inputs or outputs) holds nothing to mask or to count.
-        empty = not isinstance(param, nn.parameter.UninitializedParameter) and param.numel() == 0
-        return param.requires_grad and not empty and not matches(exclude, param)
+        return not _empty(param) and not _matches(aliases, exclude, param)
+
+    def trainable(param: nn.Parameter) -> bool:
+        return param.requires_grad and wanted(param)
 
     if include:
-        chosen = {id(param) for param in params.values() if matches(include, param)}
+        keep: _Predicate = wanted
+        chosen = {id(param) for param in params.values() if _matches(aliases, include, param)}
     else:
-        _refuse_computed_weights(model, aliases, wanted)
-        chosen = _default_choice(model, aliases, wanted)
-    selected = {name: param for name, param in params.items() if id(param) in chosen and wanted(param)}
+        keep = trainable
+        _refuse_computed_weights(model, aliases, keep)
+        chosen, tied = _default_choice(model, aliases)
+        _warn_ties(model, [names for names, param in tied if keep(param)])
+    selected = {name: param for name, param in params.items() if id(param) in chosen and keep(param)}
     if not selected:
         raise ValueError(
-            f"{type(model).__name__} has nothing to mask (include={include}, exclude={exclude}). RigL masks the "
-            "weights of Linear, Conv, ConvTranspose and MultiheadAttention layers that require grad; name "
-            "others with `include`."
+            f"{type(model).__name__} has nothing to mask (include={include}, exclude={exclude}). By default RigL "
+            "masks the weights of Linear, Conv, ConvTranspose and MultiheadAttention layers (and of the classes "
+            "given to `register_linear`) that require grad; name others, frozen ones too, with `include`."
         )
     lazy = [name for name, param in selected.items() if isinstance(param, nn.parameter.UninitializedParameter)]
     if lazy:
@@ -171,22 +177,66 @@ def select_parameters(
     return selected
 
 
-def _default_choice(model: nn.Module, aliases: list[tuple[str, nn.Parameter]], wanted: _Predicate) -> set[int]:
-    """Ids of the Parameters the default selection masks; warns once about those it leaves dense for a tie."""
-    default_names = set(default_parameter_names(model))
+def frozen_default_weights(model: nn.Module, exclude: Sequence[str] | None = None) -> list[str]:
+    """The weights the default selection skips because they do not require grad, by first name.
+
+    A frozen backbone (Lightning's ``BackboneFinetuning`` freezes it before fit starts) or the base
+    weights under LoRA adapters: they stay dense, and one unfrozen later trains dense. Name them in
+    ``include`` to mask them. Weights matched by ``exclude`` and tied ones (see
+    :func:`select_parameters`) are not listed.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+        >>> model[0].requires_grad_(False)
+        Linear(in_features=2, out_features=3, bias=True)
+        >>> frozen_default_weights(model)
+        ['0.weight']
+
+    """
+    aliases = list(model.named_parameters(remove_duplicate=False))
+    chosen, _ = _default_choice(model, aliases)
+    return [
+        name
+        for name, param in model.named_parameters()
+        if id(param) in chosen
+        and not param.requires_grad
+        and not _empty(param)
+        and not _matches(aliases, exclude, param)
+    ]
+
+
+def _empty(param: nn.Parameter) -> bool:
+    # A zero-size weight (a layer with 0 inputs or outputs) holds nothing to mask or to count.
+    return not isinstance(param, nn.parameter.UninitializedParameter) and param.numel() == 0
+
+
+def _matches(aliases: list[tuple[str, nn.Parameter]], patterns: Sequence[str] | None, param: nn.Parameter) -> bool:
+    """Whether any name of ``param`` matches any of ``patterns``."""
+    return any(fnmatchcase(name, pattern) for name, p in aliases if p is param for pattern in patterns or ())
+
+
+def _default_choice(
+    model: nn.Module, aliases: list[tuple[str, nn.Parameter]]
+) -> tuple[set[int], list[tuple[tuple[str, ...], nn.Parameter]]]:
+    """Ids of the Parameters the default selection masks, and (every name, Parameter) of those it leaves for a tie.
+
+    A Parameter is masked when each of its names is the weight of a module the default masks. One module
+    reachable by several paths gives every path such a name; a weight shared with an embedding does not.
+    """
+    default_names = {name for name, _, _ in _default_slots(model, remove_duplicate=False)}
     names_of: dict[int, list[str]] = {}
     for name, param in aliases:
         names_of.setdefault(id(param), []).append(name)
-    chosen, ties = set(), []
+    chosen: set[int] = set()
+    tied: dict[int, tuple[tuple[str, ...], nn.Parameter]] = {}
     for name, param in aliases:
         if name not in default_names or id(param) in chosen:
             continue
         if all(alias in default_names for alias in names_of[id(param)]):
             chosen.add(id(param))
-        elif wanted(param):
-            ties.append(tuple(names_of[id(param)]))
-    _warn_ties(model, ties)
-    return chosen
+        else:
+            tied[id(param)] = (tuple(names_of[id(param)]), param)
+    return chosen, list(tied.values())
 
 
 def _warn_ties(model: nn.Module, ties: list[tuple[str, ...]]) -> None:
@@ -200,7 +250,7 @@ def _warn_ties(model: nn.Module, ties: list[tuple[str, ...]]) -> None:
         f"RigL leaves dense the weights shared with a module it does not mask by default (an embedding, "
         f"say): {described}. Masking them would zero that module's weights too. Name one in `include` "
         "to mask it anyway.",
-        stacklevel=4,  # the caller of select_parameters
+        stacklevel=3,  # the caller of select_parameters
     )
 
 

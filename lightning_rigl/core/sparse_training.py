@@ -211,7 +211,9 @@ class SparseTraining:
         """
         names = [name for name in self.masked_names(params) if self.params[name].grad is not None]
         if self.method.updates and self.schedule is not None and self.schedule.is_update_step(step + 1):
-            self.due_updates.update(dict.fromkeys(self.params, (step + 1, self.schedule.drop_fraction(step + 1))))
+            # A frozen layer has no gradient to grow from: no update waits on it, nor a dense gradient for it.
+            trainable = [name for name, p in self.params.items() if p.requires_grad]
+            self.due_updates.update(dict.fromkeys(trainable, (step + 1, self.schedule.drop_fraction(step + 1))))
         due = [name for name in names if name in self.due_updates]
         reads = self.method.dense_gradient != "never"
         partial = [name for name in due if reads and self.hooks.holds_partial(name)]
