@@ -65,6 +65,8 @@ class UserCodeHooks:
         self.kernels: GradientSource | None = None  # set while sparse kernels serve layers of the run
         self._name_of = {id(p): name for name, p in masks.params.items()}
         self._handles: list[Any] = []
+        self._hooked: set[str] = set()  # the weights whose gradients are hooked
+        self._installed = False
         # Per layer, the gradient masked here as it accumulated, until its step: it needs no second pass, and
         # holds masked contributions (for a step that did not read it): no dense gradient to grow from.
         self._masked: dict[str, GradientStamp] = {}
@@ -76,15 +78,8 @@ class UserCodeHooks:
         Replaces hooks installed before.
         """
         self.remove()
-        for param in self.masks.params.values():
-            # One run masks a weight's gradient at a time: the latest to install (an earlier run on the same
-            # model, say one built to validate a checkpoint, would mask with its own masks).
-            for hook in list((getattr(param, "_post_accumulate_grad_hooks", None) or {}).values()):
-                earlier = hook.owner() if isinstance(hook, _WeakHook) else None
-                if earlier is not None and earlier is not self:
-                    earlier.remove()
-            if param.requires_grad:  # a frozen weight has no gradient to mask
-                self._handles.append(param.register_post_accumulate_grad_hook(_WeakHook(self, "accumulated")))
+        self._installed = True
+        self._hook_gradients()
         held = set(self._name_of)
         for module in modules:
             for owner in module.modules():
@@ -98,6 +93,22 @@ class UserCodeHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._hooked = set()
+        self._installed = False
+
+    def _hook_gradients(self) -> None:
+        """Hook the gradient of every masked weight that needs one and has none (a frozen one unfrozen since)."""
+        for name, param in self.masks.params.items():
+            if name in self._hooked or not param.requires_grad:  # a frozen weight has no gradient to mask
+                continue
+            # One run masks a weight's gradient at a time: the latest to install (an earlier run on the same
+            # model, say one built to validate a checkpoint, would mask with its own masks).
+            for hook in list((getattr(param, "_post_accumulate_grad_hooks", None) or {}).values()):
+                earlier = hook.owner() if isinstance(hook, _WeakHook) else None
+                if earlier is not None and earlier is not self:
+                    earlier.remove()
+            self._handles.append(param.register_post_accumulate_grad_hook(_WeakHook(self, "accumulated")))
+            self._hooked.add(name)
 
     def vouched(self, name: str, grad: Tensor | None) -> bool:
         """Whether ``grad`` is known to be 0 at every inactive position of ``name`` (masked here or by a kernel)."""
@@ -137,6 +148,8 @@ class UserCodeHooks:
 
     def remask_written_weights(self) -> list[str]:
         """Zero the inactive weights written in place since they were last masked; their names."""
+        if self._installed and len(self._hooked) < len(self.masks.params):
+            self._hook_gradients()  # BackboneFinetuning and the like unfreeze layers mid-fit
         written = [name for name, p in self.masks.params.items() if self._versions.get(name) != p._version]
         if written:
             with torch.no_grad():
