@@ -23,6 +23,7 @@ from lightning_rigl.core.masked_gradients import (
     wrote_masked,
 )
 from lightning_rigl.core.sparse_linear import SPARSE_DTYPES, SparseStructure, active_values, sparse_linear
+from lightning_rigl.core.weight_writes import watch_writes
 
 
 def weight_in_out(module: nn.Module) -> bool | None:
@@ -269,8 +270,8 @@ class _SparseForward:
     def __init__(self, kernels: SparseKernels, name: str, module: nn.Module) -> None:
         self.kernels, self.name, self.module = kernels, name, module
         self.in_out = bool(weight_in_out(module))
-        # Inference only: ((the weight's address, its version), the structure, the active values).
-        self._cached: tuple[tuple[int, int], SparseStructure, Tensor] | None = None
+        # Deployed inference only: ((address, version, .data writes), the structure, the active values).
+        self._cached: tuple[tuple, SparseStructure, Tensor] | None = None
 
     def __reduce_ex__(self, protocol: int) -> str | tuple:
         if self.kernels.fixed_masks:
@@ -301,16 +302,22 @@ class _SparseForward:
         self.kernels.wrote_gradient(self.name, weight, sampled)
 
     def _inference_values(self, weight: Tensor, structure: SparseStructure) -> Tensor | None:
-        """Without autograd, the active values gathered once and again only when the weight changes.
+        """On a deployed layer without autograd, the active values gathered again only when the weight was written.
 
-        Any in-place write bumps the weight's version and a new tensor has another address, so a
-        cached gather is never stale. ``None`` (gather per call) while training, compiling, or for an
-        inference tensor (no version counter).
+        The gather reads most cache lines of the weight: at batch 64 it costs about as much as the
+        sparse product. A write is seen by the weight's version (in-place), its address (a new tensor)
+        and :func:`~lightning_rigl.core.weight_writes.watch_writes` (through ``.data``, which the version
+        misses), so the cached values are never stale. ``None`` (gather per call) while training or
+        compiling, for an inference tensor (no version counter), a weight whose ``.data`` cannot be
+        watched, and a training layer's no-grad calls (validation): its weights are not watched.
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or weight.is_inference():
+        writes = None
+        if self.kernels.fixed_masks and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            writes = None if weight.is_inference() else watch_writes(weight)
+        if writes is None:
             self._cached = None
             return None
-        key = (weight.data_ptr(), weight._version)
+        key = (weight.data_ptr(), weight._version, writes.stamp())
         if self._cached is None or self._cached[0] != key or self._cached[1] is not structure:
             self._cached = (key, structure, active_values(weight, structure))
         return self._cached[2]
