@@ -128,9 +128,16 @@ class RigLCallback(CheckpointHooks):
         self._aliases: dict[str, list[str]] = {}  # masked name -> every name of that Parameter
         self._fit_start_step = 0
         self._handoff = MaskHandoff()  # ddp_spawn / ddp_fork: rank 0's masks back to the main process
-        self._handed_off: dict[str, Tensor] = {}
         self._kernels = LayerKernels(kernels)
         self._loaded_choices: dict[str, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (the one each process of `ddp_spawn` gets) starts without this process's run: its model's
+        # Parameters are other objects, so its fit builds its own. Choices and checkpoint state travel.
+        state = dict(self.__dict__)
+        state.update(sparse=None, _trainer=None, _manual_step_hooks=[], _stepped=[])
+        state["_kernels"] = LayerKernels(self.kernels, self._kernels.choices)
+        return state
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -139,11 +146,9 @@ class RigLCallback(CheckpointHooks):
         A tied weight is listed under each of its names. After a ``ddp_spawn`` or ``ddp_fork`` fit they
         are rank 0's masks, handed back to the main process.
         """
-        received = self._handoff.receive()
-        if received is not None:
-            self._handed_off = received
-            self.sparse = None  # trained elsewhere: this process's run (if any) is not the latest
-        masks = self.sparse.masks if self.sparse is not None else self._handed_off
+        masks = self._handoff.receive()  # reading twice gives the same masks, and changes nothing
+        if masks is None:
+            masks = self.sparse.masks if self.sparse is not None else {}
         return {alias: mask for name, mask in masks.items() for alias in self._aliases.get(name, [name])}
 
     @property
@@ -164,6 +169,9 @@ class RigLCallback(CheckpointHooks):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_fit_start is the first hook where layers from configure_model exist, DDP has synced the
         # weights and the optimizers are built; no optimizer step has run yet.
+        if self._handoff.receive() is not None:
+            self.sparse = None  # a spawned fit trained since: this process's run is not the latest
+        self._handoff.reset()
         with misconfiguration():
             schedule = UpdateSchedule(self.delta_t, t_end_steps(trainer, self.t_end), self.alpha, self.decay)
             params = select_parameters(pl_module, self.include, self.exclude)
