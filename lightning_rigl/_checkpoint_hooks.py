@@ -11,7 +11,6 @@ from typing_extensions import override
 
 from lightning_rigl._lightning import misconfiguration
 from lightning_rigl.core import SparseTraining, select_parameters
-from lightning_rigl.core.layer_kernels import LayerKernels
 from lightning_rigl.core.selection import parameter_aliases
 
 
@@ -26,21 +25,16 @@ class CheckpointHooks(Callback):
     sparse: SparseTraining | None
     include: list[str] | None
     exclude: list[str] | None
-    _kernels: LayerKernels
     _trainer: pl.Trainer | None
     _aliases: dict[str, list[str]]
     _loaded_state: dict[str, Any] | None
-    _loaded_choices: dict[str, str] | None
     _restored: bool  # a checkpoint handed this callback its state in the current fit
 
     @override
     def state_dict(self) -> dict[str, Any]:
         if self.sparse is None:
             return {}
-        state = self.sparse.state_dict()
-        if self._kernels.choices is not None:  # how each layer computes: a resumed run computes alike
-            state["kernels"] = self._kernels.state()
-        return state
+        return self.sparse.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -48,17 +42,13 @@ class CheckpointHooks(Callback):
             return
         self._restored = True
         state_dict = dict(state_dict)
-        # Absent from checkpoints of earlier releases; under another setting, chosen anew at the first batch.
-        choices = self._kernels.saved_choices(state_dict.pop("kernels", None))
         if self.sparse is not None and self._trainer is not None:
             # FSDP / ModelParallel restore callback state after on_fit_start built the masks.
             with misconfiguration():
                 self.sparse.load_state_dict(state_dict)
-            self._kernels.choices = choices
         else:
             # Single device and DDP restore it before on_fit_start, which builds the masks from it.
             self._loaded_state = state_dict
-            self._loaded_choices = choices
 
     @override
     def on_load_checkpoint(

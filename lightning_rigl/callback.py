@@ -25,7 +25,6 @@ from lightning_rigl.core import (
     select_parameters,
 )
 from lightning_rigl.core.arguments import MASKING_ARGUMENTS, RUN_ARGUMENTS, check_run_arguments
-from lightning_rigl.core.layer_kernels import LayerKernels
 from lightning_rigl.core.schedule import check_steps_per_batch
 from lightning_rigl.core.selection import parameter_aliases
 
@@ -128,15 +127,12 @@ class RigLCallback(CheckpointHooks):
         self._aliases: dict[str, list[str]] = {}  # masked name -> every name of that Parameter
         self._fit_start_step = 0
         self._handoff = MaskHandoff()  # ddp_spawn / ddp_fork: rank 0's masks back to the main process
-        self._kernels = LayerKernels(kernels)
-        self._loaded_choices: dict[str, str] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (the one each process of `ddp_spawn` gets) starts without this process's run: its model's
         # Parameters are other objects, so its fit builds its own. Choices and checkpoint state travel.
         state = dict(self.__dict__)
         state.update(sparse=None, _trainer=None, _manual_step_hooks=[], _stepped=[])
-        state["_kernels"] = LayerKernels(self.kernels, self._kernels.choices)
         return state
 
     @property
@@ -158,7 +154,7 @@ class RigLCallback(CheckpointHooks):
         Chosen after the first training batch of a fit (or restored from the checkpoint of a run with
         the same ``kernels`` setting).
         """
-        return dict(self._kernels.choices) if self._kernels.choices is not None else {}
+        return self.sparse.kernel_choices if self.sparse is not None else {}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -185,9 +181,9 @@ class RigLCallback(CheckpointHooks):
                     schedule=schedule,
                     seed=shared_seed(trainer, self.seed),
                     state=self._loaded_state,
+                    kernels=self.kernels,
                 )
                 self._loaded_state = None
-                self._kernels.choices, self._loaded_choices = self._loaded_choices, None
             self.sparse.check_optimizers(trainer.optimizers)
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
         # Gradients masked as they accumulate; weights and optimizer state masked again after a load mid-run.
@@ -216,12 +212,10 @@ class RigLCallback(CheckpointHooks):
         if self.sparse is not None:
             # A checkpoint saved between a step and its update (by a callback listed before this one)
             # holds that update's grow scores: make the update now, with the optimizer state restored.
-            self._kernels.masks_changed(self.sparse, self.sparse.update_topology(trainer.optimizers))
+            # Known kernel choices (resumed, or a second fit) are attached at the first batch start, with
+            # structures built from the masks after this update.
+            self.sparse.update_topology(trainer.optimizers)
             mask_averaged_copies(trainer, self.sparse.layer_masks, self)
-            if self._kernels.choices is not None and not self._kernels.attached:
-                # Known choices (resumed, or a second fit): every batch computes with them, as before the
-                # save; the structures are built from the masks after that update.
-                self._kernels.attach(pl_module, self.sparse)
 
     @override
     def on_train_batch_start(
@@ -231,8 +225,7 @@ class RigLCallback(CheckpointHooks):
             return
         # Before the forward pass: the step its backward is for decides whether it writes dense gradients; in
         # manual optimization each later step of the batch begins after the one before (apply_updates).
-        needed = self.sparse.start_step(trainer.global_step)
-        self._kernels.begin_batch(pl_module, self.sparse, needed)
+        self.sparse.start_step(trainer.global_step)
 
     @override
     def on_before_optimizer_step(
@@ -241,11 +234,7 @@ class RigLCallback(CheckpointHooks):
         # Gradients here are accumulated, all-reduced and unscaled, and not clipped yet: read the dense
         # gradient the method needs, then mask it, so clipping and the optimizer see inactive ones at 0.
         if self.sparse is not None:
-            # Sparse kernels write a layer's gradient at active positions only: no second pass over it.
-            serving = self._kernels.serving
-            masked = self._kernels.already_masked(self.sparse, self.sparse.masked_names(optimizer)) if serving else []
-            self.sparse.before_step(trainer.global_step, optimizer, masked)
-            self._kernels.offer_gradients(masked)  # their next backward writes into them
+            self.sparse.before_step(trainer.global_step, optimizer)
             self._stepped.append(optimizer)
 
     @override
@@ -257,8 +246,6 @@ class RigLCallback(CheckpointHooks):
             with misconfiguration():  # checked once, after the first batch
                 check_steps_per_batch(self.t_end, trainer.global_step - self._fit_start_step)
         self._fit_start_step = -1
-        if self.sparse is not None:  # chosen here, so that a checkpoint of this step holds the choice
-            self._kernels.end_batch(pl_module, self.sparse, lambda choices: trainer.strategy.broadcast(choices, src=0))
 
     def apply_updates(self) -> None:
         """Drop and grow for the optimizer steps that ran since the last call, and keep inactive weights at 0.
@@ -277,8 +264,6 @@ class RigLCallback(CheckpointHooks):
                 self._optimizers_checked = True
                 with misconfiguration():  # the state exists now: each per-element key needs a fresh value
                     self.sparse.check_optimizers(self._trainer.optimizers)
-        self._kernels.masks_changed(self.sparse, updated)
-        self._kernels.step_begun(self.sparse)
         if self.sparse.updates > self._seen_updates:
             self._seen_updates = self.sparse.updates
             mask_averaged_copies(self._trainer, self.sparse.layer_masks, self)
@@ -300,9 +285,8 @@ class RigLCallback(CheckpointHooks):
         self._detach()
 
     def _detach(self) -> None:
-        self._kernels.detach()
         if self.sparse is not None:
-            self.sparse.remove_hooks()
+            self.sparse.close()
         for handle in self._manual_step_hooks:
             handle.remove()
         self._manual_step_hooks = []

@@ -6,6 +6,7 @@ Every function here is a collective when it communicates: every rank must call i
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,3 +95,19 @@ def check_masks_agree_across_ranks(masks: Mapping[str, Tensor], params: Mapping[
             f"RigL masks differ across ranks for {bad} (rank {torch.distributed.get_rank()}). Every rank must "
             "start from the same seed and see the same (all-reduced) gradients at update steps."
         )
+
+
+def broadcast_from_rank_zero(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank of the default process group; ``obj`` itself without one.
+
+    Example:
+        >>> broadcast_from_rank_zero({"fc.weight": "sparse"})
+        {'fc.weight': 'sparse'}
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    if torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rigl.core.candidates import GrowCandidates
-from lightning_rigl.core.distributed import all_finite, check_masks_agree_across_ranks
+from lightning_rigl.core.distributed import all_finite, broadcast_from_rank_zero, check_masks_agree_across_ranks
 from lightning_rigl.core.distribution import resolve_sparsities
 from lightning_rigl.core.history import UpdateRecord, record_update
+from lightning_rigl.core.layer_kernels import LayerKernels
 from lightning_rigl.core.layer_update import drop_and_grow_layer, read_grow_scores
 from lightning_rigl.core.masks import LayerMasks
 from lightning_rigl.core.methods import Method, get_method
@@ -21,7 +22,7 @@ from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import select_parameters
 from lightning_rigl.core.sharding import wrap_like_param
 from lightning_rigl.core.topology import num_active, random_mask
-from lightning_rigl.core.user_hooks import GradientSource, UserCodeHooks
+from lightning_rigl.core.user_hooks import UserCodeHooks
 from lightning_rigl.core.zero_guard import ZeroGuard
 
 ParamsLike = torch.optim.Optimizer | Iterable[Tensor] | None
@@ -30,9 +31,11 @@ ParamsLike = torch.optim.Optimizer | Iterable[Tensor] | None
 class SparseTraining:
     """Masks a set of parameters and runs RigL, SET or SNFS topology updates; knows no training loop.
 
-    Drive it from any loop: :meth:`before_step` once a step's gradients are final (after accumulation,
-    all-reduce and unscaling), :meth:`after_step` after ``optimizer.step()``; inactive weights stay at 0
-    (see :class:`~lightning_rigl.core.zero_guard.ZeroGuard`).
+    Drive it from any loop, three calls a step: :meth:`start_step` before each forward pass (every
+    micro-batch), :meth:`before_step` once the step's gradients are final (after accumulation, all-reduce
+    and unscaling), :meth:`after_step` after ``optimizer.step()``. Inactive weights stay at 0 (see
+    :class:`~lightning_rigl.core.zero_guard.ZeroGuard`); given the ``model``, its masked Linear-type layers
+    compute on the ``kernels`` chosen after the first step, exactly as under RigLCallback.
 
     Args:
         params: Parameter name to parameter, the weights to mask (one entry per Parameter object).
@@ -44,19 +47,23 @@ class SparseTraining:
         state: A :meth:`state_dict` to resume from instead of drawing fresh masks.
         verify_every: Optimizer steps between checks that the inactive weights left to the optimizer
             are still exactly 0.
+        model: The module holding ``params``, whose Linear-type layers may compute on sparse kernels.
+        kernels: ``"auto"``, ``"sparse"`` or ``"dense"``, as RigLCallback's ``kernels`` (needs ``model``).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> sparse = SparseTraining.from_model(model, 0.5, schedule=UpdateSchedule(delta_t=2, t_end=10))
         >>> for step in range(4):
+        ...     _ = sparse.start_step(step)  # before the forward pass: whether this step reads dense gradients
         ...     model(torch.randn(4, 8)).sum().backward()
-        ...     sparse.before_step(step)
+        ...     sparse.before_step(step, opt)
         ...     opt.step()
-        ...     _ = sparse.after_step([opt])  # the names of the layers it updated
+        ...     _ = sparse.after_step([opt], opt)  # the names of the layers it updated
         ...     opt.zero_grad()
-        >>> sparse.updates, int(sparse.masks["0.weight"].sum())
-        (2, 48)
+        >>> sparse.updates, int(sparse.masks["0.weight"].sum()), sparse.kernel_choices["0.weight"]
+        (2, 48, 'dense')
+        >>> sparse.close()  # the model's layers get their own forwards back, the hooks go
 
     """
 
@@ -70,6 +77,8 @@ class SparseTraining:
         seed: int = 0,
         state: Mapping[str, Any] | None = None,
         verify_every: int = 100,
+        model: nn.Module | None = None,
+        kernels: str = "auto",
     ) -> None:
         self.method: Method = get_method(method)
         if set(sparsities) != set(params):
@@ -94,6 +103,10 @@ class SparseTraining:
         self._next_step = self._last_step = 0  # the coming optimizer step, the last one begun by before_step
         self._reading = False
         self.hooks = UserCodeHooks(self.layer_masks, lambda: self._reading)
+        self.model = model
+        self.layer_kernels = LayerKernels(
+            kernels, self.layer_masks, self.hooks, self.method.dense_gradient == "every_step"
+        )
         if state is not None:
             self.load_state_dict(state)  # no fresh draw: it would zero weights the saved masks keep
         else:
@@ -124,6 +137,7 @@ class SparseTraining:
         paper does. Other keyword arguments go to the constructor.
         """
         params = select_parameters(model, include, exclude)
+        kwargs.setdefault("model", model)
         shapes = {name: tuple(p.shape) for name, p in params.items()}
         sparsities = resolve_sparsities(
             shapes,
@@ -147,6 +161,11 @@ class SparseTraining:
         """
         state = migrate_state(state)
         return cls(params, state["sparsities"], method=state["method"], state=state, **kwargs)
+
+    @property
+    def kernel_choices(self) -> dict[str, str]:
+        """Masked parameter name to ``"sparse"`` or ``"dense"``: how it computes; empty until chosen (first step)."""
+        return dict(self.layer_kernels.choices or {})
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -240,9 +259,12 @@ class SparseTraining:
                 if due and not finite:
                     # No update from this step; the layers stay due and retry at their next finite step.
                     self.nonfinite_steps += 1
-        unmasked = [n for n in names if n not in already_masked and not self.hooks.vouched(n, self.params[n].grad)]
+        written = self.layer_kernels.already_masked(names)  # by the sparse kernels: 0 where inactive
+        skip = set(already_masked) | set(written)
+        unmasked = [n for n in names if n not in skip and not self.hooks.vouched(n, self.params[n].grad)]
         self.layer_masks.zero_inactive(unmasked, gradients=True)
         self.hooks.masked(names)
+        self.layer_kernels.offer_gradients(written)  # their next backward writes into them
         self.zero_guard.gradients_masked(names)
         self._last_step = step
 
@@ -266,6 +288,8 @@ class SparseTraining:
         self.zero_guard.restart_state_once(names_by_optimizer)
         self.layer_masks.zero_inactive([name for name in names if name not in left_at_zero])
         self.hooks.weights_masked(names)
+        if self.model is not None:
+            self.layer_kernels.choose(self.model, broadcast_from_rank_zero)  # after the first step: its rows seen
         self.start_step(self._last_step + 1)
         return updated
 
@@ -279,21 +303,14 @@ class SparseTraining:
         self._next_step = step
         self._reading = self.dense_gradient_needed(step)
         self.hooks.remask_written_weights()
+        if self.model is not None:
+            self.layer_kernels.begin(self.model, self._reading)
         return self._reading
 
     @property
     def reading(self) -> bool:
         """Whether the coming optimizer step reads the dense weight gradients (so user code sees them unmasked)."""
         return self._reading
-
-    @property
-    def kernels(self) -> GradientSource | None:
-        """The sparse kernels serving layers of this run, if any: they vouch for the gradients they write masked."""
-        return self.hooks.kernels
-
-    @kernels.setter
-    def kernels(self, kernels: GradientSource | None) -> None:
-        self.hooks.kernels = kernels
 
     def install_hooks(
         self, modules: Iterable[nn.Module] = (), optimizers: Iterable[torch.optim.Optimizer] = ()
@@ -306,6 +323,14 @@ class SparseTraining:
 
     def remove_hooks(self) -> None:
         """Remove every hook this run installed (the gradients are then masked at :meth:`before_step` only)."""
+        self.hooks.remove()
+
+    def close(self) -> None:
+        """Give the model's layers their own forwards back and remove the hooks; the masks and choices stay.
+
+        The next :meth:`start_step` attaches the chosen kernels again (call :meth:`install_hooks` too).
+        """
+        self.layer_kernels.detach()
         self.hooks.remove()
 
     def update_topology(
@@ -329,13 +354,20 @@ class SparseTraining:
                 step, fraction = self.due_updates.pop(name)
                 changed = drop_and_grow_layer(self.layer_masks, name, candidates, optimizers)
                 self.hooks.masks_changed([name])
+                self.layer_kernels.masks_changed([name])
                 record_update(self.history, step, fraction, changed, self.layer_masks.counts[name])
                 updated.append(name)
         return updated
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: tensors and Python primitives only, masks at 1 bit a weight."""
-        return save_state(self)
+        """Everything needed to resume exactly: tensors and Python primitives only, masks at 1 bit a weight.
+
+        With the kernel choices once made (``"kernels"``): a resumed run computes as before the save.
+        """
+        state = save_state(self)
+        if self.layer_kernels.state() is not None:
+            state["kernels"] = self.layer_kernels.state()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (any saved version) into this run; see :func:`restore_state`.
@@ -345,6 +377,8 @@ class SparseTraining:
                 other per-layer sparsities, or a state version this release cannot read.
         """
         restore_state(self, state)
+        # Absent from checkpoints of earlier releases; under another setting, chosen anew after the first step.
+        self.layer_kernels.load_state(state.get("kernels"))
 
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
         """Replace the masks (bool or 0/1 tensors by name) and zero the weights they make inactive.
