@@ -17,7 +17,6 @@ PAGE_OF = {root: page for page, root in INCLUDED.items()}
 _ROOT_FILE = "|".join(re.escape(name) for name in PAGE_OF)
 _LINK_INTO_DOCS = re.compile(r"\]\(docs/")
 _LINK_TO_ROOT_FILE = re.compile(rf"\]\(({_ROOT_FILE})")
-_LINK_TO_ROOT = re.compile(rf"\]\(\.\./({_ROOT_FILE})")
 
 
 def site_links_of_root_file(text: str) -> str:
@@ -31,14 +30,19 @@ def site_links_of_root_file(text: str) -> str:
     return _LINK_TO_ROOT_FILE.sub(lambda m: "](" + PAGE_OF[m.group(1)], text)
 
 
-def site_links_of_guide(text: str) -> str:
+def site_links_of_guide(text: str, depth: int = 0) -> str:
     """A guide's links to root files as the site needs them: ``../BENCHMARKS.md`` -> ``benchmarks.md``.
+
+    ``depth`` is the number of folders between ``docs/`` and the guide (1 for ``docs/api/x.md``).
 
     Example:
         >>> site_links_of_guide("[a](../README.md#install), [b](faq.md)")
         '[a](index.md#install), [b](faq.md)'
+        >>> site_links_of_guide("[a](../../BENCHMARKS.md)", depth=1)
+        '[a](../benchmarks.md)'
     """
-    return _LINK_TO_ROOT.sub(lambda m: "](" + PAGE_OF[m.group(1)], text)
+    to_root = re.compile(rf"\]\({re.escape('../' * (depth + 1))}({_ROOT_FILE})")
+    return to_root.sub(lambda m: "](" + "../" * depth + PAGE_OF[m.group(1)], text)
 
 
 def on_page_markdown(markdown: str, *, page: Any, **kwargs: Any) -> str:
@@ -46,4 +50,4 @@ def on_page_markdown(markdown: str, *, page: Any, **kwargs: Any) -> str:
     root_file = INCLUDED.get(page.file.src_uri)
     if root_file is not None:
         return site_links_of_root_file((ROOT / root_file).read_text(encoding="utf-8"))
-    return site_links_of_guide(markdown)
+    return site_links_of_guide(markdown, page.file.src_uri.count("/"))
