@@ -60,7 +60,7 @@ def _warn_off_target(callback: RigLCallback) -> None:
             f"RigL's masks reach an overall sparsity of {achieved:.4f}, not the target {callback.sparsity}, over "
             f"the {weights} weights of the {len(names)} layers that carry it: each layer keeps a whole number of "
             "active weights, rounded up, which small layers feel most. The per-layer sparsities are the "
-            "reference's; see README, 'Per-layer sparsity', for how large the gap can be."
+            "reference's; see docs/how-rigl-works.md, 'Per-layer sparsity', for how large the gap can be."
         )
 
 

@@ -16,7 +16,7 @@ REFUSED_SUBCLASSES = ("DeepSpeedStrategy", "XLAStrategy", "SingleDeviceXLAStrate
 
 
 def check_strategy(strategy: Any) -> None:
-    """Refuse the strategies where RigL's masks could not be kept exact (see README's strategy table).
+    """Refuse the strategies where RigL's masks could not be kept exact (see docs/multi-device.md).
 
     Strategies of ``lightning.pytorch`` and of ``pytorch_lightning`` alike.
 

@@ -39,7 +39,7 @@ class RigLCallback(CheckpointHooks):
     ``on_before_optimizer_step`` it reads the dense gradient the method needs and zeroes the gradients
     of inactive weights; in ``on_train_batch_end``, for each optimizer step of the batch (right after
     each step in manual optimization), every ``delta_t`` steps until ``t_end``, it drops the smallest
-    active weights and grows as many new ones, and it keeps inactive weights at exactly 0 (see README).
+    active weights and grows as many new ones, and it keeps inactive weights at exactly 0 (see docs/how-rigl-works.md).
 
     Args:
         sparsity: Fraction of zeros over all masked weights, in [0, 1).

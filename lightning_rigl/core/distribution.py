@@ -186,7 +186,7 @@ def achieved_sparsity(shapes: Mapping[str, Sequence[int]], sparsities: Mapping[s
     (:func:`~lightning_rigl.core.topology.num_active`): rounded up to a whole weight, so the overall
     figure lands at or just below the target. Over ``L`` layers of ``N`` weights in all it is below
     the target by at most ``L / N`` for ``"uniform"`` and ``2 L / N`` for ``"er"``/``"erk"``, whose
-    budget is itself counted in such rounded layers (see README, "Per-layer sparsity").
+    budget is itself counted in such rounded layers (see docs/how-rigl-works.md, "Per-layer sparsity").
 
     Example:
         >>> achieved_sparsity({"a": (2, 2), "b": (4, 4)}, {"a": 0.9, "b": 0.9})  # 1 + 2 of 20 weights active
