@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from lightning_rigl import SparseTraining, UpdateSchedule
-from lightning_rigl.core.kernels import SparseKernels, linear_layers
 
 
 class Run:
@@ -30,23 +29,14 @@ class Run:
         ).to(dtype)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
         schedule = UpdateSchedule(delta_t=delta_t, t_end=10**9, alpha=0.3)
-        self.sparse = SparseTraining.from_model(self.model, sparsity, "erk", schedule=schedule, seed=1)
-        layers = linear_layers(self.model, list(self.sparse.params))
-        self.kernels = SparseKernels(layers, self.sparse.masks) if kernels == "sparse" else None
-        self.sparse.kernels = self.kernels  # as RigLCallback does: what they write masked is not masked again
+        self.sparse = SparseTraining.from_model(self.model, sparsity, "erk", schedule=schedule, seed=1, kernels=kernels)
 
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.kernels is not None:
-            self.kernels.set_dense_gradient(self.sparse.dense_gradient_needed(step))
+        self.sparse.start_step(step)  # the three calls RigLCallback makes from its hooks
         nn.functional.cross_entropy(self.model(x), y).backward()
-        masked = self.kernels.already_masked(self.sparse.params) if self.kernels is not None else ()
-        self.sparse.before_step(step, already_masked=masked)  # as RigLCallback does
+        self.sparse.before_step(step, self.opt)
         self.opt.step()
-        updated = self.sparse.after_step([self.opt])
-        if self.kernels is not None and updated:
-            masks = self.sparse.masks
-            for name in updated:
-                self.kernels.update_structure(name, masks[name])
+        self.sparse.after_step([self.opt], self.opt)
         self.opt.zero_grad(set_to_none=True)
 
 

@@ -35,8 +35,6 @@ from lightning.pytorch.demos import Transformer
 from torch import nn
 
 from lightning_rigl import SparseTraining, UpdateSchedule
-from lightning_rigl.core.kernel_choice import TokenProbe, choose_kernels
-from lightning_rigl.core.kernels import SparseKernels, linear_layers
 from lightning_rigl.inference import sparsify
 
 DELTA_T = 100
@@ -78,43 +76,31 @@ class Run:
             self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         else:
             self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
-        self.sparse = self.kernels = None
-        self.choices: dict[str, str] = {}
+        self.sparse: SparseTraining | None = None
         gen = torch.Generator().manual_seed(1)
         self.inputs, self.target = make_batch(model_name, batch, gen)
         if sparsity is not None:
             schedule = UpdateSchedule(delta_t=DELTA_T, t_end=10**9)
             exclude = None if model_name == "mlp" else ["decoder.weight"]
-            self.sparse = SparseTraining.from_model(self.model, sparsity, "erk", exclude=exclude, schedule=schedule)
-            layers = linear_layers(self.model, list(self.sparse.params))
-            # As RigLCallback does: a first forward records each layer's rows and whose input needs a gradient.
-            probe = TokenProbe(layers)
-            self.model(*self.inputs)
-            probe.remove()
-            self.choices = choose_kernels(
-                layers, self.sparse.masks, probe.tokens, kernels, input_gradient=probe.input_gradient
+            self.sparse = SparseTraining.from_model(
+                self.model, sparsity, "erk", exclude=exclude, schedule=schedule, kernels=kernels
             )
-            chosen = {name: layer for name, layer in layers.items() if self.choices[name] == "sparse"}
-            self.kernels = SparseKernels(chosen, self.sparse.masks) if chosen else None
-            self.sparse.kernels = self.kernels  # as RigLCallback does: what they write masked is not masked again
+            self.step(0)  # the run's first step records each layer's rows; the kernels are chosen after it
+
+    @property
+    def choices(self) -> dict[str, str]:
+        return self.sparse.kernel_choices if self.sparse is not None else {}
 
     def step(self, step: int) -> float:
         start = time.perf_counter()
-        if self.kernels is not None:
-            self.kernels.set_dense_gradient(self.sparse.dense_gradient_needed(step))  # as RigLCallback does
+        if self.sparse is not None:  # the three calls RigLCallback makes from its hooks
+            self.sparse.start_step(step)
         loss_of(self.model_name, self.model(*self.inputs), self.target).backward()
-        if self.sparse is not None:  # as RigLCallback does: gradients the sparse op wrote are masked already
-            masked = self.kernels.already_masked(self.sparse.params) if self.kernels is not None else ()
-            self.sparse.before_step(step, already_masked=masked)
-            if self.kernels is not None:  # and offered to the next backward
-                self.kernels.offer_gradients(masked)
+        if self.sparse is not None:
+            self.sparse.before_step(step, self.opt)
         self.opt.step()
         if self.sparse is not None:
-            updated = self.sparse.after_step([self.opt])
-            if self.kernels is not None and updated:
-                masks = self.sparse.masks
-                for name in set(updated) & set(self.kernels.names):
-                    self.kernels.update_structure(name, masks[name])
+            self.sparse.after_step([self.opt], self.opt)
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 

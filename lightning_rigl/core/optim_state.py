@@ -14,6 +14,20 @@ from lightning_rigl.core.sharding import local_shard
 
 
 @torch.no_grad()
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a wrapper that forwards to it (Lightning Fabric's), else ``optimizer`` itself.
+
+    A wrapper's class is not the torch class whose state RigL knows how to restart.
+
+    Example:
+        >>> sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> unwrap_optimizer(sgd) is sgd
+        True
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer else optimizer
+
+
 def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Tensor, positions: Tensor) -> int:
     """Restart, at ``positions``, every state tensor of ``param``'s shape at the value a fresh parameter gets.
 

@@ -16,7 +16,7 @@ from lightning_rigl.core.layer_kernels import LayerKernels
 from lightning_rigl.core.layer_update import drop_and_grow_layer, read_grow_scores
 from lightning_rigl.core.masks import LayerMasks
 from lightning_rigl.core.methods import Method, get_method
-from lightning_rigl.core.optim_state import check_restartable
+from lightning_rigl.core.optim_state import check_restartable, unwrap_optimizer
 from lightning_rigl.core.saved_state import migrate_state, restore_state, save_state
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import select_parameters
@@ -279,7 +279,8 @@ class SparseTraining:
             The names of the layers whose masks this call updated.
 
         """
-        optimizers = list(optimizers)
+        optimizers = [unwrap_optimizer(optimizer) for optimizer in optimizers]
+        params = unwrap_optimizer(params) if isinstance(params, torch.optim.Optimizer) else params
         names_by_optimizer = {optimizer: tuple(self.masked_names(optimizer)) for optimizer in optimizers}
         stepped = names_by_optimizer.get(params) if isinstance(params, torch.optim.Optimizer) else None
         names = list(stepped) if stepped is not None else self.masked_names(params)
@@ -396,7 +397,7 @@ class SparseTraining:
         needs no restarts.
         """
         if self.method.updates:
-            check_restartable(optimizers, self.params.values())
+            check_restartable([unwrap_optimizer(optimizer) for optimizer in optimizers], self.params.values())
 
     def check_masks_agree_across_ranks(self) -> None:
         """Raise a RuntimeError naming the layers whose replicated masks differ between ranks; a collective."""
