@@ -24,7 +24,7 @@ from lightning_rigl.core import (
     UpdateSchedule,
     select_parameters,
 )
-from lightning_rigl.core.arguments import MASKING_ARGUMENTS, RUN_ARGUMENTS, check_run_arguments
+from lightning_rigl.core.config import RUN_ARGUMENTS, RunConfig
 from lightning_rigl.core.schedule import check_steps_per_batch
 from lightning_rigl.core.selection import parameter_aliases
 
@@ -98,23 +98,24 @@ class RigLCallback(CheckpointHooks):
         consistency_checks: int = 3,
         kernels: Kernels = "auto",
     ) -> None:
-        self.sparsity = sparsity
-        self.distribution = distribution
-        self.method = method
-        self.delta_t = delta_t
-        self.t_end = t_end
-        self.alpha = alpha
-        self.decay = decay
-        self.include = include
-        self.exclude = exclude
-        self.dense_first_layer = dense_first_layer
-        self.custom_sparsity = custom_sparsity
-        self.erk_power_scale = erk_power_scale
-        self.seed = seed
-        self.consistency_checks = consistency_checks
-        self.kernels = kernels
-        with misconfiguration():
-            check_run_arguments(**{name: getattr(self, name) for name in RUN_ARGUMENTS})
+        with misconfiguration():  # every argument checked here, once
+            self.config = RunConfig(
+                sparsity=sparsity,
+                distribution=distribution,
+                method=method,
+                delta_t=delta_t,
+                t_end=t_end,
+                alpha=alpha,
+                decay=decay,
+                include=include,
+                exclude=exclude,
+                dense_first_layer=dense_first_layer,
+                custom_sparsity=custom_sparsity,
+                erk_power_scale=erk_power_scale,
+                seed=seed,
+                consistency_checks=consistency_checks,
+                kernels=kernels,
+            )
         self.sparse: SparseTraining | None = None
         self._trainer: pl.Trainer | None = None
         self._manual_step_hooks: list[Any] = []
@@ -127,6 +128,18 @@ class RigLCallback(CheckpointHooks):
         self._aliases: dict[str, list[str]] = {}  # masked name -> every name of that Parameter
         self._fit_start_step = 0
         self._handoff = MaskHandoff()  # ddp_spawn / ddp_fork: rank 0's masks back to the main process
+
+    def __getattr__(self, name: str) -> Any:
+        # The arguments read as attributes (`callback.sparsity`), from the one configuration.
+        config = self.__dict__.get("config")
+        if config is not None and name in RUN_ARGUMENTS:
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in RUN_ARGUMENTS:
+            raise AttributeError(f"`{name}` is fixed when RigLCallback is built: make a new RigLCallback({name}=...).")
+        super().__setattr__(name, value)
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (the one each process of `ddp_spawn` gets) starts without this process's run: its model's
@@ -176,7 +189,8 @@ class RigLCallback(CheckpointHooks):
             else:
                 self.sparse = SparseTraining.from_model(
                     pl_module,
-                    **{name: getattr(self, name) for name in MASKING_ARGUMENTS},
+                    **self.config.masking(),
+                    params=params,
                     method=self.method,
                     schedule=schedule,
                     seed=shared_seed(trainer, self.seed),

@@ -18,17 +18,12 @@ from lightning_rigl.core.sparse_linear import SPARSE_DTYPES
 
 KERNELS = ("auto", "sparse", "dense")
 
-# Calibration of the "auto" rule: `benchmarks/sparse_kernels.py` on the 2-core CPU, fp32, cold caches, the dense
-# side charged with the gradient-masking pass the sparse path skips (BENCHMARKS.md, "Sparse kernels"). Each row
-# (min tokens, min weights, max density) holds where every measured cell of that size and those tokens was at most
-# about 0.9x of dense, most of them 0.5-0.85x; the rule takes the most permissive row a layer meets.
-# "train": forward, input gradient and weight gradient; "train_no_input_grad": a first layer, whose input
-# needs no gradient (dense autograd skips that product too); "inference": the forward alone.
-# The training rows are from the grid of 2026-12-03, after the kernels became a plain autograd Function over
-# low-level operators (about 0.1 ms less per layer and step) and the weight gradient started reusing the last
-# step's tensor (no zero-fill the size of the weight): 1024x1024 from 32 rows and layers of 2^21 weights from 16
-# rows now win up to density 0.10. Layers under 2^19 weights (512x512 was measured) lost at every size of
-# batch but 256 rows at 0.05; a first layer of 1024x784 weights at 32 rows measured 0.9-1.1x at 0.10-0.13.
+# Calibration of the "auto" rule: `benchmarks/sparse_kernels.py` (fp32, cold caches, the dense side charged with
+# the gradient-masking pass the sparse path skips; BENCHMARKS.md, "Sparse kernels"). Each row (min tokens, min
+# weights, max density) holds where every measured cell of that size and those tokens was at most about 0.9x of
+# dense; the rule takes the most permissive row a layer meets. "train": forward, input gradient and weight
+# gradient; "train_no_input_grad": a first layer, whose input needs no gradient (dense autograd skips that
+# product too); "inference": the forward alone. Layers under 2^19 weights lost at nearly every batch size.
 _LIMITS: dict[str, tuple[tuple[int, int, float], ...]] = {
     "train": (
         (256, 1 << 19, 0.05),

@@ -134,9 +134,10 @@ class SparseTraining:
         """Select a model's weights, distribute ``sparsity`` over them and mask them.
 
         ``dense_first_layer=None`` keeps the first masked weight dense for ``"uniform"`` only, as the
-        paper does. Other keyword arguments go to the constructor.
+        paper does. ``params`` (name to Parameter) skips the selection: the caller selected them already.
+        Other keyword arguments go to the constructor.
         """
-        params = select_parameters(model, include, exclude)
+        params = kwargs.pop("params", None) or select_parameters(model, include, exclude)
         kwargs.setdefault("model", model)
         shapes = {name: tuple(p.shape) for name, p in params.items()}
         sparsities = resolve_sparsities(

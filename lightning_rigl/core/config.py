@@ -1,8 +1,8 @@
-"""The arguments of a sparse training run, checked before anything trains."""
+"""The arguments of a sparse training run: one frozen configuration, checked once before anything trains."""
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass, fields
 from typing import Any
 
 from lightning_rigl.core.distribution import DISTRIBUTIONS
@@ -74,15 +74,47 @@ def check_run_arguments(
     check_choice("kernels", kernels, KERNELS)
 
 
-#: The keyword arguments of a run, as RigLCallback takes them.
-RUN_ARGUMENTS: tuple[str, ...] = tuple(inspect.signature(check_run_arguments).parameters)
-#: Those that choose the masked weights and their sparsities (``SparseTraining.from_model``'s).
-MASKING_ARGUMENTS = (
-    "sparsity",
-    "distribution",
-    "include",
-    "exclude",
-    "dense_first_layer",
-    "custom_sparsity",
-    "erk_power_scale",
-)
+@dataclass(frozen=True)
+class RunConfig:
+    """The arguments of a sparse training run, each checked once, here: RigLCallback builds one from its own.
+
+    The fields are RigLCallback's arguments (see its docstring). Building one raises a ValueError or TypeError
+    naming the first refused argument, its value and what is allowed.
+
+    Example:
+        >>> config = RunConfig(sparsity=0.95, delta_t=50)
+        >>> config.sparsity, config.masking()["distribution"]
+        (0.95, 'erk')
+        >>> RunConfig(sparsity=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: `sparsity` must be in [0, 1), got 1.5.
+    """
+
+    sparsity: float = 0.9
+    distribution: str = "erk"
+    method: str = "rigl"
+    delta_t: int = 100
+    t_end: int | float = 0.75
+    alpha: float = 0.3
+    decay: str = "cosine"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    dense_first_layer: bool | None = None
+    custom_sparsity: dict[str, float] | None = None
+    erk_power_scale: float = 1.0
+    seed: int | None = None
+    consistency_checks: int = 3
+    kernels: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_run_arguments(**{field.name: getattr(self, field.name) for field in fields(self)})
+
+    def masking(self) -> dict[str, Any]:
+        """The arguments that choose the masked weights and their sparsities (``SparseTraining.from_model``'s)."""
+        names = ("sparsity", "distribution", "include", "exclude", "dense_first_layer", "custom_sparsity")
+        return {name: getattr(self, name) for name in (*names, "erk_power_scale")}
+
+
+#: RigLCallback's arguments, the fields of :class:`RunConfig`.
+RUN_ARGUMENTS: tuple[str, ...] = tuple(field.name for field in fields(RunConfig))
