@@ -1,21 +1,15 @@
 """The saved RigL state: its versions, the migrations that bring an older one up to date, and its checks.
 
-Every checkpoint a release wrote must still resume: a change to what :meth:`SparseTraining.state_dict`
-saves raises :data:`STATE_VERSION` and adds a step to :func:`migrate_state`.
+Functions of dicts only: :meth:`~lightning_rigl.core.SparseTraining.state_dict` writes the state and
+:meth:`~lightning_rigl.core.SparseTraining.load_state_dict` (the one way to restore) migrates and checks it
+here. Every checkpoint a release wrote must still resume: a change to what ``state_dict`` saves raises
+:data:`STATE_VERSION` and adds a step to :func:`migrate_state`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
-
-from lightning_rigl.core.candidates import GrowCandidates
-from lightning_rigl.core.history import UpdateRecord
-from lightning_rigl.core.sharding import distribute_like_param, gather_full, local_shard
-
-if TYPE_CHECKING:
-    from lightning_rigl.core.sparse_training import SparseTraining
+from typing import Any
 
 #: The version :meth:`~lightning_rigl.core.SparseTraining.state_dict` writes.
 STATE_VERSION = 2
@@ -120,48 +114,3 @@ def check_same_run(state: Mapping[str, Any], method: str, sparsities: Mapping[st
             + ". Resume with the arguments the checkpoint was trained with (sparsity, distribution, method, "
             "custom_sparsity, dense_first_layer, erk_power_scale), or start a new run without `ckpt_path`."
         )
-
-
-def save_state(run: SparseTraining) -> dict[str, Any]:
-    """Everything needed to resume ``run`` exactly: tensors and Python primitives only, masks at 1 bit a weight."""
-    return {
-        "version": STATE_VERSION,
-        "method": run.method.name,
-        "shapes": {name: list(p.shape) for name, p in run.params.items()},
-        "sparsities": dict(run.sparsities),
-        **run.layer_masks.packed(),
-        "generator": run.generator.get_state(),
-        "due_updates": {name: [step, fraction] for name, (step, fraction) in run.due_updates.items()},
-        "grow_candidates": {name: found.to("cpu").as_dict() for name, found in run.grow_candidates.items()},
-        "signal": {name: gather_full(tensor).detach().cpu() for name, tensor in run.signal.tensors.items()},
-        "history": [asdict(record) for record in run.history],
-        "nonfinite_steps": run.nonfinite_steps,
-    }
-
-
-def restore_state(run: SparseTraining, state: Mapping[str, Any]) -> None:
-    """Restore :func:`save_state`'s output, of any saved version, into ``run``.
-
-    Raises:
-        ValueError: Names or shapes that differ from the run's masked parameters, another method or other
-            per-layer sparsities (:func:`check_same_run`), or a state version this release cannot read.
-    """
-    state = migrate_state(state)
-    check_saved_shapes(state["shapes"], {name: p.shape for name, p in run.params.items()})
-    check_same_run(state, run.method.name, run.sparsities)
-    run.layer_masks.load_packed(state["masks"], state["ever_active"])
-    run.masks_replaced()
-    run.sparsities = {name: float(state["sparsities"][name]) for name in run.params}
-    run.generator.set_state(state["generator"])
-    run.due_updates = {name: (int(step), float(fraction)) for name, (step, fraction) in state["due_updates"].items()}
-    run.grow_candidates = {
-        name: GrowCandidates.from_dict(saved).to(local_shard(run.params[name]).device)
-        for name, saved in state["grow_candidates"].items()
-    }
-    run.signal.tensors = {name: _like(tensor, run.params[name]) for name, tensor in state["signal"].items()}
-    run.history = [UpdateRecord(**record) for record in state["history"]]
-    run.nonfinite_steps = int(state["nonfinite_steps"])
-
-
-def _like(tensor: Any, param: Any) -> Any:
-    return distribute_like_param(tensor.to(local_shard(param).device), param)

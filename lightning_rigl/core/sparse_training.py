@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -17,10 +18,10 @@ from lightning_rigl.core.layer_update import drop_and_grow_layer, read_grow_scor
 from lightning_rigl.core.masks import LayerMasks
 from lightning_rigl.core.methods import Method, get_method
 from lightning_rigl.core.optim_state import check_restartable, unwrap_optimizer
-from lightning_rigl.core.saved_state import migrate_state, restore_state, save_state
+from lightning_rigl.core.saved_state import STATE_VERSION, check_same_run, check_saved_shapes, migrate_state
 from lightning_rigl.core.schedule import UpdateSchedule
 from lightning_rigl.core.selection import select_parameters
-from lightning_rigl.core.sharding import wrap_like_param
+from lightning_rigl.core.sharding import distribute_like_param, gather_full, local_shard, wrap_like_param
 from lightning_rigl.core.topology import num_active, random_mask
 from lightning_rigl.core.user_hooks import UserCodeHooks
 from lightning_rigl.core.zero_guard import ZeroGuard
@@ -160,7 +161,7 @@ class SparseTraining:
             >>> SparseTraining.from_state({"weight": layer.weight}, saved).method.name
             'set'
         """
-        state = migrate_state(state)
+        # Every saved version holds the method and the sparsities under these names; the constructor migrates.
         return cls(params, state["sparsities"], method=state["method"], state=state, **kwargs)
 
     @property
@@ -366,19 +367,50 @@ class SparseTraining:
 
         With the kernel choices once made (``"kernels"``): a resumed run computes as before the save.
         """
-        state = save_state(self)
+        state = {
+            "version": STATE_VERSION,
+            "method": self.method.name,
+            "shapes": {name: list(p.shape) for name, p in self.params.items()},
+            "sparsities": dict(self.sparsities),
+            **self.layer_masks.packed(),
+            "generator": self.generator.get_state(),
+            "due_updates": {name: [step, fraction] for name, (step, fraction) in self.due_updates.items()},
+            "grow_candidates": {name: found.to("cpu").as_dict() for name, found in self.grow_candidates.items()},
+            "signal": {name: gather_full(tensor).detach().cpu() for name, tensor in self.signal.tensors.items()},
+            "history": [asdict(record) for record in self.history],
+            "nonfinite_steps": self.nonfinite_steps,
+        }
         if self.layer_kernels.state() is not None:
             state["kernels"] = self.layer_kernels.state()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (any saved version) into this run; see :func:`restore_state`.
+        """Restore :meth:`state_dict`'s output, of any saved version (migrated first), into this run.
 
         Raises:
             ValueError: Names or shapes that differ from this run's masked parameters, another method or
                 other per-layer sparsities, or a state version this release cannot read.
         """
-        restore_state(self, state)
+        state = migrate_state(state)
+        check_saved_shapes(state["shapes"], {name: p.shape for name, p in self.params.items()})
+        check_same_run(state, self.method.name, self.sparsities)
+        self.layer_masks.load_packed(state["masks"], state["ever_active"])
+        self.masks_replaced()
+        self.sparsities = {name: float(state["sparsities"][name]) for name in self.params}
+        self.generator.set_state(state["generator"])
+        self.due_updates = {
+            name: (int(step), float(fraction)) for name, (step, fraction) in state["due_updates"].items()
+        }
+        self.grow_candidates = {
+            name: GrowCandidates.from_dict(saved).to(local_shard(self.params[name]).device)
+            for name, saved in state["grow_candidates"].items()
+        }
+        self.signal.tensors = {
+            name: distribute_like_param(tensor.to(local_shard(self.params[name]).device), self.params[name])
+            for name, tensor in state["signal"].items()
+        }
+        self.history = [UpdateRecord(**record) for record in state["history"]]
+        self.nonfinite_steps = int(state["nonfinite_steps"])
         # Absent from checkpoints of earlier releases; under another setting, chosen anew after the first step.
         self.layer_kernels.load_state(state.get("kernels"))
 
