@@ -68,7 +68,7 @@ class RigLCallback(CheckpointHooks):
             positions, dense only at the steps whose dense gradient the method reads), ``"dense"``
             with the masked dense weight, ``"auto"`` sparse where a fixed rule calibrated on this
             CPU says it is faster for the layer's shape, density and tokens per batch. Chosen once,
-            after the first training batch (which runs dense and measures the tokens), the same on
+            after the first optimizer step (which runs dense and measures the tokens), the same on
             every rank and kept in checkpoints. Convolutions, attention's ``in_proj_weight``,
             FSDP2-sharded and bf16/fp16 weights, and layers under autocast always stay dense; so do
             every layer under ``"auto"`` on CUDA and with ``"snfs"``. Weights, ``state_dict``,
@@ -164,7 +164,7 @@ class RigLCallback(CheckpointHooks):
     def kernel_choices(self) -> dict[str, str]:
         """Masked parameter name to ``"sparse"`` or ``"dense"``: how it computes; empty until chosen.
 
-        Chosen after the first training batch of a fit (or restored from the checkpoint of a run with
+        Chosen after the first optimizer step of a fit (or restored from the checkpoint of a run with
         the same ``kernels`` setting).
         """
         return self.sparse.kernel_choices if self.sparse is not None else {}
