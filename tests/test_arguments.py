@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_rigl import RigLCallback, SparsityMonitor
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, make_loader, make_trainer
 
 
 @pytest.mark.parametrize(

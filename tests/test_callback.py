@@ -7,28 +7,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_rigl import RigLCallback
-from lightning_rigl.core import num_active
-from tests.conftest import MLP, make_loader, make_trainer
-
-
-class InvariantChecker(Callback):
-    """After every batch: exact active counts, inactive weights exactly 0. Counts the checks."""
-
-    def __init__(self, rigl: RigLCallback):
-        self.rigl, self.checks = rigl, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        assert_invariants(self.rigl, pl_module)
-        self.checks += 1
-
-
-def assert_invariants(rigl, module):
-    params = dict(module.named_parameters())
-    assert rigl.masks, "no masks"
-    for name, mask in rigl.masks.items():
-        expected = num_active(mask.numel(), rigl.sparse.sparsities[name])
-        assert int(mask.sum()) == expected, name
-        assert params[name][~mask].eq(0).all(), f"{name} has non-zero inactive weights"
+from tests.helpers import MLP, InvariantChecker, make_loader, make_trainer
 
 
 class GradientCheckModule(MLP):

@@ -5,12 +5,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_rigl import RigLCallback
 from lightning_rigl.core import num_active
-from tests.conftest import MLP, digest, make_loader, make_trainer
+from tests.helpers import MLP, SaveFinal, assert_same_run, digest, make_loader, make_trainer
 
 STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
 
@@ -35,28 +35,6 @@ def _run(tmp_path, method, optimizer, epochs, accumulate=1, ckpt_path=None, stra
     return rigl, model
 
 
-class SaveFinal(Callback):
-    """Saves every rank's masks, weights and update count at the end (DDP returns only rank 0's model)."""
-
-    def __init__(self, rigl, directory):
-        self.rigl, self.directory = rigl, directory
-
-    def on_train_end(self, trainer, pl_module):
-        state = {"masks": self.rigl.masks, "updates": self.rigl.sparse.updates, "weights": pl_module.state_dict()}
-        torch.save(state, self.directory / f"final-rank{trainer.global_rank}.pt")
-
-
-def _assert_same_run(straight_dir, resumed_dir, ranks=1):
-    for rank in range(ranks):
-        straight = torch.load(straight_dir / f"final-rank{rank}.pt")
-        resumed = torch.load(resumed_dir / f"final-rank{rank}.pt")
-        assert straight["updates"] == resumed["updates"] > 0
-        for name, mask in straight["masks"].items():
-            assert torch.equal(resumed["masks"][name], mask), name
-        for name, value in straight["weights"].items():
-            assert torch.equal(resumed["weights"][name], value), name
-
-
 @pytest.mark.parametrize(
     ("method", "optimizer", "accumulate", "first_epochs"),
     [
@@ -76,7 +54,7 @@ def test_resume_is_bit_exact(tmp_path, method, optimizer, accumulate, first_epoc
     _run(straight, method, optimizer, epochs, accumulate)
     _run(resumed, method, optimizer, first_epochs, accumulate)
     _run(resumed, method, optimizer, epochs, accumulate, ckpt_path=resumed / "last.ckpt")
-    _assert_same_run(straight, resumed)
+    assert_same_run(straight, resumed)
 
 
 def test_resume_is_bit_exact_under_ddp(tmp_path):
@@ -87,7 +65,7 @@ def test_resume_is_bit_exact_under_ddp(tmp_path):
     _run(straight, "rigl", "adam", 5, **ddp)
     _run(resumed, "rigl", "adam", 2, **ddp)
     _run(resumed, "rigl", "adam", 5, ckpt_path=resumed / "last.ckpt", **ddp)
-    _assert_same_run(straight, resumed, ranks=2)
+    assert_same_run(straight, resumed, ranks=2)
 
 
 def test_callback_state_is_compact_and_loads_weights_only(tmp_path):

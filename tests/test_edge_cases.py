@@ -7,8 +7,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_rigl import RigLCallback
-from tests.conftest import MLP, make_loader, make_trainer
-from tests.test_callback import InvariantChecker, assert_invariants
+from tests.helpers import MLP, InvariantChecker, assert_invariants, make_loader, make_trainer
 
 
 class Odd(pl.LightningModule):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_rigl import RigLCallback, SparseTraining, load_sparse, save_sparse
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, make_loader, make_trainer
 
 
 def test_round_trip_of_a_trained_rigl_model_gives_identical_outputs(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_rigl.core.flops import FlopsCount, LayerFlops, count_active, count_flops, training_flops_per_sample
-from tests.conftest import FusedLinear
+from tests.helpers import FusedLinear
 
 
 def _mlp():

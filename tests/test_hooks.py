@@ -12,8 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from lightning_rigl import RigLCallback, SparseTraining, SparsityMonitor, UpdateSchedule
-from tests.conftest import MLP, InfAt, StepWatch, digest, make_loader, make_trainer
-from tests.test_monitor import RecordingLogger
+from tests.helpers import MLP, InfAt, RecordingLogger, StepWatch, digest, make_loader, make_trainer
 
 
 def _rigl():

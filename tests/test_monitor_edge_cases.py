@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_rigl import RigLCallback, SparsityMonitor, count_flops
-from tests.conftest import MLP, make_loader, make_trainer
-from tests.test_monitor import F_DENSE, RecordingLogger
+from tests.helpers import MLP, Attention, RecordingLogger, make_loader, make_trainer
+from tests.test_monitor import F_DENSE
 
 
 def _last_logged(logger):
@@ -29,22 +29,6 @@ def test_bf16_mixed_sparse_flops_are_two_per_active_weight():
     active = sum(int(mask.sum()) for mask in rigl.masks.values())
     assert metrics["flops/dense_forward"] == F_DENSE
     assert metrics["flops/sparse_forward"] == 2 * active < F_DENSE / 4
-
-
-class Attention(nn.Module):
-    """One projection, then attention through F.scaled_dot_product_attention and through nn.MultiheadAttention."""
-
-    def __init__(self, dim=16, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True, bias=False)
-
-    def forward(self, x):
-        batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
-        return self.mha(y, y, y, need_weights=False)[0]
 
 
 def test_cpu_scaled_dot_product_attention_counts_its_two_matmuls():

@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheck
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_rigl import RigLCallback, load_sparse, save_sparse
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, make_loader, make_trainer
 
 
 def _checkpoint(tmp_path, **rigl_kwargs):

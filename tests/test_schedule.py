@@ -3,7 +3,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_rigl import RigLCallback, UpdateSchedule
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, make_loader, make_trainer
 
 
 @pytest.mark.parametrize(

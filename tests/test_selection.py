@@ -17,7 +17,7 @@ from torch.nn.utils import parametrizations, parametrize, prune
 from lightning_rigl import RigLCallback, SparseTraining, count_flops
 from lightning_rigl.core import num_active, selection
 from lightning_rigl.core.selection import is_masked_module, parameter_aliases, select_parameters
-from tests.conftest import make_loader, make_trainer
+from tests.helpers import make_loader, make_trainer
 
 
 class Conv1D(nn.Module):
