@@ -1,4 +1,4 @@
-"""RigLCallback in a real Trainer: masks, counts, gradients, growth, seeds and repeated fits."""
+"""RigLCallback in a real Trainer: masks, counts, gradients, growth, non-finite steps, seeds and repeated fits."""
 
 import lightning.pytorch as pl
 import pytest
@@ -105,6 +105,19 @@ def test_a_step_with_non_finite_gradients_makes_no_update_and_is_counted():
     assert rigl.sparse.nonfinite_steps == 1
     assert [record.step for record in rigl.sparse.history] == [5, 10]  # step 5's update ran at step 6
     assert rigl.sparse.updates == 2
+
+
+class NaNFrom(MLP):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_step >= 5 else loss
+
+
+def test_nan_losses_defer_updates_and_do_not_crash():
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100)
+    make_trainer([rigl], max_steps=10).fit(NaNFrom(), make_loader())
+    assert rigl.sparse.updates == 2  # steps 2 and 4; every later one is deferred
+    assert rigl.sparse.nonfinite_steps == 5  # steps 6..10 were all due and all non-finite
 
 
 def _train_masks(seed, rigl_seed, method="rigl"):

@@ -1,16 +1,26 @@
-"""Masks survive checkpoints: bit-exact resume, and clear behaviour for foreign checkpoints."""
+"""Masks survive checkpoints: bit-exact resume (after an interrupt too), and clear behaviour for foreign
+checkpoints."""
 
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_rigl import RigLCallback
 from lightning_rigl.core import num_active
-from tests.helpers import MLP, SaveFinal, assert_same_run, digest, make_loader, make_trainer
+from tests.helpers import (
+    MLP,
+    InvariantChecker,
+    SaveFinal,
+    assert_invariants,
+    assert_same_run,
+    digest,
+    make_loader,
+    make_trainer,
+)
 
 STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
 
@@ -126,3 +136,27 @@ def test_a_checkpoint_of_state_version_1_resumes_exactly(two_threads):
     make_trainer([rigl], max_steps=20).fit(model, make_loader(128, 16), ckpt_path=path)
     assert rigl.sparse.updates == 5
     assert (digest(model.state_dict()), digest(rigl.masks)) == ("2cb29b824a788e93", "f82680d69486a9df")
+
+
+class Interrupt(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 6:
+            raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_then_resume_from_last_checkpoint(tmp_path):
+    rigl = RigLCallback(0.8, delta_t=3, t_end=100, seed=1)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=4)
+    trainer = make_trainer([rigl, checkpoint, Interrupt()], max_steps=12, enable_checkpointing=True)
+    with pytest.raises(SystemExit):  # Lightning turns a KeyboardInterrupt into a graceful exit
+        trainer.fit(MLP(), make_loader(64, 16))
+    assert trainer.interrupted and trainer.global_step == 6
+
+    resumed = RigLCallback(0.8, delta_t=3, t_end=100, seed=1)
+    checker = InvariantChecker(resumed)
+    trainer = make_trainer([resumed, checker], max_steps=12)
+    trainer.fit(MLP(), make_loader(64, 16), ckpt_path=tmp_path / "last.ckpt")
+    assert trainer.global_step == 12
+    # Step 3's update comes from the step-4 checkpoint; 6, 9 and 12 ran after the resume.
+    assert [r.step for r in resumed.sparse.history] == [3, 6, 9, 12]
+    assert_invariants(resumed, trainer.lightning_module)

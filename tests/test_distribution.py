@@ -2,8 +2,9 @@ import math
 
 import pytest
 
-from lightning_rigl import layer_sparsities
+from lightning_rigl import RigLCallback, layer_sparsities
 from lightning_rigl.core.topology import num_active
+from tests.helpers import MLP, make_loader, make_trainer
 
 SHAPES = {
     "conv1": (16, 3, 3, 3),
@@ -109,3 +110,13 @@ def test_bad_input_raises_naming_it(kwargs, match):
 def test_er_rejects_one_dimensional_weights():
     with pytest.raises(ValueError, match="at least 2 dims"):
         layer_sparsities({"v": (10,), "fc": (10, 10)}, 0.5, "er")
+
+
+def test_layers_that_erk_makes_dense_stay_dense_through_updates():
+    rigl = RigLCallback(0.98, delta_t=2, t_end=100)
+    model = MLP(hidden=1024)
+    make_trainer([rigl], max_steps=8).fit(model, make_loader())
+    dense = [name for name, s in rigl.sparse.sparsities.items() if s == 0.0]
+    assert dense == ["net.5.weight"]  # the 1024 -> 4 head at 98 %
+    for name in dense:
+        assert rigl.masks[name].all()
