@@ -1,4 +1,4 @@
-"""Which weights get a mask: odd and foreign layer types, tied weights, parametrized and lazy weights,
+"""Which weights get a mask: odd, foreign and zero-size layers, tied weights, parametrized and lazy weights,
 layers built in configure_model, frozen weights."""
 
 import ast
@@ -16,10 +16,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
-from lightning_rigl import RigLCallback, SparseTraining, count_flops
+from lightning_rigl import RigLCallback, SparseTraining, SparsityMonitor, count_flops
 from lightning_rigl.core import num_active, selection
 from lightning_rigl.core.selection import is_masked_module, parameter_aliases, select_parameters
-from tests.helpers import MLP, InvariantChecker, make_loader, make_trainer
+from tests.helpers import MLP, InvariantChecker, RecordingLogger, make_loader, make_trainer
 
 
 class Conv1D(nn.Module):
@@ -131,6 +131,28 @@ def test_default_selection_of_the_odd_model_leaves_rnn_dense():
     rigl = RigLCallback(0.8, delta_t=2, t_end=100)
     make_trainer([rigl], max_steps=2).fit(Odd(), make_loader())
     assert "rnn.weight_ih_l0" not in rigl.masks and "attention.in_proj_weight" in rigl.masks
+
+
+def test_rigl_trains_next_to_a_zero_size_linear_leaving_it_out_of_the_masks():
+    class WithEmpty(MLP):
+        def __init__(self):
+            super().__init__()
+            self.empty = nn.Linear(32, 0)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return super().training_step(batch, batch_idx) + self.empty(self.net[0](x)).sum()
+
+    rigl = RigLCallback(0.8, delta_t=2, t_end=6)
+    logger = RecordingLogger()
+    make_trainer([rigl, SparsityMonitor(plot=False)], max_steps=6, log_every_n_steps=2, logger=logger).fit(
+        WithEmpty(), make_loader()
+    )
+    assert "empty.weight" not in rigl.masks and rigl.sparse.updates == 2
+    masked = sum(mask.numel() for mask in rigl.masks.values())
+    assert sum(int(mask.sum()) for mask in rigl.masks.values()) == pytest.approx(0.2 * masked, rel=0.02)
+    with pytest.raises(MisconfigurationException, match=r"nothing to mask \(include=\['empty.weight'\]"):
+        make_trainer([RigLCallback(0.8, include=["empty.weight"])], max_steps=1).fit(WithEmpty(), make_loader())
 
 
 class TiedLM(pl.LightningModule):
