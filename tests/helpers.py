@@ -165,6 +165,22 @@ class Attention(nn.Module):
         return self.mha(y, y, y, need_weights=False)[0]
 
 
+class WithValidation(MLP):
+    """Logs a score that is best at the first epoch; checks at every validation batch that the weights in
+    use (swapped in by an averaging callback, if any) are 0 where the masks say."""
+
+    rigl: RigLCallback
+    validated = 0
+
+    def validation_step(self, batch, batch_idx):
+        params = dict(self.named_parameters())
+        for name, mask in self.rigl.masks.items():
+            assert params[name][~mask].eq(0).all(), name
+        self.validated += 1
+        self.log("score", -float(self.current_epoch))
+        return super().training_step(batch, batch_idx)
+
+
 def big_sparse_mlp(density=0.2):
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).double()
     masks = {name: torch.rand_like(w) < density for name, (_, w) in linear_layers(model).items()}

@@ -125,6 +125,42 @@ def test_weights_only_checkpoint(tmp_path):
     assert any(not torch.equal(fresh.masks[n], rigl.masks[n]) for n in rigl.masks)
 
 
+def _checkpoint(tmp_path, **rigl_kwargs):
+    rigl = RigLCallback(**{"sparsity": 0.8, "delta_t": 2, "t_end": 100, **rigl_kwargs})
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    make_trainer([rigl, saver], max_steps=4, enable_checkpointing=True).fit(MLP(), make_loader(64, 16))
+    return tmp_path / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"sparsity": 0.9}, ["sparsity of net.0.weight: saved", "given"]),
+        ({"method": "snfs"}, ["method: saved 'rigl', given 'snfs'"]),
+        ({"distribution": "uniform"}, ["sparsity of net.0.weight: saved", "sparsity of net.2.weight"]),
+        ({"dense_first_layer": True}, ["sparsity of net.0.weight: saved", "given 0"]),
+        ({"custom_sparsity": {"net.5.weight": 0.5}}, ["sparsity of net.5.weight: saved", "given 0.5"]),
+        ({"erk_power_scale": 0.5}, ["sparsity of net.0.weight: saved"]),
+    ],
+    ids=["sparsity", "method", "distribution", "dense_first_layer", "custom_sparsity", "erk_power_scale"],
+)
+def test_resuming_with_arguments_that_change_what_is_trained_is_refused_naming_each_difference(tmp_path, given, named):
+    path = _checkpoint(tmp_path)
+    rigl = RigLCallback(**{"sparsity": 0.8, "delta_t": 2, "t_end": 100, **given})
+    with pytest.raises(MisconfigurationException) as error:
+        make_trainer([rigl], max_steps=8).fit(MLP(), make_loader(64, 16), ckpt_path=path)
+    for words in named:
+        assert words in str(error.value), (words, str(error.value))
+    assert "checkpoint's RigL run differs" in str(error.value)
+
+
+def test_resuming_with_arguments_that_only_change_how_it_runs_goes_on(tmp_path):
+    path = _checkpoint(tmp_path)
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100, consistency_checks=0, seed=123)
+    make_trainer([rigl], max_steps=8).fit(MLP(), make_loader(64, 16), ckpt_path=path)
+    assert rigl.sparse.updates == 4
+
+
 def test_a_checkpoint_of_state_version_1_resumes_exactly(two_threads):
     # Written by the first release (RigL state version 1): SNFS at step 10, two updates made, with the
     # moving average of gradients and the update history in its old layout. The digests are those of

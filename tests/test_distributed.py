@@ -1,4 +1,5 @@
-"""Data-parallel RigL on CPU with 2 processes (gloo): the masks one device would give."""
+"""Data-parallel RigL on CPU with 2 processes (gloo): the masks one device would give, and held by the main
+process after a ddp_spawn fit."""
 
 import pytest
 import torch
@@ -12,9 +13,10 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_rigl import RigLCallback
 from lightning_rigl._strategies import check_strategy
 from lightning_rigl.core import num_active
-from tests.helpers import distributed_rigl, fit_plain_sgd
+from tests.helpers import MLP, distributed_rigl, fit_plain_sgd, make_loader, make_trainer
 
 
 class SaveMasks(Callback):
@@ -68,6 +70,35 @@ def test_planted_divergence_raises_naming_the_layer(tmp_path):
     rigl = distributed_rigl("rigl")
     with pytest.raises(Exception, match=r"masks differ across ranks for \['net.2.weight'\]"):
         fit_plain_sgd([rigl, PlantDivergence(rigl)], strategy="ddp_spawn", devices=2)
+
+
+class SaveRankZeroMasks(Callback):
+    def __init__(self, rigl, path):
+        self.rigl, self.path = rigl, path
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            torch.save(self.rigl.masks, self.path)
+
+
+def test_after_a_ddp_spawn_fit_the_main_process_holds_the_trained_masks(tmp_path):
+    rigl = RigLCallback(0.8, delta_t=3, t_end=100, alpha=0.5)
+    model = MLP()
+    make_trainer([rigl], max_steps=2).fit(MLP(), make_loader())  # a local fit first: a run in this process
+    local = rigl.sparse
+    make_trainer(
+        [rigl, SaveRankZeroMasks(rigl, tmp_path / "rank0.pt")], max_steps=6, strategy="ddp_spawn", devices=2
+    ).fit(model, make_loader())
+    trained = torch.load(tmp_path / "rank0.pt")
+    assert list(rigl.masks) == list(trained)
+    for _ in range(2):  # reading the masks twice gives the same masks, and drops nothing
+        for name, mask in trained.items():
+            assert torch.equal(rigl.masks[name], mask), name
+        assert rigl.sparse is local
+    # The last step was an update: connections grown at 0 are in the masks, not in the nonzero pattern.
+    params = dict(model.named_parameters())
+    assert any(not torch.equal(mask, params[name] != 0) for name, mask in rigl.masks.items())
+    assert all(params[name][~mask].eq(0).all() for name, mask in rigl.masks.items())
 
 
 @pytest.mark.parametrize(
