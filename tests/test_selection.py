@@ -1,5 +1,5 @@
-"""Which weights get a mask: odd, foreign and zero-size layers, tied weights, parametrized and lazy weights,
-layers built in configure_model, frozen weights."""
+"""Which weights get a mask: the default, include, exclude and custom sparsities; odd, foreign and zero-size
+layers, tied and shared weights, parametrized and lazy weights, layers built in configure_model, frozen weights."""
 
 import ast
 import re
@@ -20,6 +20,39 @@ from lightning_rigl import RigLCallback, SparseTraining, SparsityMonitor, count_
 from lightning_rigl.core import num_active, selection
 from lightning_rigl.core.selection import is_masked_module, parameter_aliases, select_parameters
 from tests.helpers import MLP, InvariantChecker, RecordingLogger, make_loader, make_trainer
+
+
+def test_include_exclude_and_custom_sparsity_select_and_override():
+    rigl = RigLCallback(
+        0.5,
+        include=["net.*.weight"],
+        exclude=["net.3.*"],  # the LayerNorm weight matched by include
+        custom_sparsity={"net.5.*": 0.25},
+    )
+    model = MLP()
+    make_trainer([rigl], max_steps=1).fit(model, make_loader())
+    assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]
+    assert rigl.sparse.sparsities["net.5.weight"] == 0.25
+
+
+def test_default_selection_covers_conv_transpose_and_attention():
+    from lightning_rigl.core import default_parameter_names
+
+    model = nn.ModuleDict(
+        {
+            "conv": nn.Conv2d(3, 4, 3),
+            "deconv": nn.ConvTranspose1d(4, 2, 3),
+            "attn": nn.MultiheadAttention(8, 2),
+            "emb": nn.Embedding(5, 8),
+            "bn": nn.BatchNorm2d(4),
+        }
+    )
+    assert default_parameter_names(model) == [
+        "conv.weight",
+        "deconv.weight",
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+    ]
 
 
 class Conv1D(nn.Module):
@@ -153,6 +186,23 @@ def test_rigl_trains_next_to_a_zero_size_linear_leaving_it_out_of_the_masks():
     assert sum(int(mask.sum()) for mask in rigl.masks.values()) == pytest.approx(0.2 * masked, rel=0.02)
     with pytest.raises(MisconfigurationException, match=r"nothing to mask \(include=\['empty.weight'\]"):
         make_trainer([RigLCallback(0.8, include=["empty.weight"])], max_steps=1).fit(WithEmpty(), make_loader())
+
+
+def test_shared_weights_get_one_mask_reported_under_every_name():
+    class Tied(MLP):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(32, 32)
+            self.net[2].weight = self.head.weight
+
+    rigl = RigLCallback(0.5)
+    model = Tied()
+    make_trainer([rigl], max_steps=2).fit(model, make_loader())
+    assert list(rigl.sparse.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]  # "head.weight" is the same
+    assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "head.weight", "net.5.weight"]
+    assert torch.equal(rigl.masks["head.weight"], rigl.masks["net.2.weight"])
+    assert rigl.sparse.params["net.2.weight"] is model.head.weight
+    assert model.head.weight[~rigl.masks["net.2.weight"]].eq(0).all()
 
 
 class TiedLM(pl.LightningModule):
@@ -444,6 +494,14 @@ def test_a_weight_tied_to_an_embedding_inside_a_repeated_module_still_stays_dens
     model.again = model.head  # the head reachable by a second path changes nothing
     with pytest.warns(UserWarning, match=r"embed\.weight = head\.weight = again\.weight"):
         assert list(select_parameters(model)) == ["hidden.weight"]
+
+
+def test_frozen_parameters_are_skipped():
+    model = MLP()
+    model.net[0].weight.requires_grad_(False)
+    rigl = RigLCallback(0.5)
+    make_trainer([rigl], max_steps=1).fit(model, make_loader())
+    assert "net.0.weight" not in rigl.masks
 
 
 class Backbone(pl.LightningModule):
