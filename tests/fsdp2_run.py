@@ -11,7 +11,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from tests.test_distributed import PlainSGD, _rigl  # noqa: E402
+from tests.helpers import PlainSGD, distributed_rigl  # noqa: E402
 
 
 class ShardedSGD(PlainSGD):
@@ -49,7 +49,7 @@ class SaveGathered(Callback):
 if __name__ == "__main__":
     directory, method = sys.argv[1], sys.argv[2]
     pl.seed_everything(0, verbose=False)
-    rigl = _rigl(method)
+    rigl = distributed_rigl(method)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

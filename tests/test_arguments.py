@@ -3,14 +3,13 @@
 import inspect
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_rigl import RigLCallback, SparsityMonitor
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, make_loader, make_trainer
 
 
 @pytest.mark.parametrize(
@@ -83,64 +82,6 @@ def test_setup_errors_name_the_culprit(callback, module, words):
         make_trainer([callback], max_steps=1).fit(module(), make_loader())
     for word in words:
         assert word in str(error.value), (word, str(error.value))
-
-
-def test_include_exclude_and_custom_sparsity_select_and_override():
-    rigl = RigLCallback(
-        0.5,
-        include=["net.*.weight"],
-        exclude=["net.3.*"],  # the LayerNorm weight matched by include
-        custom_sparsity={"net.5.*": 0.25},
-    )
-    model = MLP()
-    make_trainer([rigl], max_steps=1).fit(model, make_loader())
-    assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]
-    assert rigl.sparse.sparsities["net.5.weight"] == 0.25
-
-
-def test_frozen_parameters_are_skipped():
-    model = MLP()
-    model.net[0].weight.requires_grad_(False)
-    rigl = RigLCallback(0.5)
-    make_trainer([rigl], max_steps=1).fit(model, make_loader())
-    assert "net.0.weight" not in rigl.masks
-
-
-def test_default_selection_covers_conv_transpose_and_attention():
-    from lightning_rigl.core import default_parameter_names
-
-    model = nn.ModuleDict(
-        {
-            "conv": nn.Conv2d(3, 4, 3),
-            "deconv": nn.ConvTranspose1d(4, 2, 3),
-            "attn": nn.MultiheadAttention(8, 2),
-            "emb": nn.Embedding(5, 8),
-            "bn": nn.BatchNorm2d(4),
-        }
-    )
-    assert default_parameter_names(model) == [
-        "conv.weight",
-        "deconv.weight",
-        "attn.in_proj_weight",
-        "attn.out_proj.weight",
-    ]
-
-
-def test_shared_weights_get_one_mask_reported_under_every_name():
-    class Tied(MLP):
-        def __init__(self):
-            super().__init__()
-            self.head = nn.Linear(32, 32)
-            self.net[2].weight = self.head.weight
-
-    rigl = RigLCallback(0.5)
-    model = Tied()
-    make_trainer([rigl], max_steps=2).fit(model, make_loader())
-    assert list(rigl.sparse.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]  # "head.weight" is the same
-    assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "head.weight", "net.5.weight"]
-    assert torch.equal(rigl.masks["head.weight"], rigl.masks["net.2.weight"])
-    assert rigl.sparse.params["net.2.weight"] is model.head.weight
-    assert model.head.weight[~rigl.masks["net.2.weight"]].eq(0).all()
 
 
 ANY_VALUE = st.one_of(

@@ -13,7 +13,7 @@ from torch import nn
 from lightning_rigl import RigLCallback
 from lightning_rigl.core import resolve_sparsities
 from lightning_rigl.core.distribution import achieved_sparsity
-from tests.conftest import make_loader, make_trainer
+from tests.helpers import make_loader, make_trainer
 
 
 class ManySmallLayers(pl.LightningModule):

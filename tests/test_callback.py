@@ -1,34 +1,14 @@
-"""RigLCallback in a real Trainer: masks, counts, gradients, growth, seeds and repeated fits."""
+"""RigLCallback in a real Trainer: masks, counts, gradients, growth, non-finite steps, seeds, weight
+averaging and repeated fits."""
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
 from torch import nn
 
 from lightning_rigl import RigLCallback
-from lightning_rigl.core import num_active
-from tests.conftest import MLP, make_loader, make_trainer
-
-
-class InvariantChecker(Callback):
-    """After every batch: exact active counts, inactive weights exactly 0. Counts the checks."""
-
-    def __init__(self, rigl: RigLCallback):
-        self.rigl, self.checks = rigl, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        assert_invariants(self.rigl, pl_module)
-        self.checks += 1
-
-
-def assert_invariants(rigl, module):
-    params = dict(module.named_parameters())
-    assert rigl.masks, "no masks"
-    for name, mask in rigl.masks.items():
-        expected = num_active(mask.numel(), rigl.sparse.sparsities[name])
-        assert int(mask.sum()) == expected, name
-        assert params[name][~mask].eq(0).all(), f"{name} has non-zero inactive weights"
+from tests.helpers import MLP, InvariantChecker, WithValidation, make_loader, make_trainer
 
 
 class GradientCheckModule(MLP):
@@ -128,6 +108,19 @@ def test_a_step_with_non_finite_gradients_makes_no_update_and_is_counted():
     assert rigl.sparse.updates == 2
 
 
+class NaNFrom(MLP):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_step >= 5 else loss
+
+
+def test_nan_losses_defer_updates_and_do_not_crash():
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100)
+    make_trainer([rigl], max_steps=10).fit(NaNFrom(), make_loader())
+    assert rigl.sparse.updates == 2  # steps 2 and 4; every later one is deferred
+    assert rigl.sparse.nonfinite_steps == 5  # steps 6..10 were all due and all non-finite
+
+
 def _train_masks(seed, rigl_seed, method="rigl"):
     pl.seed_everything(seed, verbose=False)
     rigl = RigLCallback(0.8, method=method, delta_t=3, seed=rigl_seed)
@@ -209,6 +202,27 @@ def test_works_with_torch_compile():
     make_trainer([rigl, checker], max_steps=12).fit(compiled, make_loader())
     assert rigl.sparse.updates == 3 and checker.checks == 12
     assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]
+
+
+@pytest.mark.parametrize(
+    "averaging",
+    [lambda: EMAWeightAveraging(decay=0.9), lambda: StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)],
+    ids=["ema", "swa"],
+)
+def test_averaged_weights_respect_the_masks_in_validation_checkpoints_and_the_final_model(tmp_path, averaging):
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100, alpha=0.5)
+    model = WithValidation()
+    model.rigl = rigl
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer = make_trainer([averaging(), rigl, saver], max_steps=-1, max_epochs=4, enable_checkpointing=True)
+    trainer.fit(model, make_loader(64, 16), make_loader(32, 16, seed=1))
+    assert rigl.sparse.updates == 8 and model.validated > 4
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    params = dict(model.named_parameters())
+    for name, mask in rigl.masks.items():
+        assert params[name][~mask].eq(0).all(), name  # the final model, averaged weights copied in
+        assert saved[name][~mask].eq(0).all(), name  # the checkpoint, which holds the averaged weights
+        assert params[name][mask].ne(0).any(), name
 
 
 def test_fit_twice_with_the_same_callback_goes_on_from_its_masks():

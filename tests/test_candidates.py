@@ -1,5 +1,7 @@
 """The chunked top-k reduction and the update from candidates: exact against a full sort, ties to the lower index."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -260,6 +262,27 @@ def test_top_k_indices_breaks_ties_by_the_given_index():
     values = torch.tensor([1.0, 3.0, 1.0, 1.0])
     assert top_k_indices(values, 2, index=torch.tensor([7, 0, 5, 6])).tolist() == [1, 2]
     assert top_k_indices(values, 2, largest=False, index=torch.tensor([7, 0, 5, 6])).tolist() == [2, 3]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    numel=st.integers(1, 2**18),
+    fraction=st.floats(0.0, 1.0),
+    largest=st.booleans(),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_top_k_indices_selects_the_stable_sort_prefix(numel, fraction, largest, ties, seed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(numel, generator=g)
+    if ties:
+        values = values.round(decimals=1)  # many equal values, also at the boundary
+        values[torch.rand(numel, generator=g) < 0.8] = math.inf if not largest else -math.inf
+    k = math.floor(numel * fraction**3)  # small k against numel too: the sampled bound's path
+    got = top_k_indices(values, k, largest=largest)
+    # The tie rule: among equal values the lower index first, as a stable sort orders them.
+    expected = torch.sort(values, descending=largest, stable=True).indices[:k]
+    assert got.tolist() == sorted(expected.tolist())
 
 
 ties = st.sampled_from(["continuous", "integers", "zeros", "few"])

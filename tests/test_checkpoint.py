@@ -1,4 +1,5 @@
-"""Masks survive checkpoints: bit-exact resume, and clear behaviour for foreign checkpoints."""
+"""Masks survive checkpoints: bit-exact resume (after an interrupt too), and clear behaviour for foreign
+checkpoints."""
 
 from pathlib import Path
 
@@ -10,7 +11,16 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_rigl import RigLCallback
 from lightning_rigl.core import num_active
-from tests.conftest import MLP, digest, make_loader, make_trainer
+from tests.helpers import (
+    MLP,
+    InvariantChecker,
+    SaveFinal,
+    assert_invariants,
+    assert_same_run,
+    digest,
+    make_loader,
+    make_trainer,
+)
 
 STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
 
@@ -35,28 +45,6 @@ def _run(tmp_path, method, optimizer, epochs, accumulate=1, ckpt_path=None, stra
     return rigl, model
 
 
-class SaveFinal(Callback):
-    """Saves every rank's masks, weights and update count at the end (DDP returns only rank 0's model)."""
-
-    def __init__(self, rigl, directory):
-        self.rigl, self.directory = rigl, directory
-
-    def on_train_end(self, trainer, pl_module):
-        state = {"masks": self.rigl.masks, "updates": self.rigl.sparse.updates, "weights": pl_module.state_dict()}
-        torch.save(state, self.directory / f"final-rank{trainer.global_rank}.pt")
-
-
-def _assert_same_run(straight_dir, resumed_dir, ranks=1):
-    for rank in range(ranks):
-        straight = torch.load(straight_dir / f"final-rank{rank}.pt")
-        resumed = torch.load(resumed_dir / f"final-rank{rank}.pt")
-        assert straight["updates"] == resumed["updates"] > 0
-        for name, mask in straight["masks"].items():
-            assert torch.equal(resumed["masks"][name], mask), name
-        for name, value in straight["weights"].items():
-            assert torch.equal(resumed["weights"][name], value), name
-
-
 @pytest.mark.parametrize(
     ("method", "optimizer", "accumulate", "first_epochs"),
     [
@@ -76,7 +64,7 @@ def test_resume_is_bit_exact(tmp_path, method, optimizer, accumulate, first_epoc
     _run(straight, method, optimizer, epochs, accumulate)
     _run(resumed, method, optimizer, first_epochs, accumulate)
     _run(resumed, method, optimizer, epochs, accumulate, ckpt_path=resumed / "last.ckpt")
-    _assert_same_run(straight, resumed)
+    assert_same_run(straight, resumed)
 
 
 def test_resume_is_bit_exact_under_ddp(tmp_path):
@@ -87,7 +75,7 @@ def test_resume_is_bit_exact_under_ddp(tmp_path):
     _run(straight, "rigl", "adam", 5, **ddp)
     _run(resumed, "rigl", "adam", 2, **ddp)
     _run(resumed, "rigl", "adam", 5, ckpt_path=resumed / "last.ckpt", **ddp)
-    _assert_same_run(straight, resumed, ranks=2)
+    assert_same_run(straight, resumed, ranks=2)
 
 
 def test_callback_state_is_compact_and_loads_weights_only(tmp_path):
@@ -137,6 +125,42 @@ def test_weights_only_checkpoint(tmp_path):
     assert any(not torch.equal(fresh.masks[n], rigl.masks[n]) for n in rigl.masks)
 
 
+def _checkpoint(tmp_path, **rigl_kwargs):
+    rigl = RigLCallback(**{"sparsity": 0.8, "delta_t": 2, "t_end": 100, **rigl_kwargs})
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    make_trainer([rigl, saver], max_steps=4, enable_checkpointing=True).fit(MLP(), make_loader(64, 16))
+    return tmp_path / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"sparsity": 0.9}, ["sparsity of net.0.weight: saved", "given"]),
+        ({"method": "snfs"}, ["method: saved 'rigl', given 'snfs'"]),
+        ({"distribution": "uniform"}, ["sparsity of net.0.weight: saved", "sparsity of net.2.weight"]),
+        ({"dense_first_layer": True}, ["sparsity of net.0.weight: saved", "given 0"]),
+        ({"custom_sparsity": {"net.5.weight": 0.5}}, ["sparsity of net.5.weight: saved", "given 0.5"]),
+        ({"erk_power_scale": 0.5}, ["sparsity of net.0.weight: saved"]),
+    ],
+    ids=["sparsity", "method", "distribution", "dense_first_layer", "custom_sparsity", "erk_power_scale"],
+)
+def test_resuming_with_arguments_that_change_what_is_trained_is_refused_naming_each_difference(tmp_path, given, named):
+    path = _checkpoint(tmp_path)
+    rigl = RigLCallback(**{"sparsity": 0.8, "delta_t": 2, "t_end": 100, **given})
+    with pytest.raises(MisconfigurationException) as error:
+        make_trainer([rigl], max_steps=8).fit(MLP(), make_loader(64, 16), ckpt_path=path)
+    for words in named:
+        assert words in str(error.value), (words, str(error.value))
+    assert "checkpoint's RigL run differs" in str(error.value)
+
+
+def test_resuming_with_arguments_that_only_change_how_it_runs_goes_on(tmp_path):
+    path = _checkpoint(tmp_path)
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100, consistency_checks=0, seed=123)
+    make_trainer([rigl], max_steps=8).fit(MLP(), make_loader(64, 16), ckpt_path=path)
+    assert rigl.sparse.updates == 4
+
+
 def test_a_checkpoint_of_state_version_1_resumes_exactly(two_threads):
     # Written by the first release (RigL state version 1): SNFS at step 10, two updates made, with the
     # moving average of gradients and the update history in its old layout. The digests are those of
@@ -148,3 +172,27 @@ def test_a_checkpoint_of_state_version_1_resumes_exactly(two_threads):
     make_trainer([rigl], max_steps=20).fit(model, make_loader(128, 16), ckpt_path=path)
     assert rigl.sparse.updates == 5
     assert (digest(model.state_dict()), digest(rigl.masks)) == ("2cb29b824a788e93", "f82680d69486a9df")
+
+
+class Interrupt(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 6:
+            raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_then_resume_from_last_checkpoint(tmp_path):
+    rigl = RigLCallback(0.8, delta_t=3, t_end=100, seed=1)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=4)
+    trainer = make_trainer([rigl, checkpoint, Interrupt()], max_steps=12, enable_checkpointing=True)
+    with pytest.raises(SystemExit):  # Lightning turns a KeyboardInterrupt into a graceful exit
+        trainer.fit(MLP(), make_loader(64, 16))
+    assert trainer.interrupted and trainer.global_step == 6
+
+    resumed = RigLCallback(0.8, delta_t=3, t_end=100, seed=1)
+    checker = InvariantChecker(resumed)
+    trainer = make_trainer([resumed, checker], max_steps=12)
+    trainer.fit(MLP(), make_loader(64, 16), ckpt_path=tmp_path / "last.ckpt")
+    assert trainer.global_step == 12
+    # Step 3's update comes from the step-4 checkpoint; 6, 9 and 12 ran after the resume.
+    assert [r.step for r in resumed.sparse.history] == [3, 6, 9, 12]
+    assert_invariants(resumed, trainer.lightning_module)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_rigl import RigLCallback, SparsityMonitor
-from tests.conftest import MLP, make_loader
+from tests.helpers import CLI_TRAINER_ARGS, MLP, command_line, make_loader
 
 # Every RigLCallback argument, each away from its default. MLP's weights: net.0, net.2, net.3 (LayerNorm), net.5.
 RIGL_ARGS = {
@@ -43,14 +42,6 @@ MONITOR_ARGS = {
     "table": False,
     "plot": False,
 }
-TRAINER_ARGS = {
-    "accelerator": "cpu",
-    "max_steps": 6,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-}
 
 
 class ToyData(pl.LightningDataModule):
@@ -76,15 +67,10 @@ def callback(result: LightningCLI, cls: type) -> pl.Callback:
     return found
 
 
-def command_line(args: dict, prefix: str = "trainer.callbacks") -> list[str]:
-    """``--prefix.key=value`` for each item; JSON for anything but a string (lists, dicts, true, null)."""
-    return [f"--{prefix}.{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in args.items()]
-
-
 def write_config(tmp_path, callbacks: list[dict]):
     config = {
         "seed_everything": 0,
-        "trainer": {**TRAINER_ARGS, "default_root_dir": str(tmp_path), "callbacks": callbacks},
+        "trainer": {**CLI_TRAINER_ARGS, "default_root_dir": str(tmp_path), "callbacks": callbacks},
     }
     path = tmp_path / "rigl.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -126,7 +112,7 @@ def test_yaml_config_passes_every_value_to_the_callbacks(tmp_path):
 
 
 def test_command_line_passes_every_value_to_the_callbacks(tmp_path):
-    args = command_line(TRAINER_ARGS, "trainer")
+    args = command_line(CLI_TRAINER_ARGS, "trainer")
     args += ["--trainer.callbacks+=lightning_rigl.SparsityMonitor", *command_line(MONITOR_ARGS)]
     args += ["--trainer.callbacks+=lightning_rigl.RigLCallback", *command_line(RIGL_ARGS)]
     result = cli(*args, f"--trainer.default_root_dir={tmp_path}", "--seed_everything=0")
@@ -174,8 +160,8 @@ LightningCLI(MLP, run=False)
 
 
 def run_script(tmp_path, *args: str, package: str = "lightning.pytorch") -> subprocess.CompletedProcess:
-    """Runs a LightningCLI script on tests.conftest.MLP (on its pytorch_lightning twin for that package)."""
-    model_module = "tests.test_pytorch_lightning" if package == "pytorch_lightning" else "tests.conftest"
+    """Runs a LightningCLI script on tests.helpers.MLP (on its pytorch_lightning twin for that package)."""
+    model_module = "tests.helpers_pytorch_lightning" if package == "pytorch_lightning" else "tests.helpers"
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(root=str(Path(__file__).parent.parent), package=package, model_module=model_module))
     command = [sys.executable, str(script), "--seed_everything=false", *args]
@@ -243,7 +229,7 @@ def print_config(capsys, *args: str) -> str:
 def test_print_config_writes_every_value_back_and_runs_again(tmp_path, capsys):
     args = ["--trainer.callbacks+=lightning_rigl.SparsityMonitor", *command_line(MONITOR_ARGS)]
     args += ["--trainer.callbacks+=lightning_rigl.RigLCallback", *command_line(RIGL_ARGS)]
-    args += command_line(TRAINER_ARGS, "trainer")
+    args += command_line(CLI_TRAINER_ARGS, "trainer")
     printed = print_config(capsys, *args, f"--trainer.default_root_dir={tmp_path}", "--seed_everything=0")
 
     callbacks = yaml.safe_load(printed)["trainer"]["callbacks"]
@@ -261,7 +247,7 @@ def test_print_config_writes_every_value_back_and_runs_again(tmp_path, capsys):
 def test_print_config_of_a_float_t_end_runs_back_as_a_fraction(tmp_path, capsys):
     args = ["--trainer.callbacks+=RigLCallback", "--trainer.callbacks.t_end=0.5", "--trainer.callbacks.delta_t=1"]
     printed = print_config(
-        capsys, *args, *command_line(TRAINER_ARGS, "trainer"), f"--trainer.default_root_dir={tmp_path}"
+        capsys, *args, *command_line(CLI_TRAINER_ARGS, "trainer"), f"--trainer.default_root_dir={tmp_path}"
     )
     assert "t_end: 0.5\n" in printed
     config = tmp_path / "printed.yaml"
@@ -275,7 +261,7 @@ def test_a_cli_run_masks_the_weights_it_trains(tmp_path):
     result = cli(
         "--trainer.callbacks+=RigLCallback",
         "--trainer.callbacks.sparsity=0.9",
-        *command_line(TRAINER_ARGS, "trainer"),
+        *command_line(CLI_TRAINER_ARGS, "trainer"),
         f"--trainer.default_root_dir={tmp_path}",
     )
     params = dict(result.model.named_parameters())

@@ -1,6 +1,6 @@
-"""Data-parallel RigL on CPU with 2 processes (gloo): the masks one device would give."""
+"""Data-parallel RigL on CPU with 2 processes (gloo): the masks one device would give, and held by the main
+process after a ddp_spawn fit."""
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -12,37 +12,11 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_rigl import RigLCallback
 from lightning_rigl._strategies import check_strategy
 from lightning_rigl.core import num_active
-from tests.conftest import MLP, make_loader, make_trainer
-
-
-class PlainSGD(MLP):
-    """SGD without momentum in float64: the DDP-averaged gradient equals the full-batch one.
-
-    Rank r of W gets samples r, r + W, ... in order, 8 a batch, so that the W batches of one step
-    together are the 8 * W consecutive samples a single process takes as one batch.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.double()
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return super().training_step((x.double(), y), batch_idx)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):
-        dataset = make_loader(256).dataset
-        world = self.trainer.world_size
-        sampler = DistributedSampler(dataset, world, self.trainer.global_rank, shuffle=False)
-        return DataLoader(dataset, batch_size=16 // world, sampler=sampler)
+from tests.helpers import MLP, distributed_rigl, fit_plain_sgd, make_loader, make_trainer
 
 
 class SaveMasks(Callback):
@@ -77,35 +51,54 @@ class PlantDivergence(Callback):
             self.rigl.sparse.set_masks(masks)
 
 
-def _rigl(method):
-    return RigLCallback(0.8, method=method, delta_t=2, t_end=100, alpha=0.5, seed=5)
-
-
-def _fit(callbacks, **kwargs):
-    pl.seed_everything(0, verbose=False)
-    model = PlainSGD()
-    make_trainer(callbacks, max_steps=8, use_distributed_sampler=False, **kwargs).fit(model)
-
-
 @pytest.mark.parametrize("method", ["rigl", "set", "snfs"])
 def test_ddp_masks_agree_across_ranks_and_with_one_process_on_the_whole_batch(tmp_path, method):
-    rigl = _rigl(method)
-    _fit([rigl, SaveMasks(rigl, tmp_path)], strategy="ddp_spawn", devices=2)
+    rigl = distributed_rigl(method)
+    fit_plain_sgd([rigl, SaveMasks(rigl, tmp_path)], strategy="ddp_spawn", devices=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["updates"] == ranks[1]["updates"] == 4
     for name in ranks[0]["masks"]:
         assert torch.equal(ranks[0]["masks"][name], ranks[1]["masks"][name]), name
 
-    single = _rigl(method)
-    _fit([single])
+    single = distributed_rigl(method)
+    fit_plain_sgd([single])
     for name, mask in single.masks.items():
         assert torch.equal(mask, ranks[0]["masks"][name]), name
 
 
 def test_planted_divergence_raises_naming_the_layer(tmp_path):
-    rigl = _rigl("rigl")
+    rigl = distributed_rigl("rigl")
     with pytest.raises(Exception, match=r"masks differ across ranks for \['net.2.weight'\]"):
-        _fit([rigl, PlantDivergence(rigl)], strategy="ddp_spawn", devices=2)
+        fit_plain_sgd([rigl, PlantDivergence(rigl)], strategy="ddp_spawn", devices=2)
+
+
+class SaveRankZeroMasks(Callback):
+    def __init__(self, rigl, path):
+        self.rigl, self.path = rigl, path
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            torch.save(self.rigl.masks, self.path)
+
+
+def test_after_a_ddp_spawn_fit_the_main_process_holds_the_trained_masks(tmp_path):
+    rigl = RigLCallback(0.8, delta_t=3, t_end=100, alpha=0.5)
+    model = MLP()
+    make_trainer([rigl], max_steps=2).fit(MLP(), make_loader())  # a local fit first: a run in this process
+    local = rigl.sparse
+    make_trainer(
+        [rigl, SaveRankZeroMasks(rigl, tmp_path / "rank0.pt")], max_steps=6, strategy="ddp_spawn", devices=2
+    ).fit(model, make_loader())
+    trained = torch.load(tmp_path / "rank0.pt")
+    assert list(rigl.masks) == list(trained)
+    for _ in range(2):  # reading the masks twice gives the same masks, and drops nothing
+        for name, mask in trained.items():
+            assert torch.equal(rigl.masks[name], mask), name
+        assert rigl.sparse is local
+    # The last step was an update: connections grown at 0 are in the masks, not in the nonzero pattern.
+    params = dict(model.named_parameters())
+    assert any(not torch.equal(mask, params[name] != 0) for name, mask in rigl.masks.items())
+    assert all(params[name][~mask].eq(0).all() for name, mask in rigl.masks.items())
 
 
 @pytest.mark.parametrize(

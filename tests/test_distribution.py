@@ -1,9 +1,14 @@
+"""Layer sparsities (ERK, ER, uniform): against a reference loop, within the budget, custom and dense layers."""
+
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lightning_rigl import layer_sparsities
+from lightning_rigl import RigLCallback, layer_sparsities
 from lightning_rigl.core.topology import num_active
+from tests.helpers import MLP, make_loader, make_trainer
 
 SHAPES = {
     "conv1": (16, 3, 3, 3),
@@ -109,3 +114,42 @@ def test_bad_input_raises_naming_it(kwargs, match):
 def test_er_rejects_one_dimensional_weights():
     with pytest.raises(ValueError, match="at least 2 dims"):
         layer_sparsities({"v": (10,), "fc": (10, 10)}, 0.5, "er")
+
+
+shape = st.one_of(
+    st.tuples(st.integers(1, 64), st.integers(1, 64)),
+    st.tuples(st.integers(1, 16), st.integers(1, 16), st.integers(1, 3), st.integers(1, 3)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shapes=st.lists(shape, min_size=1, max_size=6),
+    sparsity=st.floats(0.0, 0.99),
+    distribution=st.sampled_from(["erk", "er", "uniform"]),
+    custom_value=st.floats(0.0, 0.99),
+    use_custom=st.booleans(),
+)
+def test_layer_sparsities_fit_the_budget(shapes, sparsity, distribution, custom_value, use_custom):
+    named = {f"l{i}": s for i, s in enumerate(shapes)}
+    custom = {"l0": custom_value} if use_custom and len(named) > 1 else {}
+    result = layer_sparsities(named, sparsity, distribution, custom=custom)
+    assert list(result) == list(named)
+    assert all(0.0 <= s < 1.0 for s in result.values())
+    if custom:
+        assert result["l0"] == custom_value
+    budget = {n: s for n, s in named.items() if n not in custom}
+    target = sum(math.prod(s) - math.floor(sparsity * math.prod(s)) for s in budget.values())
+    active = sum(num_active(math.prod(s), result[n]) for n, s in budget.items())
+    # Equal up to the floors: at most one weight a layer, both ways.
+    assert abs(active - target) <= len(budget) + 1
+
+
+def test_layers_that_erk_makes_dense_stay_dense_through_updates():
+    rigl = RigLCallback(0.98, delta_t=2, t_end=100)
+    model = MLP(hidden=1024)
+    make_trainer([rigl], max_steps=8).fit(model, make_loader())
+    dense = [name for name, s in rigl.sparse.sparsities.items() if s == 0.0]
+    assert dense == ["net.5.weight"]  # the 1024 -> 4 head at 98 %
+    for name in dense:
+        assert rigl.masks[name].all()

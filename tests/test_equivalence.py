@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_rigl import RigLCallback
-from tests.conftest import MLP, digest, make_loader, make_trainer
+from tests.helpers import MLP, digest, make_loader, make_trainer
 
 DIGESTS = {
     "sgd_nesterov": ("e2a66917f49a0d9b", "5de51cbdcf712a59"),

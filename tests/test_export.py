@@ -1,11 +1,12 @@
-"""Compact sparse export: exact round trip, smaller files."""
+"""Compact sparse export: exact round trip, smaller files, the weights of the checkpoint last tested."""
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_rigl import RigLCallback, SparseTraining, load_sparse, save_sparse
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, WithValidation, make_loader, make_trainer
 
 
 def test_round_trip_of_a_trained_rigl_model_gives_identical_outputs(tmp_path):
@@ -58,3 +59,23 @@ def test_loading_a_foreign_file_raises(tmp_path):
     torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="not a lightning-rigl-sparse file"):
         load_sparse(tmp_path / "plain.pt")
+
+
+def test_exporting_after_testing_the_best_checkpoint_keeps_that_checkpoints_weights(tmp_path):
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100, alpha=0.5)
+    model = WithValidation()
+    model.rigl = rigl
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="score", mode="max", save_top_k=1, filename="best")
+    trainer = make_trainer([rigl, best], max_steps=-1, max_epochs=3, enable_checkpointing=True)
+    trainer.fit(model, make_loader(64, 16), make_loader(32, 16, seed=1))
+    assert best.best_model_path.endswith("best.ckpt")  # the first epoch's: masks changed after it
+
+    model.test_step = model.validation_step
+    trainer.test(model, make_loader(32, 16, seed=1), ckpt_path="best")
+    tested = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    assert rigl.sparse.updates == len(tested["callbacks"]["RigLCallback"]["history"]) == 2
+
+    save_sparse(model, tmp_path / "model.pt", masks=rigl.masks)  # README's recipe
+    exported = load_sparse(tmp_path / "model.pt")
+    for name, value in tested["state_dict"].items():
+        assert torch.equal(exported[name], value), name

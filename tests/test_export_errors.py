@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_rigl import RigLCallback, load_sparse, save_sparse
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, make_loader, make_trainer
 
 
 def test_a_mask_of_the_wrong_shape_is_refused_naming_the_tensor_and_both_shapes(tmp_path):

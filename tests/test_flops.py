@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_rigl.core.flops import FlopsCount, LayerFlops, count_active, count_flops, training_flops_per_sample
-from tests.conftest import FusedLinear
+from tests.helpers import Attention, FusedLinear
 
 
 def _mlp():
@@ -82,6 +82,16 @@ def test_attention_is_counted_in_eval_mode_too():
     with torch.no_grad():
         assert count_flops(attention, (x, x, x)).dense == count_flops(attention.train(), (x, x, x)).dense > 0
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_cpu_scaled_dot_product_attention_counts_its_two_matmuls():
+    tokens, dim = 10, 16
+    count = count_flops(Attention(dim), torch.randn(4, tokens, dim))
+    attention = 2 * (2 * tokens * tokens * dim)  # Q K^T and A V over all heads, 2 FLOPs a multiply-add
+    assert count.other == 2 * attention  # F.scaled_dot_product_attention and the MultiheadAttention
+    assert count.per_layer["qkv.weight"].dense == 2 * tokens * dim * 3 * dim
+    assert count.per_layer["mha.in_proj_weight"].dense == 2 * tokens * dim * 3 * dim
+    assert count.per_layer["mha.out_proj.weight"].dense == 2 * tokens * dim * dim
 
 
 def test_counting_changes_nothing_in_the_model():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_rigl.core import num_active
-from tests.test_distributed import _fit, _rigl
+from tests.helpers import distributed_rigl, fit_plain_sgd
 
 
 @pytest.mark.parametrize("method", ["rigl", "set"])
@@ -25,8 +25,8 @@ def test_fsdp2_masks_equal_single_device_and_are_stored_sharded(tmp_path, method
         # Each rank keeps only its shard of every mask: half of the single-device mask memory.
         assert rank["persistent_numel"] == rank["local_numel"] == rank["total_numel"] // 2
 
-    single = _rigl(method)
-    _fit([single])
+    single = distributed_rigl(method)
+    fit_plain_sgd([single])
     for name, mask in single.masks.items():
         assert torch.equal(ranks[0]["masks"][name], mask), name
         assert torch.equal(ranks[1]["masks"][name], mask), name

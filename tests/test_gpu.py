@@ -7,13 +7,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_rigl import RigLCallback, SparsityMonitor, sparsify
 from lightning_rigl.core import num_active
-from tests.conftest import MLP, make_loader, make_trainer
-from tests.test_callback import InvariantChecker
-from tests.test_checkpoint import SaveFinal, _assert_same_run
-from tests.test_kernels import F64, big_sparse_mlp
-from tests.test_kernels_callback import Wide, assert_same_training, fit
-from tests.test_monitor import RecordingLogger, _mlp
-from tests.test_optimizer_state import RecordGrowth, RpropMLP
+from tests.helpers import (
+    F64,
+    MLP,
+    InvariantChecker,
+    RecordGrowth,
+    RecordingLogger,
+    RpropMLP,
+    SaveFinal,
+    Wide,
+    assert_same_run,
+    assert_trained_alike,
+    big_sparse_mlp,
+    example_mlp,
+    fit_with_kernels,
+    make_loader,
+    make_trainer,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GPU = dict(accelerator="gpu", devices=1)
@@ -61,7 +71,7 @@ def test_resume_on_gpu_is_bit_exact(tmp_path, method, optimizer):
     _run_on_gpu(straight, method, optimizer, 5)
     _run_on_gpu(resumed, method, optimizer, 2)  # 4 steps an epoch: stops after step 8, between updates
     _run_on_gpu(resumed, method, optimizer, 5, ckpt_path=resumed / "last.ckpt")
-    _assert_same_run(straight, resumed)  # torch.equal on every mask and every weight
+    assert_same_run(straight, resumed)  # torch.equal on every mask and every weight
 
 
 def _monitored_flops(**trainer_kwargs):
@@ -70,7 +80,7 @@ def _monitored_flops(**trainer_kwargs):
     rigl = RigLCallback(0.8, delta_t=2, t_end=100)
     callbacks = [SparsityMonitor(plot=False), rigl]
     make_trainer(callbacks, max_steps=6, log_every_n_steps=3, logger=logger, **trainer_kwargs).fit(
-        _mlp(), make_loader()
+        example_mlp(), make_loader()
     )
     return {step: {k: v for k, v in m.items() if k.startswith("flops/")} for step, m in logger.monitored().items()}
 
@@ -102,9 +112,9 @@ def test_regrown_connections_restart_rprop_at_lr_on_cuda():
 
 def test_sparse_kernels_on_cuda_train_like_dense_kernels_in_float64():
     # The sparse path on cuSPARSE (CSR products, sampled_addmm): the same masks and updates as dense kernels.
-    sparse = fit("sparse", precision="64-true", **GPU)
-    dense = fit("dense", precision="64-true", **GPU)
-    assert_same_training(sparse, dense, rtol=1e-10)
+    sparse = fit_with_kernels("sparse", precision="64-true", **GPU)
+    dense = fit_with_kernels("dense", precision="64-true", **GPU)
+    assert_trained_alike(sparse, dense, rtol=1e-10)
     assert all(mask.device.type == "cuda" for mask in sparse[0].masks.values())
 
 
@@ -112,7 +122,7 @@ def test_auto_keeps_every_layer_dense_on_cuda():
     # Not measured on CUDA (cuSPARSE usually loses below about 95 %): a layer that "auto" serves on CPU
     # (Wide's 1024x1024 at density 0.03, 256 rows) stays dense on the GPU.
     loader = make_loader(512, batch_size=256, in_features=64)
-    rigl, _ = fit("auto", module=Wide, loader=loader, steps=2, sparsity=0.95, **GPU)
+    rigl, _ = fit_with_kernels("auto", module=Wide, loader=loader, steps=2, sparsity=0.95, **GPU)
     assert rigl.kernel_choices == dict.fromkeys(rigl.masks, "dense")
 
 

@@ -11,7 +11,7 @@ from torch import nn
 import lightning_rigl.core.sparse_linear as sparse_linear_module
 from lightning_rigl import RigLCallback
 from lightning_rigl.core.kernels import SparseKernels, linear_layers
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, make_loader, make_trainer
 
 NAMES = ["0.weight"]
 

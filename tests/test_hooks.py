@@ -1,7 +1,8 @@
 """Where RigLCallback does its work: gradients in on_before_optimizer_step, drop/grow in on_train_batch_end.
 
 What other callbacks see at each hook, what a checkpoint saved there resumes to, AMP-skipped steps,
-manual optimization with several optimizer steps in one batch, and the dense-gradient decision.
+manual optimization with several optimizer steps in one batch, the dense-gradient decision, and no work
+in validate, test or predict without a fit.
 """
 
 import lightning.pytorch as pl
@@ -12,8 +13,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from lightning_rigl import RigLCallback, SparseTraining, SparsityMonitor, UpdateSchedule
-from tests.conftest import MLP, InfAt, StepWatch, digest, make_loader, make_trainer
-from tests.test_monitor import RecordingLogger
+from tests.helpers import MLP, InfAt, RecordingLogger, StepWatch, digest, make_loader, make_trainer
 
 
 def _rigl():
@@ -231,3 +231,26 @@ def test_itop_rate_is_the_fraction_of_weights_in_the_union_of_all_masks_seen():
     total = sum(mask.numel() for mask in union.union.values())
     assert rigl.sparse.updates == 8 and ever > sum(int(m.sum()) for m in rigl.masks.values())
     assert rigl.sparse.itop_rate == ever / total
+
+
+class Evaluated(MLP):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.training_step(batch, batch_idx))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self.training_step(batch, batch_idx))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def test_validate_test_predict_without_fit_do_nothing_harmful():
+    rigl = RigLCallback(0.9)
+    model = Evaluated()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = make_trainer([rigl])
+    trainer.validate(model, make_loader())
+    trainer.test(model, make_loader())
+    trainer.predict(model, make_loader())
+    assert rigl.masks == {} and rigl.sparse is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -14,8 +14,7 @@ from lightning_rigl.core.kernel_choice import TokenProbe, choose_kernel, choose_
 from lightning_rigl.core.kernels import SparseKernels, linear_layers
 from lightning_rigl.core.sparse_linear import SparseStructure, sparse_linear
 from lightning_rigl.inference import sparsify
-
-F64 = dict(rtol=1e-12, atol=1e-12)
+from tests.helpers import F64, big_sparse_mlp
 
 
 def masked_layer(out_features=6, in_features=9, density=0.4, bias=True, dtype=torch.float64, seed=0):
@@ -248,12 +247,6 @@ def test_sparse_linear_gathers_values_from_the_current_weight():
     weight[0, 0], weight[1, 1], weight[0, 1] = 2.0, 3.0, 100.0  # [0, 1] is inactive: ignored
     x = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
     assert sparse_linear(x, weight, None, structure).tolist() == [[2.0, 3.0]]
-
-
-def big_sparse_mlp(density=0.2):
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).double()
-    masks = {name: torch.rand_like(w) < density for name, (_, w) in linear_layers(model).items()}
-    return model, masks
 
 
 def test_sparsify_round_trip_through_save_and_load_gives_the_masked_outputs(tmp_path):

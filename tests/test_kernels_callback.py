@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_rigl import RigLCallback, SparsityMonitor, count_flops
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, Wide, assert_trained_alike, fit_with_kernels, make_loader, make_trainer
 
 README = Path(__file__).parent.parent / "README.md"
 MASKED = ["net.0.weight", "net.2.weight", "net.5.weight"]
@@ -67,26 +67,6 @@ def sequence_loader(n: int = 256, batch_size: int = 16) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
-def fit(kernels, module=MLP, loader=None, steps=40, callbacks=(), method="rigl", sparsity=0.8, **trainer_kwargs):
-    pl.seed_everything(0, verbose=False)
-    rigl = RigLCallback(sparsity, method=method, delta_t=4, t_end=100, alpha=0.5, seed=1, kernels=kernels)
-    model = module()
-    trainer_kwargs.setdefault("max_steps", steps)
-    make_trainer([rigl, *callbacks], **trainer_kwargs).fit(model, loader or make_loader())
-    return rigl, model
-
-
-def assert_same_training(sparse, dense, rtol):
-    (rigl_s, model_s), (rigl_d, model_d) = sparse, dense
-    assert rigl_s.kernel_choices == dict.fromkeys(rigl_s.masks, "sparse")
-    assert rigl_d.kernel_choices == dict.fromkeys(rigl_d.masks, "dense")
-    assert rigl_s.sparse.updates == rigl_d.sparse.updates > 0
-    for name, mask in rigl_d.masks.items():
-        assert torch.equal(rigl_s.masks[name], mask), name
-    for name, value in model_d.state_dict().items():
-        torch.testing.assert_close(model_s.state_dict()[name], value, rtol=rtol, atol=rtol * value.abs().max())
-
-
 @pytest.mark.parametrize(
     ("module", "loader", "trainer_kwargs"),
     [
@@ -100,25 +80,18 @@ def assert_same_training(sparse, dense, rtol):
 )
 def test_float64_sparse_kernels_train_like_dense_kernels(module, loader, trainer_kwargs):
     args = dict(module=module, loader=loader() if loader else None, precision="64-true", **trainer_kwargs)
-    assert_same_training(fit("sparse", **args), fit("dense", **args), rtol=1e-10)
+    assert_trained_alike(fit_with_kernels("sparse", **args), fit_with_kernels("dense", **args), rtol=1e-10)
 
 
 def test_float32_sparse_kernels_stay_within_1e_4_of_dense_kernels():
-    assert_same_training(fit("sparse", steps=10), fit("dense", steps=10), rtol=1e-4)
+    assert_trained_alike(fit_with_kernels("sparse", steps=10), fit_with_kernels("dense", steps=10), rtol=1e-4)
 
 
 def test_bf16_mixed_runs_on_dense_kernels():
-    rigl, model = fit("sparse", steps=12, precision="bf16-mixed")
+    rigl, model = fit_with_kernels("sparse", steps=12, precision="bf16-mixed")
     assert rigl.kernel_choices == dict.fromkeys(MASKED, "dense")  # the CPU sparse kernels have no bf16
     assert rigl.sparse.updates == 3
     assert all(model.get_parameter(name)[~mask].eq(0).all() for name, mask in rigl.masks.items())
-
-
-class Wide(MLP):
-    """Layers of 64x1024, 1024x1024 and 1024x4 weights: at ERK 95 %, densities 0.27, 0.03 and 1."""
-
-    def __init__(self):
-        super().__init__(in_features=64, hidden=1024)
 
 
 class Scaled(nn.Linear):
@@ -149,7 +122,9 @@ class OwnForwards(MLP):
 
 
 def test_layers_with_a_forward_of_their_own_stay_dense_and_train_as_on_dense_kernels():
-    sparse, dense = (fit(kernels, module=OwnForwards, precision="64-true", steps=12) for kernels in ("sparse", "dense"))
+    sparse, dense = (
+        fit_with_kernels(kernels, module=OwnForwards, precision="64-true", steps=12) for kernels in ("sparse", "dense")
+    )
     assert sparse[0].kernel_choices == {"net.0.weight": "dense", "net.2.weight": "dense", "net.5.weight": "sparse"}
     assert sparse[1].shifted.calls == dense[1].shifted.calls == 12  # the wrapper ran at every batch
     assert sparse[0].sparse.updates == dense[0].sparse.updates == 3
@@ -159,18 +134,18 @@ def test_layers_with_a_forward_of_their_own_stay_dense_and_train_as_on_dense_ker
 
 def test_auto_picks_sparse_for_a_large_very_sparse_layer_and_dense_for_small_ones():
     loader = make_loader(512, batch_size=256, in_features=64)
-    rigl, _ = fit("auto", module=Wide, loader=loader, steps=2, sparsity=0.95)
+    rigl, _ = fit_with_kernels("auto", module=Wide, loader=loader, steps=2, sparsity=0.95)
     assert rigl.kernel_choices == {"net.0.weight": "dense", "net.2.weight": "sparse", "net.5.weight": "dense"}
 
 
 def test_snfs_stays_dense_under_auto():
     loader = make_loader(512, batch_size=256, in_features=64)
-    rigl, _ = fit("auto", module=Wide, loader=loader, steps=2, sparsity=0.95, method="snfs")
+    rigl, _ = fit_with_kernels("auto", module=Wide, loader=loader, steps=2, sparsity=0.95, method="snfs")
     assert set(rigl.kernel_choices.values()) == {"dense"}  # SNFS reads the dense gradient every step
 
 
 def test_the_first_batch_chooses_and_teardown_gives_layers_their_dense_forward():
-    rigl, model = fit("sparse", steps=3)
+    rigl, model = fit_with_kernels("sparse", steps=3)
     assert rigl.kernel_choices == dict.fromkeys(MASKED, "sparse")
     assert all("forward" not in vars(module) for module in model.modules())  # the class forward is back
 
@@ -203,9 +178,9 @@ def test_compiled_model_trains_on_sparse_kernels_like_dense_kernels():
         return torch.compile(eager[-1], backend="aot_eager")
 
     counter = CountSparseOps()
-    rigl, _ = fit("sparse", module=compiled, steps=12, callbacks=[counter])
+    rigl, _ = fit_with_kernels("sparse", module=compiled, steps=12, callbacks=[counter])
     assert counter.calls == 2 * 11  # forward and backward ops of every batch after the first
-    assert_same_training((rigl, eager[-1]), fit("dense", steps=12), rtol=1e-4)
+    assert_trained_alike((rigl, eager[-1]), fit_with_kernels("dense", steps=12), rtol=1e-4)
 
 
 def _checkpointed_fit(tmp_path: Path, kernels: str, epochs: int, ckpt_path=None):
@@ -358,7 +333,7 @@ class Encoder(MLP):
 
 
 def test_attention_projections_stay_dense_and_feed_forward_layers_go_sparse():
-    rigl, _ = fit("sparse", module=Encoder, loader=sequence_loader(), steps=4)
+    rigl, _ = fit_with_kernels("sparse", module=Encoder, loader=sequence_loader(), steps=4)
     choices = rigl.kernel_choices
     # nn.MultiheadAttention multiplies by in_proj_weight and out_proj.weight itself: no layer forward to swap.
     assert {name for name, choice in choices.items() if choice == "dense"} == {
@@ -388,7 +363,7 @@ class GradientNoise(Callback):
     ("module", "callbacks"), [(WeightUsedTwice, ()), (MLP, (GradientNoise(),))], ids=["second-use", "noise-hook"]
 )
 def test_gradients_changed_after_the_sparse_op_are_still_masked(module, callbacks):
-    rigl, model = fit("sparse", module=module, steps=12, callbacks=callbacks, method="set")
+    rigl, model = fit_with_kernels("sparse", module=module, steps=12, callbacks=callbacks, method="set")
     assert rigl.kernel_choices == dict.fromkeys(MASKED, "sparse")
     optimizer = model.trainer.optimizers[0]
     for name, mask in rigl.masks.items():

@@ -9,7 +9,7 @@ from torch import nn
 from lightning_rigl import RigLCallback, register_linear, sparsify
 from lightning_rigl.core import linear_types, num_active
 from lightning_rigl.core.kernels import can_serve, linear_layers, weight_in_out
-from tests.conftest import make_loader, make_trainer
+from tests.helpers import make_loader, make_trainer
 
 
 class Linear(nn.Module):

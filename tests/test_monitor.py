@@ -8,13 +8,14 @@ from datetime import timedelta
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ThroughputMonitor
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.nn import functional as F
 
-from lightning_rigl import RigLCallback, SparsityMonitor
-from tests.conftest import MLP, FusedLinear, make_loader, make_trainer
+from lightning_rigl import RigLCallback, SparsityMonitor, count_flops
+from tests.helpers import MLP, Attention, FusedLinear, RecordingLogger, example_mlp, make_loader, make_trainer
 
 LAYERS = ("net.0.weight", "net.2.weight", "net.5.weight")
 NUMEL = {"net.0.weight": 16 * 32, "net.2.weight": 32 * 32, "net.5.weight": 32 * 4}
@@ -24,52 +25,19 @@ RIGL_KEYS = {"rigl/drop_fraction", "rigl/changed", "rigl/itop", "rigl/updates"}
 SPARSITY_KEYS = {"sparsity/global"} | {f"sparsity/{name}" for name in LAYERS}
 
 
-class RecordingLogger(Logger):
-    """Keeps every `log_metrics` call: step -> metrics (merged when a step is logged twice)."""
-
-    def __init__(self):
-        super().__init__()
-        self.steps = {}
-
-    @property
-    def name(self):
-        return "recording"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.steps.setdefault(step, {}).update(metrics)
-
-    def monitored(self):
-        """Steps at which the monitor logged, with its values only."""
-        return {step: ours for step, metrics in self.steps.items() if (ours := _monitor_keys(metrics))}
-
-
-def _monitor_keys(metrics):
-    return {k: v for k, v in metrics.items() if k.startswith(("sparsity/", "flops/", "rigl/"))}
-
-
-def _mlp(example=True, **kwargs):
-    model = MLP(**kwargs)
-    if example:
-        model.example_input_array = torch.randn(3, 16)
-    return model
-
-
 def _active(rigl):
     return {name: int(mask.sum()) for name, mask in rigl.masks.items()}
+
+
+def _last_logged(logger):
+    return logger.monitored()[max(logger.monitored())]
 
 
 def test_logs_sparsity_and_flops_of_an_mlp_computed_by_hand():
     rigl = RigLCallback(sparsity=0.8, delta_t=100, t_end=100)
     logger = RecordingLogger()
     make_trainer([SparsityMonitor(plot=False), rigl], max_steps=10, log_every_n_steps=5, logger=logger).fit(
-        _mlp(), make_loader()
+        example_mlp(), make_loader()
     )
 
     logged = logger.monitored()
@@ -101,7 +69,7 @@ def test_logs_right_after_each_topology_update_with_grown_zeros_counted_active()
     rigl = RigLCallback(sparsity=0.8, delta_t=3, t_end=10)
     logger, zeros = RecordingLogger(), CountZeros()
     callbacks = [SparsityMonitor(plot=False), rigl, zeros]
-    make_trainer(callbacks, max_steps=11, log_every_n_steps=50, logger=logger).fit(_mlp(), make_loader())
+    make_trainer(callbacks, max_steps=11, log_every_n_steps=50, logger=logger).fit(example_mlp(), make_loader())
 
     logged = logger.monitored()
     assert sorted(logged) == [2, 5, 8]  # right after optimizer steps 3, 6 and 9, between logging steps
@@ -123,7 +91,7 @@ def test_train_total_follows_the_paper_accounting(method):
     rigl = RigLCallback(sparsity=0.8, method=method, delta_t=2, t_end=6)
     logger = RecordingLogger()
     make_trainer([SparsityMonitor(plot=False), rigl], max_steps=10, log_every_n_steps=10, logger=logger).fit(
-        _mlp(), make_loader(batch_size=16)
+        example_mlp(), make_loader(batch_size=16)
     )
 
     f_s, f_d = 2 * sum(_active(rigl).values()), F_DENSE
@@ -142,7 +110,7 @@ def test_train_total_follows_the_paper_accounting(method):
 def test_train_total_counts_micro_batches_and_phases_by_optimizer_step():
     rigl = RigLCallback(sparsity=0.8, delta_t=2, t_end=4)
     monitor = SparsityMonitor(plot=False)
-    make_trainer([monitor, rigl], max_steps=5, accumulate_grad_batches=2).fit(_mlp(), make_loader(batch_size=16))
+    make_trainer([monitor, rigl], max_steps=5, accumulate_grad_batches=2).fit(example_mlp(), make_loader(batch_size=16))
 
     f_s = 2 * sum(_active(rigl).values())
     # 10 batches of 16: steps 0..3 (8 batches) while updates run, step 4 (2 batches) after t_end.
@@ -201,16 +169,16 @@ def test_works_without_rigl_callback_on_a_model_with_zeros():
 def test_include_patterns_choose_the_weights_watched():
     logger = RecordingLogger()
     monitor = SparsityMonitor(include=["net.2.*"], plot=False)
-    make_trainer([monitor], max_steps=2, log_every_n_steps=2, logger=logger).fit(_mlp(), make_loader())
+    make_trainer([monitor], max_steps=2, log_every_n_steps=2, logger=logger).fit(example_mlp(), make_loader())
     sparsity_keys = {k for k in logger.monitored()[1] if k.startswith("sparsity/")}
     assert sparsity_keys == {"sparsity/global", "sparsity/net.2.weight", "sparsity/net.2.bias"}
 
     with pytest.raises(MisconfigurationException, match="`include` pattern 'nope.*' matches no parameter"):
-        make_trainer([SparsityMonitor(include=["nope.*"])], max_steps=1).fit(_mlp(), make_loader())
+        make_trainer([SparsityMonitor(include=["nope.*"])], max_steps=1).fit(example_mlp(), make_loader())
 
 
 def test_without_example_input_warns_once_and_still_logs_sparsity():
-    model = _mlp(example=False)
+    model = example_mlp(example=False)
     logger = RecordingLogger()
     with pytest.warns(UserWarning, match="no example input") as warned:
         make_trainer([SparsityMonitor(plot=False)], max_steps=4, log_every_n_steps=2, logger=logger).fit(
@@ -274,6 +242,77 @@ def test_a_layer_without_a_flop_formula_is_named_in_one_warning():
     )
 
 
+def test_bf16_mixed_sparse_flops_are_two_per_active_weight():
+    rigl = RigLCallback(sparsity=0.8, delta_t=3, t_end=100)
+    logger = RecordingLogger()
+    model = MLP()
+    model.example_input_array = torch.randn(3, 16)
+    make_trainer(
+        [SparsityMonitor(plot=False), rigl], max_steps=6, log_every_n_steps=6, logger=logger, precision="bf16-mixed"
+    ).fit(model, make_loader())
+
+    metrics = _last_logged(logger)
+    active = sum(int(mask.sum()) for mask in rigl.masks.values())
+    assert metrics["flops/dense_forward"] == F_DENSE
+    assert metrics["flops/sparse_forward"] == 2 * active < F_DENSE / 4
+
+
+def test_attention_flops_reach_the_monitor_dense_while_projections_are_scaled():
+    class AttentionModel(MLP):
+        def __init__(self):
+            super().__init__()
+            self.attention = Attention()
+            self.example_input_array = torch.randn(2, 10, 16)
+
+        def forward(self, x):
+            return self.net(self.attention(x).mean(dim=1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x.unsqueeze(1).expand(-1, 10, -1)), y)  # 10 tokens a sample
+
+    model = AttentionModel()
+    logger = RecordingLogger()
+    rigl = RigLCallback(sparsity=0.8, delta_t=100)
+    make_trainer([SparsityMonitor(plot=False), rigl], max_steps=2, log_every_n_steps=2, logger=logger).fit(
+        model, make_loader(64, 16)
+    )
+    expected = count_flops(model, model.example_input_array)  # the masked weights' zeros count here too
+    metrics = _last_logged(logger)
+    assert expected.other == 2 * 2 * (2 * 10 * 10 * 16) > 0
+    assert metrics["flops/sparse_forward"] == pytest.approx(expected.sparse)
+    assert metrics["flops/dense_forward"] == pytest.approx(expected.dense)
+
+
+def test_a_zero_size_linear_is_left_out_without_error():
+    class WithEmpty(MLP):
+        def __init__(self):
+            super().__init__()
+            self.empty = nn.Linear(16, 0)
+            self.example_input_array = torch.randn(2, 16)
+
+        def forward(self, x):
+            return self.net(x) + self.empty(x).sum()
+
+    logger = RecordingLogger()
+    make_trainer([SparsityMonitor(plot=False)], max_steps=2, log_every_n_steps=2, logger=logger).fit(
+        WithEmpty(), make_loader()
+    )
+    metrics = _last_logged(logger)
+    assert "sparsity/empty.weight" not in metrics and "sparsity/net.0.weight" in metrics  # nothing to watch
+    assert metrics["flops/dense_forward"] == F_DENSE  # a Linear with 0 outputs costs nothing
+
+
+def test_a_wrong_shaped_example_input_is_refused_naming_the_monitor_the_input_and_the_error():
+    monitor = SparsityMonitor(example_input=torch.randn(3, 7), plot=False)
+    pattern = (
+        r"SparsityMonitor could not count FLOPs: `example_input` \(a Tensor of shape \(3, 7\)\) does not fit the "
+        r"forward of MLP: mat1 and mat2 shapes cannot be multiplied \(3x7 and 16x32\)\. Pass an `example_input`"
+    )
+    with pytest.raises(MisconfigurationException, match=pattern):
+        make_trainer([monitor], max_steps=1).fit(MLP(), make_loader())
+
+
 def _assert_table_rows(out, rigl, separator):
     active = _active(rigl)
     for name in LAYERS:
@@ -296,7 +335,7 @@ def _assert_table_rows(out, rigl, separator):
 def test_prints_a_table_at_fit_start_and_end(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "rich", None)  # the plain-text table
     rigl = RigLCallback(sparsity=0.8, delta_t=100)
-    make_trainer([SparsityMonitor(plot=False), rigl], max_steps=2).fit(_mlp(), make_loader())
+    make_trainer([SparsityMonitor(plot=False), rigl], max_steps=2).fit(example_mlp(), make_loader())
 
     out = capsys.readouterr().out
     assert out.count("SparsityMonitor at fit start") == out.count("SparsityMonitor at fit end") == 1
@@ -306,7 +345,7 @@ def test_prints_a_table_at_fit_start_and_end(monkeypatch, capsys):
 def test_prints_the_table_with_rich_when_installed(capsys):
     pytest.importorskip("rich")
     rigl = RigLCallback(sparsity=0.8)
-    make_trainer([SparsityMonitor(plot=False), rigl], max_steps=2).fit(_mlp(), make_loader())
+    make_trainer([SparsityMonitor(plot=False), rigl], max_steps=2).fit(example_mlp(), make_loader())
     out = capsys.readouterr().out
     assert "SparsityMonitor at fit end" in out and "FLOPs share" in out
     at_end = out.split("SparsityMonitor at fit end")[1]
@@ -314,11 +353,48 @@ def test_prints_the_table_with_rich_when_installed(capsys):
     _assert_table_rows(at_end, rigl, "│")
 
 
+def _rich_names(out):
+    """The layer column of a rich table, a folded name joined back from its lines."""
+    names = []
+    for line in out.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) < 2 or cells[0] in ("layer", "total"):
+            continue
+        if cells[1]:  # the shape column opens a row
+            names.append(cells[0])
+        else:
+            names[-1] += cells[0]
+    return names
+
+
+def test_the_rich_table_keeps_every_long_name_whole(capsys, monkeypatch):
+    pytest.importorskip("rich")
+    monkeypatch.setenv("COLUMNS", "80")
+
+    class Deep(MLP):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.ModuleDict(
+                {"layer": nn.ModuleList(nn.ModuleDict({"attention_output_dense": nn.Linear(16, 16)}) for _ in range(3))}
+            )
+
+        def forward(self, x):
+            for block in self.encoder["layer"]:
+                x = block["attention_output_dense"](x)
+            return super().forward(x)
+
+    rigl = RigLCallback(sparsity=0.8)
+    make_trainer([SparsityMonitor(plot=False), rigl], max_steps=1).fit(Deep(), make_loader())
+    out = capsys.readouterr().out.split("SparsityMonitor at fit end")[1]
+    assert _rich_names(out) == list(rigl.masks)
+    assert any(len(name) > 40 for name in rigl.masks)  # longer than the column
+
+
 def test_saves_a_png_in_the_log_dir_without_tensorboard(tmp_path):
     pytest.importorskip("matplotlib")
     logger = CSVLogger(tmp_path)
     make_trainer([SparsityMonitor(), RigLCallback(sparsity=0.8, delta_t=2)], max_steps=6, logger=logger).fit(
-        _mlp(), make_loader()
+        example_mlp(), make_loader()
     )
     image = tmp_path / "lightning_logs" / "version_0" / "sparsity_step6.png"
     assert image.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
@@ -331,7 +407,7 @@ def test_logs_the_image_to_tensorboard(tmp_path):
 
     logger = TensorBoardLogger(tmp_path)
     make_trainer([SparsityMonitor(), RigLCallback(sparsity=0.8, delta_t=2)], max_steps=6, logger=logger).fit(
-        _mlp(), make_loader()
+        example_mlp(), make_loader()
     )
     events = EventAccumulator(logger.log_dir)
     events.Reload()
@@ -345,7 +421,7 @@ def test_without_matplotlib_warns_once_and_makes_no_image(monkeypatch, tmp_path)
     monitor = SparsityMonitor()
     with pytest.warns(UserWarning, match="needs matplotlib") as warned:
         for _ in range(2):  # two fits, one warning
-            make_trainer([monitor], max_steps=2, default_root_dir=tmp_path).fit(_mlp(), make_loader())
+            make_trainer([monitor], max_steps=2, default_root_dir=tmp_path).fit(example_mlp(), make_loader())
     assert len([w for w in warned if "needs matplotlib" in str(w.message)]) == 1
     assert not list(tmp_path.rglob("*.png"))
 
@@ -356,7 +432,7 @@ def test_resumed_run_keeps_counting_training_flops(tmp_path):
         saver = ModelCheckpoint(tmp_path / str(ckpt_path is None), "{step}", every_n_train_steps=4, save_top_k=-1)
         callbacks = [monitor, RigLCallback(sparsity=0.8, delta_t=2, t_end=6, seed=0), saver]
         trainer = make_trainer(callbacks, max_steps=max_steps, enable_checkpointing=True)
-        trainer.fit(_mlp(), make_loader(), ckpt_path=ckpt_path)
+        trainer.fit(example_mlp(), make_loader(), ckpt_path=ckpt_path)
         return monitor
 
     straight = fit(8)
@@ -404,7 +480,7 @@ def test_logs_under_two_process_ddp_without_deadlock(tmp_path):
     trainer = make_trainer(
         callbacks, devices=2, strategy=strategy, max_steps=8, log_every_n_steps=4, logger=CSVLogger(tmp_path)
     )
-    trainer.fit(_mlp(), make_loader(256, 16))
+    trainer.fit(example_mlp(), make_loader(256, 16))
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and set(ranks[0]) >= SPARSITY_KEYS | FLOPS_KEYS | RIGL_KEYS

@@ -9,7 +9,7 @@ from torch import nn
 from lightning_rigl import RigLCallback
 from lightning_rigl.core.optim_state import fresh_state, reset_optimizer_state
 from lightning_rigl.core.zero_guard import ZERO_PRESERVING_OPTIMIZERS
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, RecordGrowth, RpropMLP, make_loader, make_trainer
 
 optim = torch.optim
 # name -> (optimizer factory, per-element state a fresh parameter starts with: the spec, by hand).
@@ -183,28 +183,6 @@ def test_fresh_state_at_inactive_positions_keeps_zero_weights_at_zero(name):
         optimizer.step()
         assert weight[inactive].eq(0).all(), step
         assert weight[~inactive].ne(0).all(), step  # the active weights do train
-
-
-class RecordGrowth(Callback):
-    """Placed after RigLCallback: Rprop's step sizes at connections new in an update, right after it."""
-
-    def __init__(self, rigl):
-        self.rigl, self.step_sizes = rigl, []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before = self.rigl.masks
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        state = trainer.optimizers[0].state
-        for name, mask in self.rigl.masks.items():
-            new = mask & ~self.before[name]
-            if new.any():
-                self.step_sizes.append(state[self.rigl.sparse.params[name]]["step_size"][new])
-
-
-class RpropMLP(MLP):
-    def configure_optimizers(self):
-        return optim.Rprop(self.parameters(), lr=0.0625)
 
 
 def test_connections_grown_in_a_real_run_restart_rprop_at_lr():

@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 import yaml
-from torch import nn
 
 pl = pytest.importorskip("pytorch_lightning")
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
@@ -27,36 +26,13 @@ import lightning_rigl  # noqa: E402
 from lightning_rigl._strategies import check_strategy  # noqa: E402
 from lightning_rigl.core import num_active  # noqa: E402
 from lightning_rigl.pytorch_lightning import RigLCallback, SparsityMonitor  # noqa: E402
-from tests.conftest import DestroyProcessGroup, make_loader  # noqa: E402
-from tests.test_cli import TRAINER_ARGS, command_line  # noqa: E402
-from tests.test_monitor import RecordingLogger as LightningRecordingLogger  # noqa: E402
-
-
-class MLP(pl.LightningModule):
-    """tests.conftest.MLP, as a pytorch_lightning module."""
-
-    def __init__(self, lr: float = 0.05) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-        self.example_input_array = torch.randn(3, 16)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-
-    def train_dataloader(self):
-        return make_loader(128, 16)
+from tests.helpers import CLI_TRAINER_ARGS, DestroyProcessGroup, command_line  # noqa: E402
+from tests.helpers import RecordingLogger as LightningRecordingLogger  # noqa: E402
+from tests.helpers_pytorch_lightning import MLP  # noqa: E402
 
 
 class RecordingLogger(LightningRecordingLogger, Logger):
-    """test_monitor's recording logger, also a pytorch_lightning Logger (the Trainer checks the type)."""
+    """tests.helpers' recording logger, also a pytorch_lightning Logger (the Trainer checks the type)."""
 
 
 def trainer(callbacks, **kwargs) -> pl.Trainer:
@@ -215,7 +191,7 @@ def test_lightning_rigl_imports_and_trains_without_pytorch_lightning_installed()
         "import sys; sys.modules['pytorch_lightning'] = None; sys.modules['lightning_fabric'] = None\n"
         "import lightning.pytorch as L\n"
         "from lightning_rigl import RigLCallback\n"
-        "from tests.conftest import MLP, make_loader\n"
+        "from tests.helpers import MLP, make_loader\n"
         "rigl = RigLCallback(0.8, delta_t=2)\n"
         "L.Trainer(accelerator='cpu', max_steps=4, logger=False, enable_checkpointing=False,\n"
         "          enable_progress_bar=False, enable_model_summary=False, callbacks=[rigl]).fit(MLP(), make_loader())\n"
@@ -231,7 +207,7 @@ def test_a_lightning_fit_does_not_import_pytorch_lightning():
         "import sys\n"
         "import lightning.pytorch as L\n"
         "from lightning_rigl import RigLCallback, SparsityMonitor\n"
-        "from tests.conftest import MLP, make_loader\n"
+        "from tests.helpers import MLP, make_loader\n"
         "model = MLP(); model.example_input_array = __import__('torch').randn(2, 16)\n"
         "L.Trainer(accelerator='cpu', max_steps=2, logger=False, enable_checkpointing=False,\n"
         "          callbacks=[RigLCallback(0.8), SparsityMonitor(plot=False, table=False)]).fit(model, make_loader())\n"
@@ -268,7 +244,7 @@ def test_pytorch_lightning_cli_takes_the_callbacks_from_yaml(tmp_path, no_pytest
         {"class_path": "lightning_rigl.pytorch_lightning.SparsityMonitor", "init_args": {"plot": False}},
         {"class_path": "lightning_rigl.pytorch_lightning.RigLCallback", "init_args": RIGL_ARGS},
     ]
-    trainer_args = {**TRAINER_ARGS, "default_root_dir": str(tmp_path), "callbacks": callbacks}
+    trainer_args = {**CLI_TRAINER_ARGS, "default_root_dir": str(tmp_path), "callbacks": callbacks}
     config = {"seed_everything": 0, "trainer": trainer_args}
     path = tmp_path / "rigl.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -278,7 +254,7 @@ def test_pytorch_lightning_cli_takes_the_callbacks_from_yaml(tmp_path, no_pytest
 
 
 def test_pytorch_lightning_cli_takes_the_callback_from_the_command_line(tmp_path, no_pytest_argv):
-    args = [*command_line(TRAINER_ARGS, "trainer"), f"--trainer.default_root_dir={tmp_path}"]
+    args = [*command_line(CLI_TRAINER_ARGS, "trainer"), f"--trainer.default_root_dir={tmp_path}"]
     args += ["--trainer.callbacks+=lightning_rigl.pytorch_lightning.RigLCallback", *command_line(RIGL_ARGS)]
     cli = LightningCLI(MLP, args=["fit", *args, "--seed_everything=0"])
     _assert_trained(cli)
@@ -287,7 +263,7 @@ def test_pytorch_lightning_cli_takes_the_callback_from_the_command_line(tmp_path
 def test_lightning_cli_short_names_still_resolve_with_these_classes_imported(no_pytest_argv):
     from lightning.pytorch.cli import LightningCLI as LightningsCLI
 
-    from tests.conftest import MLP as LightningMLP
+    from tests.helpers import MLP as LightningMLP
 
     cli = LightningsCLI(LightningMLP, args=["--trainer.callbacks+=RigLCallback"], run=False)
     assert type(cli.trainer.callbacks[0]) is lightning_rigl.RigLCallback

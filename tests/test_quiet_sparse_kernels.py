@@ -12,7 +12,7 @@ ROOT = Path(__file__).parent.parent
 # so each case runs in a fresh interpreter that records every warning from the start.
 TRAIN = """
 from lightning_rigl import RigLCallback
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, make_loader, make_trainer
 
 rigl = RigLCallback(sparsity=0.9, delta_t=2, t_end=10, kernels="sparse")
 make_trainer([rigl], max_steps=4).fit(MLP(), make_loader())

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_rigl import RigLCallback
-from tests.conftest import make_loader, make_trainer
+from tests.helpers import make_loader, make_trainer
 
 
 class Net(pl.LightningModule):

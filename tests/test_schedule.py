@@ -3,7 +3,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_rigl import RigLCallback, UpdateSchedule
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, make_loader, make_trainer
 
 
 @pytest.mark.parametrize(
@@ -50,3 +50,43 @@ def test_fractional_t_end_needs_a_known_length():
     trainer = make_trainer([RigLCallback(0.8, t_end=0.5)], max_steps=-1, max_epochs=-1)
     with pytest.raises(MisconfigurationException, match="t_end=0.5.*as an int"):
         trainer.fit(MLP(), torch.utils.data.DataLoader(Stream(), batch_size=4))
+
+
+class TwoStepsPerBatch(MLP):
+    def __init__(self, optimizers=1):
+        super().__init__()
+        self.automatic_optimization = False
+        self.n_optimizers = optimizers
+
+    def configure_optimizers(self):
+        if self.n_optimizers == 1:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+        first = list(self.net[0].parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in first)]
+        return torch.optim.SGD(first, lr=0.05), torch.optim.SGD(rest, lr=0.05)
+
+    def training_step(self, batch, batch_idx):
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers, optimizers]
+        for optimizer in optimizers:
+            loss = super().training_step(batch, batch_idx)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+
+@pytest.mark.parametrize("optimizers", [1, 2])
+def test_a_fractional_t_end_with_several_manual_steps_a_batch_is_refused(optimizers):
+    rigl = RigLCallback(0.8, delta_t=50, t_end=0.75)
+    model = TwoStepsPerBatch(optimizers)
+    with pytest.raises(
+        MisconfigurationException, match=r"`t_end=0.75` is a fraction of the run.*Pass `t_end` as an int"
+    ):
+        make_trainer([rigl], max_steps=-1, max_epochs=2).fit(model, make_loader())
+    assert model.trainer.global_step <= 2  # refused before any update, at fit start or after the first batch
+
+
+def test_an_int_t_end_with_several_manual_steps_a_batch_counts_optimizer_steps():
+    rigl = RigLCallback(0.8, delta_t=4, t_end=24)
+    make_trainer([rigl], max_steps=-1, max_epochs=2).fit(TwoStepsPerBatch(), make_loader())
+    assert [record.step for record in rigl.sparse.history] == [4, 8, 12, 16, 20]

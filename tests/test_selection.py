@@ -1,4 +1,5 @@
-"""Which weights get a mask: foreign layer types, tied weights, parametrized and lazy weights."""
+"""Which weights get a mask: the default, include, exclude and custom sparsities; odd, foreign and zero-size
+layers, tied and shared weights, parametrized and lazy weights, layers built in configure_model, frozen weights."""
 
 import ast
 import re
@@ -10,14 +11,48 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
-from lightning_rigl import RigLCallback, SparseTraining, count_flops
+from lightning_rigl import RigLCallback, SparseTraining, SparsityMonitor, count_flops
 from lightning_rigl.core import num_active, selection
 from lightning_rigl.core.selection import is_masked_module, parameter_aliases, select_parameters
-from tests.conftest import make_loader, make_trainer
+from tests.helpers import MLP, InvariantChecker, RecordingLogger, make_loader, make_trainer
+
+
+def test_include_exclude_and_custom_sparsity_select_and_override():
+    rigl = RigLCallback(
+        0.5,
+        include=["net.*.weight"],
+        exclude=["net.3.*"],  # the LayerNorm weight matched by include
+        custom_sparsity={"net.5.*": 0.25},
+    )
+    model = MLP()
+    make_trainer([rigl], max_steps=1).fit(model, make_loader())
+    assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]
+    assert rigl.sparse.sparsities["net.5.weight"] == 0.25
+
+
+def test_default_selection_covers_conv_transpose_and_attention():
+    from lightning_rigl.core import default_parameter_names
+
+    model = nn.ModuleDict(
+        {
+            "conv": nn.Conv2d(3, 4, 3),
+            "deconv": nn.ConvTranspose1d(4, 2, 3),
+            "attn": nn.MultiheadAttention(8, 2),
+            "emb": nn.Embedding(5, 8),
+            "bn": nn.BatchNorm2d(4),
+        }
+    )
+    assert default_parameter_names(model) == [
+        "conv.weight",
+        "deconv.weight",
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+    ]
 
 
 class Conv1D(nn.Module):
@@ -88,6 +123,86 @@ def test_conv1d_flops_are_two_per_weight_and_token_scaled_by_density():
     sparse = count_flops(layer, tokens)
     assert sparse.per_layer["weight"].density == 0.75
     assert sparse.sparse == pytest.approx(0.75 * 2 * 10 * 24 * 5)
+
+
+class Odd(pl.LightningModule):
+    """Tiny, grouped, depthwise, transposed, attention and recurrent layers in one model."""
+
+    def __init__(self):
+        super().__init__()
+        self.tiny = nn.Linear(3, 2)  # 6 weights
+        self.grouped = nn.Conv1d(4, 8, 3, groups=2, padding=1)
+        self.depthwise = nn.Conv1d(8, 8, 3, groups=8, padding=1)
+        self.up = nn.ConvTranspose1d(8, 4, 3, padding=1)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.rnn = nn.GRU(4, 4, batch_first=True)
+        self.head = nn.Linear(4 * 16 + 2, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # x: (B, 16) -> a sequence of 4 channels, 16 long
+        seq = x.view(-1, 1, 16).repeat(1, 4, 1)
+        h = self.up(self.depthwise(self.grouped(seq))).transpose(1, 2)  # (B, 16, 4)
+        h, _ = self.attention(h, h, h)
+        h, _ = self.rnn(h)
+        features = torch.cat([h.flatten(1), self.tiny(x[:, :3])], dim=1)
+        return nn.functional.cross_entropy(self.head(features), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def test_odd_layers_train_with_exact_counts():
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100, include=["*weight*"], exclude=["*bias*"])
+    checker = InvariantChecker(rigl)
+    make_trainer([rigl, checker], max_steps=8).fit(Odd(), make_loader())
+    assert {"tiny.weight", "grouped.weight", "depthwise.weight", "up.weight"} <= set(rigl.masks)
+    assert {"attention.in_proj_weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0"} <= set(rigl.masks)
+    assert checker.checks == 8 and rigl.sparse.updates == 4
+
+
+def test_default_selection_of_the_odd_model_leaves_rnn_dense():
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100)
+    make_trainer([rigl], max_steps=2).fit(Odd(), make_loader())
+    assert "rnn.weight_ih_l0" not in rigl.masks and "attention.in_proj_weight" in rigl.masks
+
+
+def test_rigl_trains_next_to_a_zero_size_linear_leaving_it_out_of_the_masks():
+    class WithEmpty(MLP):
+        def __init__(self):
+            super().__init__()
+            self.empty = nn.Linear(32, 0)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return super().training_step(batch, batch_idx) + self.empty(self.net[0](x)).sum()
+
+    rigl = RigLCallback(0.8, delta_t=2, t_end=6)
+    logger = RecordingLogger()
+    make_trainer([rigl, SparsityMonitor(plot=False)], max_steps=6, log_every_n_steps=2, logger=logger).fit(
+        WithEmpty(), make_loader()
+    )
+    assert "empty.weight" not in rigl.masks and rigl.sparse.updates == 2
+    masked = sum(mask.numel() for mask in rigl.masks.values())
+    assert sum(int(mask.sum()) for mask in rigl.masks.values()) == pytest.approx(0.2 * masked, rel=0.02)
+    with pytest.raises(MisconfigurationException, match=r"nothing to mask \(include=\['empty.weight'\]"):
+        make_trainer([RigLCallback(0.8, include=["empty.weight"])], max_steps=1).fit(WithEmpty(), make_loader())
+
+
+def test_shared_weights_get_one_mask_reported_under_every_name():
+    class Tied(MLP):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(32, 32)
+            self.net[2].weight = self.head.weight
+
+    rigl = RigLCallback(0.5)
+    model = Tied()
+    make_trainer([rigl], max_steps=2).fit(model, make_loader())
+    assert list(rigl.sparse.masks) == ["net.0.weight", "net.2.weight", "net.5.weight"]  # "head.weight" is the same
+    assert list(rigl.masks) == ["net.0.weight", "net.2.weight", "head.weight", "net.5.weight"]
+    assert torch.equal(rigl.masks["head.weight"], rigl.masks["net.2.weight"])
+    assert rigl.sparse.params["net.2.weight"] is model.head.weight
+    assert model.head.weight[~rigl.masks["net.2.weight"]].eq(0).all()
 
 
 class TiedLM(pl.LightningModule):
@@ -271,6 +386,24 @@ def test_a_materialized_lazy_layer_is_masked():
     assert mask.shape == (32, 16) and model.body.weight[~mask].eq(0).all()
 
 
+class Configured(MLP):
+    def __init__(self):
+        pl.LightningModule.__init__(self)
+        self.save_hyperparameters({"optimizer": "sgd", "lr": 0.05})
+        self.net = None
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_layers_built_in_configure_model_are_masked():
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100)
+    checker = InvariantChecker(rigl)
+    make_trainer([rigl, checker], max_steps=4).fit(Configured(), make_loader())
+    assert list(rigl.masks) == ["net.0.weight", "net.2.weight"]
+
+
 class NBeatsBlock(pl.LightningModule):
     """One Linear registered under two names, as N-BEATS does (``self.theta_b = self.theta_f = ...``)."""
 
@@ -363,6 +496,14 @@ def test_a_weight_tied_to_an_embedding_inside_a_repeated_module_still_stays_dens
         assert list(select_parameters(model)) == ["hidden.weight"]
 
 
+def test_frozen_parameters_are_skipped():
+    model = MLP()
+    model.net[0].weight.requires_grad_(False)
+    rigl = RigLCallback(0.5)
+    make_trainer([rigl], max_steps=1).fit(model, make_loader())
+    assert "net.0.weight" not in rigl.masks
+
+
 class Backbone(pl.LightningModule):
     """A backbone and a head, with an optimizer over the trainable parameters (what BackboneFinetuning asks)."""
 
@@ -448,6 +589,28 @@ def test_a_masked_frozen_backbone_unfrozen_by_backbone_finetuning_trains_sparse(
     assert updates_while_frozen == 2 and all(r.active == head_active for r in rigl.sparse.history[:2])
     assert rigl.sparse.updates == 5
     assert rigl.kernel_choices == dict.fromkeys(rigl.masks, kernels)
+
+
+class FreezeFirstLayer(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            pl_module.net[0].weight.requires_grad_(False)
+
+
+def test_parameter_frozen_mid_training_keeps_its_mask():
+    rigl = RigLCallback(0.8, delta_t=2, t_end=100)
+    model = MLP()
+    frozen_mask = {}
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                frozen_mask["before"] = rigl.masks["net.0.weight"]
+
+    checker = InvariantChecker(rigl)
+    make_trainer([rigl, FreezeFirstLayer(), Record(), checker], max_steps=10).fit(model, make_loader())
+    assert torch.equal(rigl.masks["net.0.weight"], frozen_mask["before"])
+    assert rigl.sparse.updates == 5 and checker.checks == 10
 
 
 def test_resuming_a_checkpoint_of_another_selection_gives_the_include_that_restores_it(tmp_path):

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_rigl import RigLCallback, sparsify
-from tests.conftest import MLP, make_loader, make_trainer
+from tests.helpers import MLP, make_loader, make_trainer
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 

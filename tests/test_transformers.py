@@ -9,8 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rigl import RigLCallback, count_flops, layer_sparsities
 from lightning_rigl.core import num_active
-from tests.conftest import make_trainer
-from tests.test_callback import InvariantChecker
+from tests.helpers import InvariantChecker, make_trainer
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402

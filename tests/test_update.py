@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lightning_rigl import SparseTraining, UpdateSchedule
@@ -166,3 +168,47 @@ def test_a_layer_with_every_position_active_is_left_as_it_is_by_an_update(monkey
     assert [mask.numel() for mask in selected] == [96] * 3  # the sparse layer's only
     assert all(0 < record.changed <= 12 for record in sparse.history)  # k = 12 of the sparse layer's 24
     assert all(record.active == 24 + 48 for record in sparse.history)  # both layers' active connections
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    numel=st.integers(1, 300),
+    density=st.floats(0.01, 1.0),
+    drop_fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    zeros_in_weights=st.booleans(),
+)
+def test_one_update_keeps_counts_values_and_state(numel, density, drop_fraction, seed, zeros_in_weights):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(numel, generator=g) < density
+    weight = torch.randn(numel, generator=g) * mask
+    if zeros_in_weights:
+        weight[torch.rand(numel, generator=g) < 0.3] = 0.0  # active weights at exactly 0 exist
+    scores = torch.randn(numel, generator=g)
+    momentum = torch.randn(numel, generator=g)
+
+    new_mask, grown = drop_and_grow(mask, weight, scores.abs(), drop_fraction)
+    assert int(new_mask.sum()) == int(mask.sum())  # counts are kept
+    assert torch.equal(grown, new_mask & ~mask)  # only new positions are "grown"
+    k = int(int(mask.sum()) * drop_fraction)
+    assert int(grown.sum()) <= k
+
+    # The same update made by the core, with RigL's |gradient| as the grow score.
+    param = torch.nn.Parameter(weight.clone())
+    schedule = UpdateSchedule(delta_t=1, t_end=2, alpha=drop_fraction, decay="constant")
+    sparse = SparseTraining({"w": param}, {"w": 0.0}, schedule=schedule)
+    sparse.set_masks({"w": mask})
+    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    sparse.after_step([optimizer], optimizer)  # an optimizer's first step zeroes its state where inactive
+    optimizer.state[param] = {"momentum_buffer": momentum * mask}
+    param.grad = scores.clone()
+    sparse.before_step(0, optimizer)
+    sparse.after_step([optimizer], optimizer)
+
+    assert torch.equal(sparse.masks["w"], new_mask)
+    kept = new_mask & mask
+    assert torch.equal(param[kept], weight[kept])  # kept weights keep their values
+    assert param[~new_mask].eq(0).all() and param[grown].eq(0).all()  # inactive and new weights are 0
+    after = optimizer.state[param]["momentum_buffer"]
+    assert torch.equal(after[kept], momentum[kept])  # state of kept connections is untouched
+    assert after[~kept].eq(0).all()  # new connections start from 0; inactive ones hold 0
