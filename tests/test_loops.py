@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_rigl import RigLCallback
 from lightning_rigl.core import SparseTraining, UpdateSchedule
-from tests.conftest import make_loader, make_trainer
+from tests.helpers import make_loader, make_trainer
 
 STEPS, DELTA_T, T_END = 13, 3, 100
 
