@@ -116,7 +116,9 @@ class SparseTraining:
                 {name: random_mask(self.params[name].shape, k, self.generator) for name, k in counts.items()}
             )
         self.hooks.install()
-        self.start_step(0)
+        # Step 0 is next; nothing touches the model's forwards before the first start_step (a validation
+        # sanity check in between must not feed the kernel probe).
+        self._reading = self.dense_gradient_needed(0)
 
     @classmethod
     def from_model(
