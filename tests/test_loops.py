@@ -16,43 +16,23 @@ from torch import nn
 
 from lightning_rigl import RigLCallback
 from lightning_rigl.core import SparseTraining, UpdateSchedule
-from tests.helpers import make_loader, make_trainer
+from tests.helpers import MLP, make_loader, make_trainer
 
 STEPS, DELTA_T, T_END = 13, 3, 100
-
-
-class Wide(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return optimizer_for(self)
-
-
-def optimizer_for(module: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
 def schedule() -> UpdateSchedule:
     return UpdateSchedule(delta_t=DELTA_T, t_end=T_END, alpha=0.5, decay="cosine")
 
 
-def with_callback(model: Wide, kernels: str):
+def with_callback(model: MLP, kernels: str):
     rigl = RigLCallback(0.8, delta_t=DELTA_T, t_end=T_END, alpha=0.5, seed=1, kernels=kernels)
     make_trainer([rigl], max_steps=STEPS).fit(model, make_loader(seed=3))
     return rigl.masks, rigl.kernel_choices, rigl.sparse.updates
 
 
-def with_plain_loop(model: Wide, kernels: str):
-    optimizer = optimizer_for(model)
+def with_plain_loop(model: MLP, kernels: str):
+    optimizer = model.configure_optimizers()  # the same optimizer the Trainer builds
     sparse = SparseTraining.from_model(model, 0.8, schedule=schedule(), seed=1, kernels=kernels)
     for step, (x, y) in enumerate(make_loader(seed=3)):
         if step == STEPS:
@@ -67,9 +47,9 @@ def with_plain_loop(model: Wide, kernels: str):
     return sparse.masks, sparse.kernel_choices, sparse.updates
 
 
-def with_fabric(model: Wide, kernels: str):
+def with_fabric(model: MLP, kernels: str):
     fabric = Fabric(accelerator="cpu", devices=1)
-    module, optimizer = fabric.setup(model, optimizer_for(model))
+    module, optimizer = fabric.setup(model, model.configure_optimizers())
     sparse = SparseTraining.from_model(module.module, 0.8, schedule=schedule(), seed=1, kernels=kernels)
     for step, (x, y) in enumerate(fabric.setup_dataloaders(make_loader(seed=3))):
         if step == STEPS:
@@ -87,7 +67,7 @@ def with_fabric(model: Wide, kernels: str):
 @pytest.mark.parametrize("kernels", ["sparse", "auto"])
 def test_a_plain_loop_a_fabric_loop_and_the_callback_train_bit_identically(kernels):
     pl.seed_everything(0, verbose=False)
-    initial = Wide()
+    initial = MLP(hidden=64)
     results = {}
     for name, loop in (("callback", with_callback), ("plain", with_plain_loop), ("fabric", with_fabric)):
         model = copy.deepcopy(initial)

@@ -88,12 +88,16 @@ def assert_same_training(module, **kwargs):
 # ---- the user patterns ----
 
 
-class HalfBatchSteps(Net):
-    """Manual optimization: two optimizer steps per batch, one per half batch."""
+class ManualNet(Net):
+    """Net under manual optimization: subclasses make the steps in ``training_step``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.automatic_optimization = False
+
+
+class HalfBatchSteps(ManualNet):
+    """Manual optimization: two optimizer steps per batch, one per half batch."""
 
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
@@ -104,16 +108,12 @@ class HalfBatchSteps(Net):
             opt.step()
 
 
-class OneGraphTwoSteps(Net):
+class OneGraphTwoSteps(ManualNet):
     """Manual optimization: one forward whose graph serves two optimizer steps (retain_graph).
 
     The first optimizer holds the first layer (whose weight no backward reads: its input needs no
     gradient), the second the others; so the first step does not change what the second backward reads.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
         first, rest = self.optimizers()
@@ -132,12 +132,8 @@ class OneGraphTwoSteps(Net):
         return torch.optim.SGD(self.inp.parameters(), lr=0.1, momentum=0.9), torch.optim.SGD(others, lr=0.1)
 
 
-class ManualClipping(Net):
+class ManualClipping(ManualNet):
     """Lightning's documented manual pattern: clip the gradients, then step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
@@ -281,12 +277,8 @@ def test_a_compiled_model_trains_alike_on_sparse_and_dense_kernels():
     assert_same_training(Compiled, steps=10)
 
 
-class StepBetweenBackwards(Net):
+class StepBetweenBackwards(ManualNet):
     """One graph, two backward passes and an optimizer step in between that writes a weight the graph uses."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
@@ -330,12 +322,8 @@ def test_user_code_sees_masked_gradients_except_at_the_steps_whose_dense_gradien
         assert (dense, masked) == (reads, not reads), step
 
 
-class DoubleOpt(Net):
+class DoubleOpt(ManualNet):
     """Manual optimization with two optimizers: the first layer's gradient accumulates across the other's step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
         first, rest = self.optimizers()

@@ -119,11 +119,6 @@ class LayerKernels:
         self._built_from = {name: self._mask_key(name) for name in chosen}
         self.hooks.kernels = self._kernels  # the gradients they write masked need no second pass
 
-    def step_begun(self, dense_gradient: bool) -> None:
-        """A new optimizer step began: the backward passes that feed it write what it reads."""
-        if self._kernels is not None:
-            self._kernels.set_dense_gradient(dense_gradient)
-
     def state(self) -> dict[str, Any] | None:
         """The setting and the choices, for a checkpoint; None until chosen."""
         return None if self.choices is None else {"setting": self.setting, "choices": dict(self.choices)}

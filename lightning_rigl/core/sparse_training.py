@@ -226,7 +226,7 @@ class SparseTraining:
             params: The parameters this optimizer step updates (an optimizer); None for all.
             already_masked: Names whose gradients are known to be 0 at every inactive position already
                 (written so by the sparse kernels): not multiplied by their masks again. Gradients masked by
-                the run's own hooks, or written masked by the kernels of :attr:`kernels`, are known already.
+                the run's own hooks, or written masked by its sparse kernels, are known already.
 
         A due update whose layer's gradient holds masked contributions (see
         :meth:`~lightning_rigl.core.user_hooks.UserCodeHooks.holds_partial`) waits for the next step.
@@ -301,9 +301,10 @@ class SparseTraining:
     def start_step(self, step: int) -> bool:
         """Begin optimizer step ``step`` (0-based): before its forward pass. Returns whether it reads dense gradients.
 
-        :meth:`after_step` begins the next step itself; call this where steps are counted elsewhere (a
-        resumed run, a loop that skips steps). Masked weights written in place since they were last masked
-        (``load_state_dict``, ``copy_`` under ``no_grad``) are masked again here, before any forward sees them.
+        Call it before each forward pass (every micro-batch). :meth:`after_step` also begins the next step,
+        so a forward between two steps of one batch (manual optimization) is covered without it. Masked
+        weights written in place since they were last masked (``load_state_dict``, ``copy_`` under
+        ``no_grad``) are masked again here, before any forward sees them.
         """
         self._next_step = step
         self._reading = self.dense_gradient_needed(step)

@@ -129,6 +129,7 @@ class UserCodeHooks:
 
     def masked(self, names: Iterable[str]) -> None:
         """The gradients of ``names`` were just masked for their optimizer step, which comes now: forget them."""
+        names = list(names)  # read twice
         for name in names:
             self._masked.pop(name, None)  # and the stamp lets the gradient's memory go
         if self.kernels is not None:
