@@ -33,8 +33,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lightning_rigl.core.masked_gradients import offer_gradient
-from lightning_rigl.core.sparse_linear import SparseStructure, sparse_linear
+from lightning_rigl.core.kernels.masked_gradients import offer_gradient
+from lightning_rigl.core.kernels.sparse_linear import SparseStructure, sparse_linear
 
 MODES = ("fwd", "train", "train_dg", "train_nx")
 

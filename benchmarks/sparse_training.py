@@ -35,7 +35,7 @@ from lightning.pytorch.demos import Transformer
 from torch import nn
 
 from lightning_rigl import SparseTraining, UpdateSchedule
-from lightning_rigl.inference import sparsify
+from lightning_rigl.core.kernels.sparsify import sparsify
 
 DELTA_T = 100
 

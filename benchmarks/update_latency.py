@@ -8,7 +8,7 @@ One update of a set of layers, at drop fraction 0.3, from SGD-with-momentum stat
 - ``candidates``: the core functions SparseTraining runs, called directly. Before the step, each
   layer's signed gradient is reduced chunk by chunk to its grow candidates (``grow_candidates``
   with RigL's |gradient| score), then the gradient is masked; at the update each layer drops and
-  grows from its candidates (``drop_grow_from_candidates``) and the changes are applied.
+  grows from its candidates (``select_drop_grow``) and the changes are applied.
 - ``wired``: ``SparseTraining.before_step`` and ``after_step`` themselves (the same reduction, plus the
   bookkeeping: finiteness check, masks, optimizer state).
 - ``sort``: the naive port: layer-sized scores, and a full (stable) sort of the layer for the drop and
@@ -99,7 +99,7 @@ def _peak_alloc(update) -> int | None:
 
 class _Layer:
     def __init__(self, shape: tuple[int, ...], sparsity: float, generator: torch.Generator) -> None:
-        from lightning_rigl.core.topology import num_active, random_mask
+        from lightning_rigl.core.topology.initial_masks import num_active, random_mask
 
         numel = math.prod(shape)
         self.mask = random_mask(shape, num_active(numel, sparsity), generator).float()
@@ -122,8 +122,9 @@ def _apply(layer: _Layer, dropped: torch.Tensor, grown: torch.Tensor) -> None:
 
 
 def _candidates_update(layers: list[_Layer]) -> None:
-    from lightning_rigl.core.candidates import drop_grow_from_candidates, grow_candidates, score_chunks
-    from lightning_rigl.core.methods import gradient_magnitude
+    from lightning_rigl.core.topology.candidates import grow_candidates, score_chunks
+    from lightning_rigl.core.topology.drop_grow import select_drop_grow
+    from lightning_rigl.core.topology.methods import gradient_magnitude
 
     generator = torch.Generator()
     held = []
@@ -133,7 +134,7 @@ def _candidates_update(layers: list[_Layer]) -> None:
     torch._foreach_mul_([layer.weight.grad for layer in layers], [layer.mask for layer in layers])
     for i, layer in enumerate(layers):
         candidates, held[i] = held[i], None  # freed once its layer is updated
-        _apply(layer, *drop_grow_from_candidates(layer.mask, layer.weight, candidates))
+        _apply(layer, *select_drop_grow(layer.mask, layer.weight, candidates))
         del candidates
 
 

@@ -1,13 +1,18 @@
-"""lightning-rigl: sparse training from scratch with RigL as a PyTorch Lightning callback."""
+"""lightning-rigl: sparse training from scratch with RigL as a PyTorch Lightning callback.
 
-from lightning_rigl._lightning import refuse_cli_values_in_one_line
-from lightning_rigl.callback import RigLCallback
+The public face is here. ``adapters`` holds the Lightning callbacks; ``core`` is torch-only and drives
+any training loop (see ``lightning_rigl.core``).
+"""
+
+from lightning_rigl.adapters.callback import RigLCallback
+from lightning_rigl.adapters.compat import refuse_cli_values_in_one_line
+from lightning_rigl.adapters.monitor import SparsityMonitor
 from lightning_rigl.core import SparseTraining, UpdateSchedule, layer_sparsities
-from lightning_rigl.core.export import load_sparse, save_sparse
-from lightning_rigl.core.flops import count_flops
-from lightning_rigl.core.linear_types import register_linear
-from lightning_rigl.inference import sparsify
-from lightning_rigl.monitor import SparsityMonitor
+from lightning_rigl.core._moved import register
+from lightning_rigl.core.flops.count import count_flops
+from lightning_rigl.core.kernels.sparsify import sparsify
+from lightning_rigl.core.sparsity.linear_types import register_linear
+from lightning_rigl.core.state.export import load_sparse, save_sparse
 
 __all__ = [
     "RigLCallback",
@@ -24,3 +29,4 @@ __all__ = [
 __version__ = "0.1.0"
 
 refuse_cli_values_in_one_line(RigLCallback, SparsityMonitor)  # LightningCLI: a refused value in one line
+register()  # the module paths of 0.1.0 that moved still import, with a DeprecationWarning, for one release

@@ -15,6 +15,6 @@ Example:
     >>> trainer = pl.Trainer(callbacks=[RigLCallback(sparsity=0.9), SparsityMonitor()])  # doctest: +SKIP
 """
 
-from lightning_rigl._pytorch_lightning import RigLCallback, SparsityMonitor
+from lightning_rigl.adapters._pytorch_lightning import RigLCallback, SparsityMonitor
 
 __all__ = ["RigLCallback", "SparsityMonitor"]

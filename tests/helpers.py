@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_rigl import RigLCallback
 from lightning_rigl.core import num_active
-from lightning_rigl.core.kernels import linear_layers
+from lightning_rigl.core.kernels.served_layers import linear_layers
+from lightning_rigl.core.topology.candidates import grow_candidates
+from lightning_rigl.core.topology.masks import LayerMasks
 
 # Data and models.
 
@@ -401,3 +403,20 @@ CLI_TRAINER_ARGS = {
 def command_line(args: dict, prefix: str = "trainer.callbacks") -> list[str]:
     """``--prefix.key=value`` for each item; JSON for anything but a string (lists, dicts, true, null)."""
     return [f"--{prefix}.{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in args.items()]
+
+
+def update_layer_masks(mask, weight, grow_scores, drop_fraction):
+    """One topology update of one layer through its LayerMasks, from dense grow scores.
+
+    Returns ``(new_mask, grown)``: the new bool mask, and the bool positions active now that were not before.
+    """
+    masks = LayerMasks({"w": nn.Parameter(weight.detach().clone())})
+    masks.replace({"w": mask})
+    flat_scores = grow_scores.reshape(-1)
+    candidates = grow_candidates(
+        masks.local["w"], int(masks.counts["w"] * drop_fraction), lambda start, stop: flat_scores[start:stop]
+    )
+    new, _ = masks.update("w", candidates)
+    grown = torch.zeros(mask.numel(), dtype=torch.bool)
+    grown[new] = True
+    return masks.local["w"].bool(), grown.view(mask.shape)

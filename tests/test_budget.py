@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_rigl import RigLCallback
 from lightning_rigl.core import resolve_sparsities
-from lightning_rigl.core.distribution import achieved_sparsity
+from lightning_rigl.core.sparsity.distributions import achieved_sparsity
 from tests.helpers import make_loader, make_trainer
 
 

@@ -8,16 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_rigl import SparseTraining, UpdateSchedule
-from lightning_rigl.core.candidates import (
-    drop_grow_from_candidates,
-    grow_candidates,
-    score_chunks,
-    smallest_active,
-)
-from lightning_rigl.core.methods import gradient_magnitude, uniform_random
-from lightning_rigl.core.sampling import SAMPLE_WIDTH, SAMPLE_WINDOWS
-from lightning_rigl.core.top_k import _BAND_SAMPLE, _banded_top_k_mask, index_dtype, top_k_indices, where_true
-from lightning_rigl.core.topology import drop_and_grow, drop_grow_indices, num_active, random_mask
+from lightning_rigl.core.topology.candidates import grow_candidates, score_chunks
+from lightning_rigl.core.topology.drop_grow import select_drop_grow, smallest_active
+from lightning_rigl.core.topology.initial_masks import num_active, random_mask
+from lightning_rigl.core.topology.methods import gradient_magnitude, uniform_random
+from lightning_rigl.core.topology.sampling import SAMPLE_WIDTH, SAMPLE_WINDOWS
+from lightning_rigl.core.topology.top_k import _BAND_SAMPLE, _banded_top_k_mask, index_dtype, top_k_indices, where_true
 
 MASK = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0])
 WEIGHT = torch.tensor([-9.0, 1, 4, -1, 5, 8, -2, 3])
@@ -40,7 +36,7 @@ def rigl_update(mask, weight, grad, k, chunk_size):
     """The candidate path as SparseTraining runs it: |grad| reduced from the signed gradient, then the update."""
     scores = score_chunks(gradient_magnitude, weight, grad, torch.Generator())
     candidates = grow_candidates(mask, k, scores, chunk_size=chunk_size)
-    dropped, grown = drop_grow_from_candidates(mask, weight, candidates, chunk_size=chunk_size)
+    dropped, grown = select_drop_grow(mask, weight, candidates, chunk_size=chunk_size)
     return sorted(dropped.tolist()), sorted(grown.tolist())
 
 
@@ -174,7 +170,7 @@ def test_a_well_sampled_layer_is_read_once_after_its_sample(k):
     calls = []
     found = grow_candidates(mask, k, lambda a, b: calls.append((a, b)) or grad[a:b].abs(), chunk_size=chunk_size)
     assert calls[64:] == [(start, start + chunk_size) for start in range(0, numel, chunk_size)]
-    dropped, grown = drop_grow_from_candidates(mask, weight, found, chunk_size=chunk_size)
+    dropped, grown = select_drop_grow(mask, weight, found, chunk_size=chunk_size)
     assert (sorted(dropped.tolist()), sorted(grown.tolist())) == reference(mask, weight, grad.abs(), k)
 
 
@@ -230,7 +226,7 @@ def test_a_sample_that_lets_too_many_through_still_gives_the_full_sorts_selectio
 def test_no_scores_are_read_when_nothing_is_replaced():
     found = grow_candidates(torch.ones(10), 0, lambda start, stop: pytest.fail("read"), chunk_size=4)
     assert found.values.numel() == found.active_values.numel() == 0
-    dropped, grown = drop_grow_from_candidates(torch.ones(10), torch.ones(10), found)
+    dropped, grown = select_drop_grow(torch.ones(10), torch.ones(10), found)
     assert dropped.numel() == grown.numel() == 0
 
 
@@ -241,21 +237,10 @@ def test_set_scores_do_not_depend_on_the_chunk_size():
     for chunk_size in (256, 1000, 5000):
         scores = score_chunks(uniform_random, weight, None, torch.Generator().manual_seed(3))
         found = grow_candidates(mask, 300, scores, chunk_size=chunk_size)
-        results.append([t.tolist() for t in drop_grow_from_candidates(mask, weight, found)])
+        results.append([t.tolist() for t in select_drop_grow(mask, weight, found)])
     whole = torch.rand(5000, generator=torch.Generator().manual_seed(3))
     assert results[0] == results[1] == results[2]
     assert (sorted(results[0][0]), sorted(results[0][1])) == reference(mask, weight, whole, 300)
-
-
-def test_dense_path_equals_the_candidate_path():
-    g = torch.Generator().manual_seed(4)
-    mask = torch.rand(3000, generator=g) < 0.3
-    weight, grad = torch.randn(3000, generator=g).round() * mask, torch.randn(3000, generator=g).round()
-    k = int(int(mask.sum()) * 0.4)
-    dropped, grown = drop_grow_indices(mask, weight, grad.abs(), 0.4, chunk_size=500)
-    assert (sorted(dropped.tolist()), sorted(grown.tolist())) == rigl_update(mask, weight, grad, k, 700)
-    new_mask, new = drop_and_grow(mask, weight, grad.abs(), 0.4)
-    assert int(new_mask.sum()) == int(mask.sum()) and not (new & mask).any()
 
 
 def test_top_k_indices_breaks_ties_by_the_given_index():

@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import (
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_rigl import RigLCallback
-from lightning_rigl._strategies import check_strategy
+from lightning_rigl.adapters.strategies import check_strategy
 from lightning_rigl.core import num_active
 from tests.helpers import MLP, distributed_rigl, fit_plain_sgd, make_loader, make_trainer
 

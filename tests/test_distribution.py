@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_rigl import RigLCallback, layer_sparsities
-from lightning_rigl.core.topology import num_active
+from lightning_rigl.core.topology.initial_masks import num_active
 from tests.helpers import MLP, make_loader, make_trainer
 
 SHAPES = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_rigl.core.flops import FlopsCount, LayerFlops, count_active, count_flops, training_flops_per_sample
+from lightning_rigl.core.flops.count import FlopsCount, LayerFlops, count_active, count_flops, training_flops_per_sample
 from tests.helpers import Attention, FusedLinear
 
 

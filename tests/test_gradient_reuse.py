@@ -8,9 +8,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-import lightning_rigl.core.sparse_linear as sparse_linear_module
+import lightning_rigl.core.kernels.sparse_linear as sparse_linear_module
 from lightning_rigl import RigLCallback
-from lightning_rigl.core.kernels import SparseKernels, linear_layers
+from lightning_rigl.core.kernels.served_layers import linear_layers
+from lightning_rigl.core.kernels.sparse_kernels import SparseKernels
 from tests.helpers import MLP, make_loader, make_trainer
 
 NAMES = ["0.weight"]

@@ -10,10 +10,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
 from lightning_rigl import SparseTraining, UpdateSchedule, count_flops, load_sparse, save_sparse
-from lightning_rigl.core.kernel_choice import TokenProbe, choose_kernel, choose_kernels
-from lightning_rigl.core.kernels import SparseKernels, linear_layers
-from lightning_rigl.core.sparse_linear import SparseStructure, sparse_linear
-from lightning_rigl.inference import sparsify
+from lightning_rigl.core.kernels.choice import TokenProbe, choose_kernel, choose_kernels
+from lightning_rigl.core.kernels.served_layers import linear_layers
+from lightning_rigl.core.kernels.sparse_kernels import SparseKernels
+from lightning_rigl.core.kernels.sparse_linear import SparseStructure, sparse_linear
+from lightning_rigl.core.kernels.sparsify import sparsify
 from tests.helpers import F64, big_sparse_mlp
 
 

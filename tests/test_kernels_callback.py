@@ -373,7 +373,7 @@ def test_gradients_changed_after_the_sparse_op_are_still_masked(module, callback
 
 
 def test_ordinary_steps_do_not_mask_the_gradients_the_sparse_kernels_wrote(monkeypatch):
-    import lightning_rigl.core.masks as masks_module  # where the multiply is called
+    import lightning_rigl.core.topology.masks as masks_module  # where the multiply is called
 
     masked_gradients_per_step = []
     multiply = masks_module.multiply_by_masks

@@ -7,8 +7,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_rigl import RigLCallback, register_linear, sparsify
-from lightning_rigl.core import linear_types, num_active
-from lightning_rigl.core.kernels import can_serve, linear_layers, weight_in_out
+from lightning_rigl.core import num_active
+from lightning_rigl.core.kernels.served_layers import can_serve, linear_layers, weight_in_out
+from lightning_rigl.core.sparsity import linear_types
 from tests.helpers import make_loader, make_trainer
 
 

@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_rigl import SparseTraining, UpdateSchedule
-from lightning_rigl.core.masking import nonzero_where_inactive
-from lightning_rigl.core.zero_guard import ZERO_PRESERVING_OPTIMIZERS, keeps_zeros
+from lightning_rigl.core.topology.masking import nonzero_where_inactive
+from lightning_rigl.core.topology.zero_guard import ZERO_PRESERVING_OPTIMIZERS, keeps_zeros
 
 optim = torch.optim
 OPTIMIZERS = {

@@ -7,8 +7,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_rigl import RigLCallback
-from lightning_rigl.core.optim_state import fresh_state, reset_optimizer_state
-from lightning_rigl.core.zero_guard import ZERO_PRESERVING_OPTIMIZERS
+from lightning_rigl.core.topology.optim_state import fresh_state, reset_optimizer_state
+from lightning_rigl.core.topology.zero_guard import ZERO_PRESERVING_OPTIMIZERS
 from tests.helpers import MLP, RecordGrowth, RpropMLP, make_loader, make_trainer
 
 optim = torch.optim

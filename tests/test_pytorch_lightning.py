@@ -23,7 +23,7 @@ from pytorch_lightning.strategies import (  # noqa: E402
 from pytorch_lightning.utilities.exceptions import MisconfigurationException  # noqa: E402
 
 import lightning_rigl  # noqa: E402
-from lightning_rigl._strategies import check_strategy  # noqa: E402
+from lightning_rigl.adapters.strategies import check_strategy  # noqa: E402
 from lightning_rigl.core import num_active  # noqa: E402
 from lightning_rigl.pytorch_lightning import RigLCallback, SparsityMonitor  # noqa: E402
 from tests.helpers import CLI_TRAINER_ARGS, DestroyProcessGroup, command_line  # noqa: E402

@@ -398,7 +398,7 @@ def test_weights_written_in_place_between_steps_are_masked_before_the_next_forwa
 
 
 def test_second_derivatives_through_sparse_kernels_equal_dense_ones():
-    from lightning_rigl.core.sparse_linear import SparseStructure, sparse_linear
+    from lightning_rigl.core.kernels.sparse_linear import SparseStructure, sparse_linear
 
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(6, 5, generator=g) < 0.4

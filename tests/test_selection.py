@@ -17,8 +17,9 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 from lightning_rigl import RigLCallback, SparseTraining, SparsityMonitor, count_flops
-from lightning_rigl.core import num_active, selection
-from lightning_rigl.core.selection import is_masked_module, parameter_aliases, select_parameters
+from lightning_rigl.core import num_active
+from lightning_rigl.core.sparsity import selection
+from lightning_rigl.core.sparsity.selection import is_masked_module, parameter_aliases, select_parameters
 from tests.helpers import MLP, InvariantChecker, RecordingLogger, make_loader, make_trainer
 
 
@@ -80,20 +81,22 @@ def test_a_class_named_transformers_conv1d_is_masked_without_importing_transform
     assert is_masked_module(Conv1D(4, 3)) and is_masked_module(GPT2Like(4, 3))
     # Lightning's own imports (torchmetrics) load transformers when it is installed: load the core modules
     # without the package's __init__ (which imports Lightning), with any import of transformers made to fail.
-    package = Path(selection.__file__).parents[1]
+    package = Path(selection.__file__).parents[2]
     code = f"""
 import sys, types
+import torch
 sys.modules["transformers"] = None
 for name, path in (("lightning_rigl", {str(package)!r}), ("lightning_rigl.core", {str(package / "core")!r})):
     sys.modules[name] = types.ModuleType(name)
     sys.modules[name].__path__ = [path]
-from lightning_rigl.core import kernels, selection
+from lightning_rigl.core.kernels import served_layers
+from lightning_rigl.core.sparsity import selection
 class Conv1D(selection.nn.Module):
     def __init__(self):
         super().__init__()
-        self.weight, self.bias = selection.nn.Parameter(kernels.torch.ones(3, 2)), None
+        self.weight, self.bias = selection.nn.Parameter(torch.ones(3, 2)), None
 Conv1D.__module__ = "transformers.pytorch_utils"
-assert selection.is_masked_module(Conv1D()) and kernels.weight_in_out(Conv1D()) is True
+assert selection.is_masked_module(Conv1D()) and served_layers.weight_in_out(Conv1D()) is True
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
@@ -554,7 +557,7 @@ def test_include_masks_frozen_weights_which_stay_fixed_while_frozen():
         mask = rigl.masks[name]
         assert int(mask.sum()) == num_active(mask.numel(), rigl.sparse.sparsities[name])
         assert params[name][~mask].eq(0).all() and torch.equal(params[name][mask], before[name][mask])
-    assert rigl.sparse.updates == 0 and not rigl.sparse.due_updates  # no gradient to grow from, none waited for
+    assert rigl.sparse.updates == 0 and not rigl.sparse.scheduled.due  # no gradient to grow from, none waited for
 
 
 @pytest.mark.parametrize("kernels", ["dense", "sparse"])

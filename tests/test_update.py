@@ -1,4 +1,4 @@
-"""One topology update, on the pure function and on SparseTraining: the worked example and its corner cases."""
+"""One topology update, on one layer's masks and on SparseTraining: the worked example and its corner cases."""
 
 import pytest
 import torch
@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_rigl import SparseTraining, UpdateSchedule
-from lightning_rigl.core import drop_and_grow, reset_optimizer_state
+from lightning_rigl.core import reset_optimizer_state
+from tests.helpers import update_layer_masks
 
 MASK = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0], dtype=torch.bool)
 WEIGHT = torch.tensor([-9.0, 1, 4, -1, 5, 8, -2, 3])
@@ -16,29 +17,29 @@ NEW_MASK = [0, 1, 0, 0, 1, 1, 1, 0]
 
 
 def test_worked_example_of_the_reference():
-    new_mask, grown = drop_and_grow(MASK, WEIGHT, GRAD.abs(), 0.5)
+    new_mask, grown = update_layer_masks(MASK, WEIGHT, GRAD.abs(), 0.5)
     assert new_mask.int().tolist() == NEW_MASK
     assert grown.nonzero().flatten().tolist() == [4]  # index 1 was dropped and regrown: not new
 
 
 def test_active_weight_at_zero_is_dropped_before_any_inactive_position():
     mask = torch.tensor([True, True, False, False])
-    new_mask, _ = drop_and_grow(mask, torch.tensor([0.0, 3.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0]), 0.5)
+    new_mask, _ = update_layer_masks(mask, torch.tensor([0.0, 3.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0]), 0.5)
     assert new_mask.tolist() == [False, True, True, False]
 
 
 def test_grow_never_picks_a_kept_position_even_with_negative_scores():
     mask = torch.tensor([True, True, False, False])
     scores = torch.tensor([5.0, 5.0, -1.0, -2.0])  # a "multiply by 0" exclusion would regrow index 0 or 1
-    new_mask, grown = drop_and_grow(mask, torch.tensor([1.0, 2.0, 0.0, 0.0]), scores, 0.5)
+    new_mask, grown = update_layer_masks(mask, torch.tensor([1.0, 2.0, 0.0, 0.0]), scores, 0.5)
     assert new_mask.tolist() == [True, True, False, False]  # index 0 dropped, then regrown: best score
     scores = torch.tensor([-5.0, 5.0, -1.0, -2.0])
-    new_mask, grown = drop_and_grow(mask, torch.tensor([1.0, 2.0, 0.0, 0.0]), scores, 0.5)
+    new_mask, grown = update_layer_masks(mask, torch.tensor([1.0, 2.0, 0.0, 0.0]), scores, 0.5)
     assert new_mask.tolist() == [False, True, True, False] and grown.tolist() == [False, False, True, False]
 
 
 def test_drop_fraction_zero_changes_nothing():
-    new_mask, grown = drop_and_grow(MASK, WEIGHT, GRAD, 0.0)
+    new_mask, grown = update_layer_masks(MASK, WEIGHT, GRAD, 0.0)
     assert torch.equal(new_mask, MASK) and not grown.any()
 
 
@@ -133,7 +134,7 @@ def test_non_finite_gradients_defer_the_update_to_the_next_finite_step():
 
 
 def test_a_layer_with_every_position_active_is_left_as_it_is_by_an_update(monkeypatch):
-    import lightning_rigl.core.layer_update as layer_update
+    import lightning_rigl.core.topology.layer_update as layer_update
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))  # ERK-style: a dense small head
@@ -187,7 +188,7 @@ def test_one_update_keeps_counts_values_and_state(numel, density, drop_fraction,
     scores = torch.randn(numel, generator=g)
     momentum = torch.randn(numel, generator=g)
 
-    new_mask, grown = drop_and_grow(mask, weight, scores.abs(), drop_fraction)
+    new_mask, grown = update_layer_masks(mask, weight, scores.abs(), drop_fraction)
     assert int(new_mask.sum()) == int(mask.sum())  # counts are kept
     assert torch.equal(grown, new_mask & ~mask)  # only new positions are "grown"
     k = int(int(mask.sum()) * drop_fraction)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytorch_lightning
 
-import lightning_rigl
+from lightning_rigl.adapters import callback, monitor
 
 
-class RigLCallback(lightning_rigl.RigLCallback, pytorch_lightning.Callback):
+class RigLCallback(callback.RigLCallback, pytorch_lightning.Callback):
     """:class:`lightning_rigl.RigLCallback`, also a ``pytorch_lightning.Callback`` (for its LightningCLI)."""
 
 
-class SparsityMonitor(lightning_rigl.SparsityMonitor, pytorch_lightning.Callback):
+class SparsityMonitor(monitor.SparsityMonitor, pytorch_lightning.Callback):
     """:class:`lightning_rigl.SparsityMonitor`, also a ``pytorch_lightning.Callback`` (for its LightningCLI)."""

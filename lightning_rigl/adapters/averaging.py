@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lightning_rigl.core.masks import LayerMasks
+from lightning_rigl.core.topology.masks import LayerMasks
 
 
 def mask_averaged_copies(trainer: Any, layer_masks: LayerMasks, owner: object) -> None:

@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_rigl._averaging import mask_averaged_copies
-from lightning_rigl._checkpoint_hooks import CheckpointHooks
-from lightning_rigl._fit_settings import shared_seed, t_end_steps
-from lightning_rigl._fit_start_warnings import warn_at_fit_start
-from lightning_rigl._lightning import misconfiguration
-from lightning_rigl._spawn import MaskHandoff
-from lightning_rigl._strategies import check_strategy
-from lightning_rigl.core import (
-    Decay,
-    Distribution,
-    MethodName,
-    SparseTraining,
-    UpdateSchedule,
-    select_parameters,
-)
+from lightning_rigl.adapters.averaging import mask_averaged_copies
+from lightning_rigl.adapters.checkpoints import CheckpointState, evaluation_run
+from lightning_rigl.adapters.compat import misconfiguration
+from lightning_rigl.adapters.fit_settings import run_for_fit
+from lightning_rigl.adapters.fit_start_warnings import warn_at_fit_start
+from lightning_rigl.adapters.spawn import MaskHandoff
+from lightning_rigl.adapters.strategies import MaskAgreement, check_strategy
 from lightning_rigl.core.config import RUN_ARGUMENTS, RunConfig
-from lightning_rigl.core.schedule import check_steps_per_batch
-from lightning_rigl.core.selection import parameter_aliases
+from lightning_rigl.core.kernels.choice import Kernels
+from lightning_rigl.core.sparse_training import SparseTraining
+from lightning_rigl.core.sparsity.distributions import Distribution
+from lightning_rigl.core.sparsity.selection import parameter_aliases
+from lightning_rigl.core.topology.methods import MethodName
+from lightning_rigl.core.topology.schedule import Decay, check_steps_per_batch
 
-Kernels = Literal["auto", "sparse", "dense"]
 
-
-class RigLCallback(CheckpointHooks):
+class RigLCallback(Callback):
     """Train a sparse network from scratch with RigL (Evci et al., 2020) or SET, SNFS or a static mask.
 
     At fit start the callback picks the weights to mask, spreads ``sparsity`` over them with
@@ -122,9 +117,8 @@ class RigLCallback(CheckpointHooks):
         self._stepped: list[torch.optim.Optimizer] = []  # optimizers stepped since the last update pass
         self._optimizers_checked = False
         self._seen_updates = 0
-        self._checks_left = 0
-        self._loaded_state: dict[str, Any] | None = None
-        self._restored = False
+        self._agreement = MaskAgreement()  # masks compared across ranks
+        self._checkpoint = CheckpointState()  # what a checkpoint handed this callback, until on_fit_start
         self._aliases: dict[str, list[str]] = {}  # masked name -> every name of that Parameter
         self._fit_start_step = 0
         self._handoff = MaskHandoff()  # ddp_spawn / ddp_fork: rank 0's masks back to the main process
@@ -182,34 +176,19 @@ class RigLCallback(CheckpointHooks):
             self.sparse = None  # a spawned fit trained since: this process's run is not the latest
         self._handoff.reset()
         with misconfiguration():
-            schedule = UpdateSchedule(self.delta_t, t_end_steps(trainer, self.t_end), self.alpha, self.decay)
-            params = select_parameters(pl_module, self.include, self.exclude)
-            if self._loaded_state is None and self.sparse is not None and self._same_parameters(params):
-                self.sparse.schedule = schedule  # fit again with the same model: go on from these masks
-            else:
-                self.sparse = SparseTraining.from_model(
-                    pl_module,
-                    **self.config.masking(),
-                    params=params,
-                    method=self.method,
-                    schedule=schedule,
-                    seed=shared_seed(trainer, self.seed),
-                    state=self._loaded_state,
-                    kernels=self.kernels,
-                )
-                self._loaded_state = None
+            # A checkpoint's state, else this run again for the same model (go on from its masks), else fresh masks.
+            self.sparse = run_for_fit(trainer, pl_module, self.config, self.sparse, self._checkpoint.take())
             self.sparse.check_optimizers(trainer.optimizers)
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
         # Gradients masked as they accumulate; weights and optimizer state masked again after a load mid-run.
         self.sparse.install_hooks([pl_module], trainer.optimizers)
-        warn_at_fit_start(pl_module, self)  # frozen layers left dense, an overall sparsity off its target
+        warn_at_fit_start(pl_module, self.sparse, self.config)  # frozen layers left dense, a sparsity off target
         self._trainer = trainer
         self._optimizers_checked = False
         self._stepped = []
         self._seen_updates = self.sparse.updates
-        self._checks_left = self.consistency_checks  # counted per fit, so a resumed run checks too
-        if self._checks_left:
-            self.sparse.check_masks_agree_across_ranks()
+        self._agreement = MaskAgreement(self.consistency_checks)  # counted per fit, so a resumed run checks too
+        self._agreement.at_fit_start(self.sparse)
         mask_averaged_copies(trainer, self.sparse.layer_masks, self)
         if not pl_module.automatic_optimization:
             # Manual optimization may step several times in one batch, with forward passes in between:
@@ -221,13 +200,12 @@ class RigLCallback(CheckpointHooks):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._warn_unless_restored(trainer)  # every strategy has restored its checkpoint by now
+        self._checkpoint.warn_unless_restored(trainer.ckpt_path)  # every strategy has restored its checkpoint by now
         self._fit_start_step = trainer.global_step  # restored by now
         if self.sparse is not None:
-            # A checkpoint saved between a step and its update (by a callback listed before this one)
-            # holds that update's grow scores: make the update now, with the optimizer state restored.
-            # Known kernel choices (resumed, or a second fit) are attached at the first batch start, with
-            # structures built from the masks after this update.
+            # A checkpoint saved between a step and its update (by a callback listed before this one) holds
+            # its grow scores: update now, optimizer state restored. Known kernel choices (resumed, a second
+            # fit) are attached at the first batch start, with structures built from the masks after this update.
             self.sparse.update_topology(trainer.optimizers)
             mask_averaged_copies(trainer, self.sparse.layer_masks, self)
 
@@ -235,11 +213,10 @@ class RigLCallback(CheckpointHooks):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.sparse is None:
-            return
-        # Before the forward pass: the step its backward is for decides whether it writes dense gradients; in
-        # manual optimization each later step of the batch begins after the one before (apply_updates).
-        self.sparse.start_step(trainer.global_step)
+        if self.sparse is not None:
+            # Before the forward pass: the step its backward is for decides whether it writes dense gradients; in
+            # manual optimization each later step of the batch begins after the one before (apply_updates).
+            self.sparse.start_step(trainer.global_step)
 
     @override
     def on_before_optimizer_step(
@@ -281,14 +258,30 @@ class RigLCallback(CheckpointHooks):
         if self.sparse.updates > self._seen_updates:
             self._seen_updates = self.sparse.updates
             mask_averaged_copies(self._trainer, self.sparse.layer_masks, self)
-            if self._checks_left:
-                self._checks_left -= self._checks_left > 0
-                self.sparse.check_masks_agree_across_ranks()
+            self._agreement.after_update(self.sparse)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.sparse is not None:
             self._handoff.send(self.sparse, trainer.is_global_zero)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.sparse is None else self.sparse.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # FSDP2 and ModelParallel restore callback state after on_fit_start built the run: into it.
+        self._checkpoint.receive(state_dict, self.sparse if self._trainer is not None else None)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if trainer.state.fn != "fit" and state:  # a fit restores through load_state_dict
+            # validate / test / predict: that checkpoint's masks (exported after `trainer.test(ckpt_path=...)`).
+            self.sparse, self._aliases = evaluation_run(pl_module, self.config, state)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -303,11 +296,4 @@ class RigLCallback(CheckpointHooks):
             self.sparse.close()
         for handle in self._manual_step_hooks:
             handle.remove()
-        self._manual_step_hooks = []
-        self._stepped = []
-        self._trainer = None
-
-    def _same_parameters(self, params: dict[str, torch.nn.Parameter]) -> bool:
-        assert self.sparse is not None
-        current = self.sparse.params
-        return list(current) == list(params) and all(current[name] is params[name] for name in params)
+        self._manual_step_hooks, self._stepped, self._trainer = [], [], None

@@ -1,74 +1,80 @@
-"""RigLCallback's checkpoint hooks: what it saves, and how a fit, a test or a resumed run restores it."""
+"""RigLCallback's checkpoints: the state a checkpoint hands it, held until its run is built, and evaluation runs.
+
+Single-device and DDP strategies restore callback state before ``on_fit_start``, which then builds the
+run from it; FSDP2 and ModelParallel restore it after, into the run itself.
+``trainer.validate/test/predict(ckpt_path=...)`` make the masks that checkpoint's.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from typing_extensions import override
+from torch import nn
 
-from lightning_rigl._lightning import misconfiguration
-from lightning_rigl.core import SparseTraining, select_parameters
-from lightning_rigl.core.selection import parameter_aliases
+from lightning_rigl.adapters.compat import misconfiguration
+from lightning_rigl.core.config import RunConfig
+from lightning_rigl.core.sparse_training import SparseTraining
+from lightning_rigl.core.sparsity.selection import parameter_aliases, select_parameters
 
 
-class CheckpointHooks(Callback):
-    """The checkpoint half of :class:`~lightning_rigl.RigLCallback`, its base class.
+class CheckpointState:
+    """What checkpoints handed one RigLCallback: the saved run state it holds until ``on_fit_start``.
 
-    Single-device and DDP strategies restore callback state before ``on_fit_start``, which then builds
-    the run from ``_loaded_state``; FSDP2 and ModelParallel restore it after, into the run itself.
-    ``trainer.validate/test/predict(ckpt_path=...)`` make the masks that checkpoint's.
+    Example:
+        >>> held = CheckpointState()
+        >>> held.receive({}, run=None)  # a checkpoint without RigLCallback state: nothing restored
+        >>> held.restored, held.take()
+        (False, None)
     """
 
-    sparse: SparseTraining | None
-    include: list[str] | None
-    exclude: list[str] | None
-    _trainer: pl.Trainer | None
-    _aliases: dict[str, list[str]]
-    _loaded_state: dict[str, Any] | None
-    _restored: bool  # a checkpoint handed this callback its state in the current fit
+    def __init__(self) -> None:
+        self._state: dict[str, Any] | None = None
+        #: A checkpoint handed its state in the current fit.
+        self.restored = False
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        if self.sparse is None:
-            return {}
-        return self.sparse.state_dict()
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
+    def receive(self, state: Mapping[str, Any], run: SparseTraining | None) -> None:
+        """Take RigLCallback's ``load_state_dict`` argument: into ``run`` when it is built (FSDP2), else held."""
+        if not state:
             return
-        self._restored = True
-        state_dict = dict(state_dict)
-        if self.sparse is not None and self._trainer is not None:
-            # FSDP / ModelParallel restore callback state after on_fit_start built the masks.
+        self.restored = True
+        if run is not None:
             with misconfiguration():
-                self.sparse.load_state_dict(state_dict)
+                run.load_state_dict(dict(state))
         else:
-            # Single device and DDP restore it before on_fit_start, which builds the masks from it.
-            self._loaded_state = state_dict
+            self._state = dict(state)
 
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if trainer.state.fn == "fit" or not state:
-            return  # a fit restores through load_state_dict
-        # validate / test / predict from a checkpoint: the masks become that checkpoint's, so what is
-        # exported after `trainer.test(ckpt_path="best")` is the tested model's.
-        with misconfiguration():
-            params = select_parameters(pl_module, self.include, self.exclude)
-            self.sparse = SparseTraining.from_state(params, state)
-            self.sparse.remove_hooks()  # no training here: nothing to mask as it accumulates
-            self._aliases = parameter_aliases(pl_module, self.sparse.params)
+    def take(self) -> dict[str, Any] | None:
+        """The held state, given once (the run built from it owns it then); None if none is held."""
+        state, self._state = self._state, None
+        return state
 
-    def _warn_unless_restored(self, trainer: pl.Trainer) -> None:
-        if trainer.ckpt_path is not None and not self._restored:
+    @property
+    def holds(self) -> bool:
+        """Whether a state waits for the next fit's run."""
+        return self._state is not None
+
+    def warn_unless_restored(self, ckpt_path: str | None) -> None:
+        """Warn when a fit resumed from a checkpoint that held no RigLCallback state; a new fit then begins."""
+        if ckpt_path is not None and not self.restored:
             rank_zero_warn(
-                f"Resumed from {trainer.ckpt_path}, which holds no RigLCallback state (a dense or weights-only "
+                f"Resumed from {ckpt_path}, which holds no RigLCallback state (a dense or weights-only "
                 "checkpoint?): training goes on with fresh random masks, which zeroed part of the loaded weights."
             )
-        self._restored = False
+        self.restored = False
+
+
+def evaluation_run(
+    model: nn.Module, config: RunConfig, state: Mapping[str, Any]
+) -> tuple[SparseTraining, dict[str, list[str]]]:
+    """The run a checkpoint's state describes, for ``validate`` / ``test`` / ``predict``: no hooks, nothing trains.
+
+    Returns:
+        The run, and every name of each masked Parameter (see ``parameter_aliases``).
+    """
+    with misconfiguration():
+        params = select_parameters(model, config.include, config.exclude)
+        run = SparseTraining.from_state(params, state)
+        run.remove_hooks()  # no training here: nothing to mask as it accumulates
+        return run, parameter_aliases(model, run.params)

@@ -49,7 +49,7 @@ def misconfiguration() -> Iterator[None]:
         ...     raise ValueError("`delta_t` must be an int >= 1, got -5.")
         Traceback (most recent call last):
         ...
-        lightning_rigl._lightning.MisconfigurationException: `delta_t` must be an int >= 1, got -5.
+        lightning_rigl.adapters.compat.MisconfigurationException: `delta_t` must be an int >= 1, got -5.
     """
     try:
         yield

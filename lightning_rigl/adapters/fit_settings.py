@@ -1,13 +1,19 @@
-"""What RigLCallback reads off the Trainer at fit start: the update horizon in optimizer steps, the shared seed."""
+"""What RigLCallback reads off the Trainer at fit start: the update horizon, the shared seed, the run to train."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 
-from lightning_rigl.core.schedule import resolve_t_end
+from lightning_rigl.core.config import RunConfig
+from lightning_rigl.core.sparse_training import SparseTraining
+from lightning_rigl.core.sparsity.selection import select_parameters
+from lightning_rigl.core.topology.schedule import UpdateSchedule, resolve_t_end
 
 
 def t_end_steps(trainer: pl.Trainer, t_end: int | float) -> int:
@@ -30,3 +36,36 @@ def shared_seed(trainer: pl.Trainer, seed: int | None) -> int:
         return seed
     derived = (torch.initial_seed() + 0x5EED) % 2**63
     return int(trainer.strategy.broadcast(derived, src=0))
+
+
+def run_for_fit(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    config: RunConfig,
+    current: SparseTraining | None,
+    saved: Mapping[str, Any] | None,
+) -> SparseTraining:
+    """The run a fit trains: the one a checkpoint's ``saved`` state describes, else ``current`` again, else a new one.
+
+    A new fit of the same model (the same Parameters) goes on from the current run's masks, under this
+    fit's schedule; another model gets fresh masks.
+    """
+    schedule = UpdateSchedule(config.delta_t, t_end_steps(trainer, config.t_end), config.alpha, config.decay)
+    params = select_parameters(model, config.include, config.exclude)
+    if saved is None and current is not None and _same_parameters(current.params, params):
+        current.schedule = schedule
+        return current
+    return SparseTraining.from_model(
+        model,
+        **config.masking(),
+        params=params,
+        method=config.method,
+        schedule=schedule,
+        seed=shared_seed(trainer, config.seed),
+        state=saved,
+        kernels=config.kernels,
+    )
+
+
+def _same_parameters(current: Mapping[str, nn.Parameter], params: Mapping[str, nn.Parameter]) -> bool:
+    return list(current) == list(params) and all(current[name] is params[name] for name in params)

@@ -3,34 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_rigl.core.distribution import achieved_sparsity, budget_layers
-from lightning_rigl.core.selection import frozen_default_weights
-
-if TYPE_CHECKING:
-    from lightning_rigl.callback import RigLCallback
+from lightning_rigl.core.config import RunConfig
+from lightning_rigl.core.sparse_training import SparseTraining
+from lightning_rigl.core.sparsity.distributions import achieved_sparsity, budget_layers
+from lightning_rigl.core.sparsity.selection import frozen_default_weights
 
 #: Overall sparsity further than this from the target is reported.
 SPARSITY_TOLERANCE = 1e-3
 _LISTED = 10  # names a warning lists before it counts the rest
 
 
-def warn_at_fit_start(model: nn.Module, callback: RigLCallback) -> None:
+def warn_at_fit_start(model: nn.Module, run: SparseTraining, config: RunConfig) -> None:
     """Warn about frozen layers the default selection skipped, and an overall sparsity off its target.
 
     Args:
         model: The LightningModule.
-        callback: The RigLCallback, with its run (``callback.sparse``) built.
+        run: The run RigLCallback built for this fit.
+        config: RigLCallback's arguments.
 
     """
-    if callback.sparse is None:
-        return
-    if not callback.include:
-        frozen = frozen_default_weights(model, callback.exclude)
+    if not config.include:
+        frozen = frozen_default_weights(model, config.exclude)
         if frozen:
             rank_zero_warn(
                 f"RigL skips {len(frozen)} frozen weights (requires_grad=False) of layers it masks by default, "
@@ -39,25 +36,24 @@ def warn_at_fit_start(model: nn.Module, callback: RigLCallback) -> None:
                 "the other weights in `include` (a frozen weight is zeroed where inactive, and trains under its "
                 "mask once unfrozen); to keep them dense and silence this, name them in `exclude`."
             )
-    _warn_off_target(callback)
+    _warn_off_target(run, config)
 
 
-def _warn_off_target(callback: RigLCallback) -> None:
-    sparse = callback.sparse
+def _warn_off_target(sparse: SparseTraining, config: RunConfig) -> None:
     names = budget_layers(
         list(sparse.params),
-        callback.distribution,
-        dense_first_layer=callback.dense_first_layer,
-        custom_sparsity=callback.custom_sparsity,
+        config.distribution,
+        dense_first_layer=config.dense_first_layer,
+        custom_sparsity=config.custom_sparsity,
     )
     if not names:
         return
     shapes = {name: tuple(sparse.params[name].shape) for name in names}
     achieved = achieved_sparsity(shapes, sparse.sparsities)
-    if abs(achieved - callback.sparsity) > SPARSITY_TOLERANCE:
+    if abs(achieved - config.sparsity) > SPARSITY_TOLERANCE:
         weights = sum(sparse.params[name].numel() for name in names)
         rank_zero_warn(
-            f"RigL's masks reach an overall sparsity of {achieved:.4f}, not the target {callback.sparsity}, over "
+            f"RigL's masks reach an overall sparsity of {achieved:.4f}, not the target {config.sparsity}, over "
             f"the {weights} weights of the {len(names)} layers that carry it: each layer keeps a whole number of "
             "active weights, rounded up, which small layers feel most. The per-layer sparsities are the "
             "reference's; see docs/how-rigl-works.md, 'Per-layer sparsity', for how large the gap can be."

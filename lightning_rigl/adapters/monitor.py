@@ -11,20 +11,20 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_rigl._lightning import MisconfigurationException, lightning_classes, misconfiguration
-from lightning_rigl._monitor_metrics import (
+from lightning_rigl.adapters.callback import RigLCallback
+from lightning_rigl.adapters.compat import MisconfigurationException, lightning_classes, misconfiguration
+from lightning_rigl.adapters.monitor_metrics import (
     batch_size_or_none,
     count_module_flops,
     sparsities,
     step_metrics,
     train_flops_per_sample,
 )
-from lightning_rigl.callback import RigLCallback
-from lightning_rigl.core import SparseTraining
-from lightning_rigl.core.flops import FlopsCount, count_active
-from lightning_rigl.core.selection import select_parameters
+from lightning_rigl.core.flops.count import FlopsCount, count_active
+from lightning_rigl.core.flops.report import draw_figure, optional_import, print_table, summary, table_rows
+from lightning_rigl.core.sparse_training import SparseTraining
+from lightning_rigl.core.sparsity.selection import select_parameters
 from lightning_rigl.core.validation import check_patterns, check_type
-from lightning_rigl.report import draw_figure, optional_import, print_table, summary, table_rows
 
 
 class SparsityMonitor(Callback):
@@ -37,9 +37,9 @@ class SparsityMonitor(Callback):
     - ``sparsity/global`` and ``sparsity/<parameter name>``: fractions of zeros, read from the
       weights (a connection grown at 0 by RigL counts as active, its mask says so);
     - ``flops/dense_forward`` and ``flops/sparse_forward`` (f_D and f_S, forward FLOPs per sample
-      from :func:`~lightning_rigl.core.flops.count_flops`), ``flops/sparse_ratio`` (f_S / f_D),
+      from :func:`~lightning_rigl.core.flops.count.count_flops`), ``flops/sparse_ratio`` (f_S / f_D),
       ``flops/train_total`` (training FLOPs of the run so far on all ranks, by the paper's accounting:
-      :func:`~lightning_rigl.core.flops.training_flops_per_sample`) and ``flops/train_ratio``
+      :func:`~lightning_rigl.core.flops.count.training_flops_per_sample`) and ``flops/train_ratio``
       (against dense training of the same samples);
     - with a :class:`~lightning_rigl.RigLCallback`: ``rigl/drop_fraction`` (the schedule's, at this
       step), ``rigl/changed`` (fraction of active connections the last update changed),

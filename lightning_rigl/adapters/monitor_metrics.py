@@ -12,10 +12,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException as 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_rigl._lightning import MisconfigurationException
-from lightning_rigl.core import FlopsCount, SparseTraining
-from lightning_rigl.core.flops import count_flops, training_flops_per_sample, uncounted_warning
-from lightning_rigl.report import density
+from lightning_rigl.adapters.compat import MisconfigurationException
+from lightning_rigl.core.flops.count import FlopsCount, count_flops, training_flops_per_sample, uncounted_warning
+from lightning_rigl.core.flops.report import density
+from lightning_rigl.core.sparse_training import SparseTraining
 
 
 def count_module_flops(
@@ -28,7 +28,7 @@ def count_module_flops(
     Args:
         trainer: The Trainer, whose precision plugin converts the input and wraps the forward pass.
         pl_module: The LightningModule to count.
-        example: Input for one forward pass (see :func:`~lightning_rigl.core.flops.count_flops`); ``None``
+        example: Input for one forward pass (see :func:`~lightning_rigl.core.flops.count.count_flops`); ``None``
             warns that FLOPs are skipped.
         batch_size: Samples in ``example``; ``None`` reads dim 0 of its first tensor.
 

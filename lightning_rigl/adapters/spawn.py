@@ -9,8 +9,8 @@ import uuid
 import torch
 from torch import Tensor
 
-from lightning_rigl.core import SparseTraining
-from lightning_rigl.core.packing import unpack_bits
+from lightning_rigl.core.sparse_training import SparseTraining
+from lightning_rigl.core.state.packing import unpack_bits
 
 
 class MaskHandoff:

@@ -1,10 +1,11 @@
-"""Which Lightning strategies RigLCallback supports: those where its masks stay exact, in both Lightning packages."""
+"""Which Lightning strategies RigLCallback supports (those where its masks stay exact), and its checks across ranks."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from lightning_rigl._lightning import MisconfigurationException, lightning_classes
+from lightning_rigl.adapters.compat import MisconfigurationException, lightning_classes
+from lightning_rigl.core.sparse_training import SparseTraining
 
 SUPPORTED_STRATEGIES = (
     "single device ('auto' on one device)",
@@ -38,3 +39,25 @@ def check_strategy(strategy: Any) -> None:
             "exact there (FSDP1 flattens parameters; DeepSpeed hides gradients; XLA is untested). "
             f"Supported: {'; '.join(SUPPORTED_STRATEGIES)}."
         )
+
+
+class MaskAgreement:
+    """When RigLCallback compares the masks across ranks: at fit start, then after the first ``checks`` updates.
+
+    ``checks=-1`` compares after every update, ``0`` never. Each comparison is a collective that raises a
+    RuntimeError naming the layers whose masks differ between ranks.
+    """
+
+    def __init__(self, checks: int = 0) -> None:
+        self.left = checks
+
+    def at_fit_start(self, run: SparseTraining) -> None:
+        """Compare the masks the fit starts from."""
+        if self.left:
+            run.check_masks_agree_across_ranks()
+
+    def after_update(self, run: SparseTraining) -> None:
+        """Compare the masks after a topology update, while checks are left."""
+        if self.left:
+            self.left -= self.left > 0
+            run.check_masks_agree_across_ranks()

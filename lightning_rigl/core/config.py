@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lightning_rigl.core.distribution import DISTRIBUTIONS
-from lightning_rigl.core.kernel_choice import KERNELS
-from lightning_rigl.core.methods import get_method
-from lightning_rigl.core.schedule import check_schedule
+from lightning_rigl.core.kernels.choice import KERNELS
+from lightning_rigl.core.sparsity.distributions import DISTRIBUTIONS
+from lightning_rigl.core.topology.methods import get_method
+from lightning_rigl.core.topology.schedule import check_schedule
 from lightning_rigl.core.validation import (
     check_choice,
     check_fraction,

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.masked_gradients import GradientStamp
-from lightning_rigl.core.masks import LayerMasks
-from lightning_rigl.core.optim_state import reset_optimizer_state
+from lightning_rigl.core.kernels.masked_gradients import GradientStamp
+from lightning_rigl.core.topology.masks import LayerMasks
+from lightning_rigl.core.topology.optim_state import reset_optimizer_state
 
 
 class GradientSource(Protocol):

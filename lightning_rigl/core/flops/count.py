@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from lightning_rigl.core.flop_counter import count_by_weight
-from lightning_rigl.core.methods import METHODS, get_method
-from lightning_rigl.core.sharding import gather_full
+from lightning_rigl.core.flops.per_weight import count_by_weight
+from lightning_rigl.core.parallel.sharding import gather_full
+from lightning_rigl.core.topology.methods import METHODS, get_method
 from lightning_rigl.core.validation import check_int
 
 
@@ -187,7 +187,7 @@ def training_flops_per_sample(
     """Training FLOPs per sample and optimizer step, by the paper's accounting (backward = 2 x forward).
 
     What a method costs follows from when it reads the dense weight gradient
-    (:attr:`~lightning_rigl.core.methods.Method.dense_gradient`): never (``"static"``, ``"set"``, and no
+    (:attr:`~lightning_rigl.core.topology.methods.Method.dense_gradient`): never (``"static"``, ``"set"``, and no
     RigL at all: ``None``): ``3 f_S``; at every step (``"snfs"``): ``2 f_S + f_D``; at update steps
     (``"rigl"``): ``(3 f_S delta_t + 2 f_S + f_D) / (delta_t + 1)`` while updates run, ``3 f_S`` once
     they stopped (``updating=False``, from ``t_end`` on). Dense training is ``3 f_D``: pass ``f_D`` twice.

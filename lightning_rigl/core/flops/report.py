@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_rigl.core import FlopsCount, UpdateRecord
+from lightning_rigl.core.flops.count import FlopsCount
+from lightning_rigl.core.history import UpdateRecord
 
 
 def optional_import(module: str) -> Any:

@@ -8,15 +8,17 @@ the dtype, never on a timing taken during the run, so every rank and every resum
 from __future__ import annotations
 
 from collections.abc import Container, Mapping
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.kernels import logical_shape
-from lightning_rigl.core.sharding import is_sharded
-from lightning_rigl.core.sparse_linear import SPARSE_DTYPES
+from lightning_rigl.core.kernels.served_layers import logical_shape
+from lightning_rigl.core.kernels.sparse_linear import SPARSE_DTYPES
+from lightning_rigl.core.parallel.sharding import is_sharded
 
-KERNELS = ("auto", "sparse", "dense")
+Kernels = Literal["auto", "sparse", "dense"]
+KERNELS: tuple[str, ...] = get_args(Kernels)
 
 # Calibration of the "auto" rule: `benchmarks/sparse_kernels.py` (fp32, cold caches, the dense side charged with
 # the gradient-masking pass the sparse path skips; BENCHMARKS.md, "Sparse kernels"). Each row (min tokens, min
@@ -110,7 +112,7 @@ def choose_kernels(
     names the layers whose input needs a gradient (None: every layer's does).
 
     Example:
-        >>> from lightning_rigl.core.kernels import linear_layers
+        >>> from lightning_rigl.core.kernels.served_layers import linear_layers
         >>> layers = linear_layers(nn.Sequential(nn.Linear(1024, 1024)))
         >>> choose_kernels(layers, {"0.weight": torch.rand(1024, 1024) < 0.03}, tokens=256)
         {'0.weight': 'sparse'}
@@ -162,7 +164,7 @@ class TokenProbe:
         layers: Name to (module, weight), e.g. from :func:`linear_layers`.
 
     Example:
-        >>> from lightning_rigl.core.kernels import linear_layers
+        >>> from lightning_rigl.core.kernels.served_layers import linear_layers
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
         >>> probe = TokenProbe(linear_layers(model))
         >>> _ = model(torch.randn(5, 7, 4))

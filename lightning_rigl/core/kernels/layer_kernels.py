@@ -2,10 +2,11 @@
 
 The run (:class:`~lightning_rigl.core.SparseTraining`) owns one :class:`LayerKernels` and drives it from its
 own step calls, so any loop gets what RigLCallback gets. The first step of a run computes on dense kernels
-while a :class:`~lightning_rigl.core.kernel_choice.TokenProbe` records each layer's rows; after it every
-layer gets ``"sparse"`` or ``"dense"`` (:func:`~lightning_rigl.core.kernel_choice.choose_kernels`), the same
+while a :class:`~lightning_rigl.core.kernels.choice.TokenProbe` records each layer's rows; after it every
+layer gets ``"sparse"`` or ``"dense"`` (:func:`~lightning_rigl.core.kernels.choice.choose_kernels`), the same
 on every rank. From the next forward on, the chosen layers compute with
-:class:`~lightning_rigl.core.kernels.SparseKernels`, with the dense weight gradient for the steps that read it.
+:class:`~lightning_rigl.core.kernels.sparse_kernels.SparseKernels`, with the dense weight gradient for the
+steps that read it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from lightning_rigl.core.kernel_choice import KERNELS, TokenProbe, can_compute_sparse, choose_kernels
-from lightning_rigl.core.kernels import SparseKernels, linear_layers
-from lightning_rigl.core.masks import LayerMasks
+from lightning_rigl.core.kernels.choice import KERNELS, TokenProbe, can_compute_sparse, choose_kernels
+from lightning_rigl.core.kernels.served_layers import linear_layers
+from lightning_rigl.core.kernels.sparse_kernels import SparseKernels
+from lightning_rigl.core.topology.masks import LayerMasks
 from lightning_rigl.core.user_hooks import UserCodeHooks
 
 

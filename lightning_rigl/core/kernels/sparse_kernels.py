@@ -1,9 +1,9 @@
 """Making Linear-type layers compute with sparse kernels without changing what they store.
 
 A layer served here keeps its Parameters, ``state_dict`` keys, optimizer and mask; only its forward
-changes, to :func:`~lightning_rigl.core.sparse_linear.sparse_linear` at the mask's structure, and
+changes, to :func:`~lightning_rigl.core.kernels.sparse_linear.sparse_linear` at the mask's structure, and
 :meth:`SparseKernels.detach` restores the class's own forward. Which layers to serve is decided in
-:mod:`~lightning_rigl.core.kernel_choice`.
+:mod:`~lightning_rigl.core.kernels.choice`.
 """
 
 from __future__ import annotations
@@ -14,101 +14,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.linear_types import linear_kind
-from lightning_rigl.core.masked_gradients import (
+from lightning_rigl.core.kernels.masked_gradients import (
     forget_structures,
     forget_written,
     gradient_is_masked,
     offer_gradient,
     wrote_masked,
 )
-from lightning_rigl.core.sparse_linear import SPARSE_DTYPES, SparseStructure, active_values, sparse_linear
-from lightning_rigl.core.weight_writes import watch_writes
-
-
-def weight_in_out(module: nn.Module) -> bool | None:
-    """How a served module stores its weight; ``None`` for a module the sparse kernels do not serve.
-
-    ``False``: as (out, in), like ``nn.Linear``. ``True``: as (in, out), like Hugging Face ``Conv1D``.
-    Linear classes other than ``nn.Linear`` are matched by name (see
-    :func:`~lightning_rigl.core.linear_types.register_linear`): the core imports no other library.
-
-    Example:
-        >>> weight_in_out(nn.Linear(2, 3)), weight_in_out(nn.Conv1d(2, 3, 1))
-        (False, None)
-
-    """
-    kind = linear_kind(module)
-    if kind is None or not isinstance(getattr(module, "weight", None), Tensor):
-        return None
-    return kind[1]
-
-
-def can_serve(module: nn.Module) -> bool:
-    """Whether sparse kernels can compute ``module``'s forward: a Linear-type layer with its kind's own forward.
-
-    That is an ``nn.Linear``, a Hugging Face ``Conv1D`` or a class given to
-    :func:`~lightning_rigl.core.linear_types.register_linear` that runs that class's forward, with a
-    materialized 2-D weight and a bias that is a 1-D tensor or None. A subclass with a forward of its
-    own may compute more than ``x W^T + b`` (a scale, an adapter), and a forward set on the instance
-    (another library's wrapper) does something around it: a sparse product would skip both, so such
-    layers keep their dense forward.
-
-    Example:
-        >>> class Scaled(nn.Linear):
-        ...     def forward(self, x):
-        ...         return 2 * super().forward(x)
-        >>> can_serve(nn.Linear(2, 3)), can_serve(Scaled(2, 3)), can_serve(nn.Conv1d(2, 3, 1))
-        (True, False, False)
-
-    """
-    kind = linear_kind(module)
-    if kind is None or not _linear_parameters(module):
-        return False
-    own = vars(module).get("forward")
-    if own is not None and not isinstance(own, (_SparseForward, _ClassForward)):
-        return False
-    # The class whose forward runs must be the kind's: nn.Linear, or the registered class linear_kind matched.
-    return next(cls for cls in type(module).__mro__ if "forward" in vars(cls)) is kind[0]
-
-
-def _linear_parameters(module: nn.Module) -> bool:
-    """A materialized 2-D ``weight`` and a ``bias`` of one dimension or None: what the sparse op takes."""
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if not isinstance(weight, Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
-        return False
-    return weight.dim() == 2 and (bias is None or isinstance(bias, Tensor) and bias.dim() == 1)
-
-
-def linear_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, tuple[nn.Module, nn.Parameter]]:
-    """Parameter name to (module, weight) for each ``weight`` of a module :func:`can_serve` takes, among ``names``.
-
-    All of them if ``names`` is None.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(2, 3), nn.Conv1d(3, 3, 1), nn.Linear(3, 1))
-        >>> list(linear_layers(model))
-        ['0.weight', '2.weight']
-
-    """
-    layers = {}
-    for prefix, module in model.named_modules():
-        name = f"{prefix}.weight" if prefix else "weight"
-        if can_serve(module) and (names is None or name in names):
-            layers[name] = (module, module.weight)
-    return layers
-
-
-def logical_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a served module's weight as a Linear sees it."""
-    rows, cols = module.weight.shape
-    return (cols, rows) if weight_in_out(module) else (rows, cols)
+from lightning_rigl.core.kernels.served_layers import ServedForward, can_serve, weight_in_out
+from lightning_rigl.core.kernels.sparse_linear import SPARSE_DTYPES, SparseStructure, active_values, sparse_linear
+from lightning_rigl.core.kernels.weight_writes import watch_writes
 
 
 class SparseKernels:
     """Makes Linear-type layers compute with their active weights only, storing nothing new in them.
 
-    Each layer's ``forward`` becomes :func:`~lightning_rigl.core.sparse_linear.sparse_linear` at
+    Each layer's ``forward`` becomes :func:`~lightning_rigl.core.kernels.sparse_linear.sparse_linear` at
     the structure of its mask. Parameters, ``state_dict`` keys, the optimizer and the masks stay as
     they are; :meth:`detach` restores the class's forward. Inputs the kernels cannot take (bf16/fp16,
     or any autocast region) run the layer's own dense forward for that call.
@@ -119,8 +40,8 @@ class SparseKernels:
     :meth:`update_structure` after each topology update.
 
     Args:
-        layers: Name to (module, its ``weight``), e.g. from :func:`linear_layers`; ``nn.Linear`` or
-            Hugging Face ``Conv1D``.
+        layers: Name to (module, its ``weight``), e.g. from
+            :func:`~lightning_rigl.core.kernels.served_layers.linear_layers`; ``nn.Linear`` or Hugging Face ``Conv1D``.
         masks: Name to bool mask of the weight's stored shape (True = active).
         fixed_masks: The masks never change (a deployed model, see ``sparsify``): a copy of a served
             layer (``copy.deepcopy``, pickle) computes sparse too, with its copy of the structure. By
@@ -128,6 +49,7 @@ class SparseKernels:
             structure, and a copy, no longer driven by them, would keep an old one.
 
     Example:
+        >>> from lightning_rigl.core.kernels.served_layers import linear_layers
         >>> model = nn.Sequential(nn.Linear(4, 3))
         >>> mask = torch.rand(3, 4) < 0.5
         >>> kernels = SparseKernels(linear_layers(model), {"0.weight": mask})
@@ -182,7 +104,7 @@ class SparseKernels:
         """Those of ``names`` whose weight gradient is the one their sparse op wrote, at active positions only.
 
         Such a gradient is already 0 at every inactive position (see
-        :func:`~lightning_rigl.core.sparse_linear.gradient_is_masked`): multiplying it by the mask again
+        :func:`~lightning_rigl.core.kernels.sparse_linear.gradient_is_masked`): multiplying it by the mask again
         changes nothing. Call it once per optimizer step, for the layers it updates, before they are masked.
         """
         return [
@@ -222,7 +144,7 @@ class SparseKernels:
         Only gradients :meth:`already_masked` just named: written by the sparse op at the active positions
         into a tensor that is exactly 0 everywhere else, and unchanged since. A gradient that was
         multiplied by its mask may hold NaN where inactive (NaN * 0), and must not be carried into the
-        next step. See :func:`~lightning_rigl.core.masked_gradients.offer_gradient`.
+        next step. See :func:`~lightning_rigl.core.kernels.masked_gradients.offer_gradient`.
         """
         for name in names:
             if name in self._weights:
@@ -254,7 +176,7 @@ class SparseKernels:
         return structure
 
 
-class _ClassForward:
+class _ClassForward(ServedForward):
     """The forward of a copy of a training layer: its class's own (a later fit may serve it again)."""
 
     def __init__(self, module: nn.Module) -> None:
@@ -264,7 +186,7 @@ class _ClassForward:
         return type(self.module).forward(self.module, *args, **kwargs)
 
 
-class _SparseForward:
+class _SparseForward(ServedForward):
     """A served layer's forward: the sparse op, or the class's own forward for inputs it cannot take."""
 
     def __init__(self, kernels: SparseKernels, name: str, module: nn.Module) -> None:
@@ -306,7 +228,7 @@ class _SparseForward:
 
         The gather reads most cache lines of the weight: at batch 64 it costs about as much as the
         sparse product. A write is seen by the weight's version (in-place), its address (a new tensor)
-        and :func:`~lightning_rigl.core.weight_writes.watch_writes` (through ``.data``, which the version
+        and :func:`~lightning_rigl.core.kernels.weight_writes.watch_writes` (through ``.data``, which the version
         misses), so the cached values are never stale. ``None`` (gather per call) while training or
         compiling, for an inference tensor (no version counter), a weight whose ``.data`` cannot be
         watched, and a training layer's no-grad calls (validation): its weights are not watched.

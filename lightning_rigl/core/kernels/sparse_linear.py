@@ -4,7 +4,7 @@ The dense weight stays the Parameter: each call gathers its active values at a f
 (O(active) work), computes the output and the input gradient from them, and writes the weight gradient
 at the active positions only (SDDMM), into a gradient that is 0 everywhere else, or, at the steps where
 RigL reads it, everywhere (the dense ``grad_out^T x``, exactly what dense autograd gives). The products
-are the operators of :mod:`~lightning_rigl.core.sparse_ops`.
+are the operators of :mod:`~lightning_rigl.core.kernels.sparse_ops`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lightning_rigl.core import sparse_ops  # noqa: F401  (defines the operators)
-from lightning_rigl.core.masked_gradients import record_written, take_gradient
+from lightning_rigl.core.kernels import sparse_ops  # noqa: F401  (defines the operators)
+from lightning_rigl.core.kernels.masked_gradients import record_written, take_gradient
 
 #: Dtypes the CPU sparse kernels (``torch.sparse.mm`` on CSR, ``sampled_addmm``) support.
 SPARSE_DTYPES = (torch.float32, torch.float64)
@@ -228,7 +228,7 @@ def _scatter_active(active: Tensor, weight: Tensor, index: Tensor) -> Tensor:
     """The dense weight gradient with ``active`` at ``index`` and 0 elsewhere.
 
     In eager autograd it is written into the last step's gradient where that one is free (see
-    :func:`~lightning_rigl.core.masked_gradients.take_gradient`): O(active) work instead of zero-filling
+    :func:`~lightning_rigl.core.kernels.masked_gradients.take_gradient`): O(active) work instead of zero-filling
     a tensor the size of the weight. Traced (compiled) code always builds a new one.
     """
     # Neither traced by dynamo nor by AOTAutograd (its fake and functional tensors are subclasses).

@@ -8,7 +8,7 @@ Two operators over plain index and value tensors (CSR indices of ``W`` and of ``
   steps where RigL reads it.
 
 They are defined with the low-level ``torch.library.Library`` API and have no autograd of their own:
-:func:`~lightning_rigl.core.sparse_linear.sparse_linear` differentiates them. A ``custom_op`` with its
+:func:`~lightning_rigl.core.kernels.sparse_linear.sparse_linear` differentiates them. A ``custom_op`` with its
 autograd formula costs about 0.1 ms more per layer and step, as much as a small layer's products. As
 operators, ``torch.compile`` treats them as opaque calls (with their fake implementations) and
 ``FlopCounterMode`` counts them with the formulas below.

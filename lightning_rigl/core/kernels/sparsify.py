@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.kernel_choice import choose_kernels
-from lightning_rigl.core.kernels import SparseKernels, linear_layers
+from lightning_rigl.core.kernels.choice import choose_kernels
+from lightning_rigl.core.kernels.served_layers import linear_layers
+from lightning_rigl.core.kernels.sparse_kernels import SparseKernels
 
 
 def sparsify(
@@ -30,12 +31,12 @@ def sparsify(
         masks: Parameter name to bool mask; default: the nonzero pattern of every Linear-type weight
             (``nn.Linear``, ``Conv1D``, torch-geometric ``Linear``, a class given to ``register_linear``).
             Names of other layers (convolutions) are zeroed but keep dense kernels.
-        kernels: ``"auto"`` (sparse where :func:`~lightning_rigl.core.kernel_choice.choose_kernel` finds it
+        kernels: ``"auto"`` (sparse where :func:`~lightning_rigl.core.kernels.choice.choose_kernel` finds it
             faster for inference at ``tokens``), ``"sparse"`` (every float32/float64 layer), ``"dense"``.
         tokens: Rows of the flattened input per call the copy will see (batch x sequence); used by ``"auto"``.
 
     Returns:
-        The copy, with ``sparse_kernels`` (a :class:`~lightning_rigl.core.kernels.SparseKernels`,
+        The copy, with ``sparse_kernels`` (a :class:`~lightning_rigl.core.kernels.sparse_kernels.SparseKernels`,
         ``.names`` lists the sparse layers) and ``sparse_masks`` (its :class:`FixedMasks`) set on it.
         Its masks are fixed: fine-tuning and ``load_state_dict`` keep every masked weight at 0 where
         inactive, whichever kernels its layer has, and a copy of it (``copy.deepcopy``, pickle)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_rigl.core.sharding import is_sharded, local_shard
+from lightning_rigl.core.parallel.sharding import is_sharded, local_shard
 
 
 def all_finite(tensors: list[Tensor]) -> bool:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Literal, get_args
 
-from lightning_rigl.core.selection import resolve_custom_sparsity
-from lightning_rigl.core.topology import num_active
+from lightning_rigl.core.topology.initial_masks import num_active
 from lightning_rigl.core.validation import check_choice, check_fraction, check_number
 
 Distribution = Literal["erk", "er", "uniform"]
@@ -183,7 +183,7 @@ def achieved_sparsity(shapes: Mapping[str, Sequence[int]], sparsities: Mapping[s
     """The fraction of zeros over the layers of ``shapes`` once each holds its exact active count.
 
     A layer of ``N`` weights at sparsity ``s`` keeps ``N - floor(s * N)`` active weights
-    (:func:`~lightning_rigl.core.topology.num_active`): rounded up to a whole weight, so the overall
+    (:func:`~lightning_rigl.core.topology.initial_masks.num_active`): rounded up to a whole weight, so the overall
     figure lands at or just below the target. Over ``L`` layers of ``N`` weights in all it is below
     the target by at most ``L / N`` for ``"uniform"`` and ``2 L / N`` for ``"er"``/``"erk"``, whose
     budget is itself counted in such rounded layers (see docs/how-rigl-works.md, "Per-layer sparsity").
@@ -197,3 +197,29 @@ def achieved_sparsity(shapes: Mapping[str, Sequence[int]], sparsities: Mapping[s
         return 0.0
     active = sum(num_active(math.prod(shape), sparsities[name]) for name, shape in shapes.items())
     return 1.0 - active / total
+
+
+def resolve_custom_sparsity(custom: dict[str, float] | None, names: Sequence[str]) -> dict[str, float]:
+    """Expand ``custom_sparsity`` keys (parameter names or fnmatch patterns) to masked parameter names.
+
+    Raises:
+        ValueError: A key that matches no masked parameter, or a parameter matched by two keys.
+
+    Example:
+        >>> resolve_custom_sparsity({"0.*": 0.5}, ["0.weight", "1.weight"])
+        {'0.weight': 0.5}
+
+    """
+    resolved: dict[str, float] = {}
+    source: dict[str, str] = {}
+    for key, value in (custom or {}).items():
+        matched = [name for name in names if name == key or fnmatchcase(name, key)]
+        if not matched:
+            raise ValueError(
+                f"`custom_sparsity` key {key!r} matches no masked parameter. Masked parameters: {list(names)}"
+            )
+        for name in matched:
+            if name in resolved:
+                raise ValueError(f"`custom_sparsity` keys {source[name]!r} and {key!r} both match {name!r}.")
+            resolved[name], source[name] = value, key
+    return resolved

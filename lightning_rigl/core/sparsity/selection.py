@@ -7,10 +7,11 @@ from collections.abc import Callable, Iterable, Sequence
 from fnmatch import fnmatchcase
 from weakref import WeakKeyDictionary
 
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_rigl.core.linear_types import linear_kind
+from lightning_rigl.core.sparsity.computed_weights import refuse_computed_weights
+from lightning_rigl.core.sparsity.linear_types import linear_kind
 
 #: Modules whose ``weight`` is masked by default.
 MASKED_MODULES: tuple[type[nn.Module], ...] = (
@@ -66,7 +67,7 @@ def default_parameter_names(model: nn.Module) -> list[str]:
 
     The ``weight`` of every Linear, Conv and ConvTranspose module (and of the Linear classes of other
     libraries, such as Hugging Face's ``Conv1D``: see
-    :func:`~lightning_rigl.core.linear_types.register_linear`), and the input projections of
+    :func:`~lightning_rigl.core.sparsity.linear_types.register_linear`), and the input projections of
     ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear). Never biases, norms or embeddings. A
     module reachable by several paths is listed under its first.
 
@@ -156,7 +157,7 @@ def select_parameters(
         chosen = {id(param) for param in params.values() if _matches(aliases, include, param)}
     else:
         keep = trainable
-        _refuse_computed_weights(model, aliases, keep)
+        refuse_computed_weights(_default_slots(model), aliases, keep)
         chosen, tied = _default_choice(model, aliases)
         _warn_ties(model, [names for names, param in tied if keep(param)])
     selected = {name: param for name, param in params.items() if id(param) in chosen and keep(param)}
@@ -252,82 +253,3 @@ def _warn_ties(model: nn.Module, ties: list[tuple[str, ...]]) -> None:
         "to mask it anyway.",
         stacklevel=3,  # the caller of select_parameters
     )
-
-
-def _refuse_computed_weights(model: nn.Module, aliases: list[tuple[str, nn.Parameter]], wanted: _Predicate) -> None:
-    """Raise naming every default-selected weight that is computed from other Parameters, unless excluded."""
-    by_name = dict(aliases)
-    computed = []
-    for name, module, attr in _default_slots(model):
-        sources = _weight_sources(name, module, attr, by_name)
-        if any(wanted(by_name[source]) for source in sources):
-            computed.append((name, module, attr, sources))
-    if not computed:
-        return
-    layers = "; ".join(
-        f"{name} = {_kind(module, attr)}({', '.join(sources)})" for name, module, attr, sources in computed
-    )
-    every_source = [source for *_, sources in computed for source in sources]
-    weight_shaped = [source for *_, sources in computed for source in _largest(sources, by_name)]
-    raise ValueError(
-        f"RigL's default selection cannot mask weights computed from other tensors: {layers}. Left alone they "
-        "would stay dense while the whole sparsity budget fell on the other layers. To keep them dense "
-        f"knowingly, pass `exclude={every_source}`. To mask one, mask the tensor it is computed from: name it "
-        f"in `include` (for example {weight_shaped}), which replaces the default selection, so name there the "
-        "other weights to mask too. That is correct "
-        "only where a zero in that tensor gives a zero in the weight at the same position: spectral_norm's "
-        "`original` (weight = original / sigma) and weight_norm's direction `original1` (weight = g * v / ||v|| "
-        "per output unit: a unit left with no active weight divides 0 by 0), "
-        "not weight_norm's magnitude `original0`."
-    )
-
-
-def _weight_sources(name: str, module: nn.Module, attr: str, by_name: dict[str, nn.Parameter]) -> list[str]:
-    """Names of the Parameters a module's weight is computed from; [] for a weight that is a Parameter."""
-    prefix = name[: len(name) - len(attr)]
-    if parametrize.is_parametrized(module, attr):
-        inner = f"{prefix}parametrizations.{attr}."
-        return [n for n in by_name if n.startswith(inner)]
-    if module._parameters.get(attr) is None and isinstance(getattr(module, attr, None), Tensor):
-        # Set by a forward pre-hook from its own Parameters: old-style weight_norm (weight_g, weight_v),
-        # torch.nn.utils.prune (weight_orig).
-        return [f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False) if n.startswith(attr)]
-    return []
-
-
-def _kind(module: nn.Module, attr: str) -> str:
-    if parametrize.is_parametrized(module, attr):
-        return " o ".join(type(p).__name__ for p in module.parametrizations[attr])
-    return "hook"
-
-
-def _largest(sources: list[str], by_name: dict[str, nn.Parameter]) -> list[str]:
-    """The sources with the most elements: those of the weight's shape (weight_norm's v, not g)."""
-    most = max(by_name[source].numel() for source in sources)
-    return [source for source in sources if by_name[source].numel() == most]
-
-
-def resolve_custom_sparsity(custom: dict[str, float] | None, names: Sequence[str]) -> dict[str, float]:
-    """Expand ``custom_sparsity`` keys (parameter names or fnmatch patterns) to masked parameter names.
-
-    Raises:
-        ValueError: A key that matches no masked parameter, or a parameter matched by two keys.
-
-    Example:
-        >>> resolve_custom_sparsity({"0.*": 0.5}, ["0.weight", "1.weight"])
-        {'0.weight': 0.5}
-
-    """
-    resolved: dict[str, float] = {}
-    source: dict[str, str] = {}
-    for key, value in (custom or {}).items():
-        matched = [name for name in names if name == key or fnmatchcase(name, key)]
-        if not matched:
-            raise ValueError(
-                f"`custom_sparsity` key {key!r} matches no masked parameter. Masked parameters: {list(names)}"
-            )
-        for name in matched:
-            if name in resolved:
-                raise ValueError(f"`custom_sparsity` keys {source[name]!r} and {key!r} both match {name!r}.")
-            resolved[name], source[name] = value, key
-    return resolved

@@ -11,7 +11,7 @@ from typing import Any, overload
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.packing import pack_bits, unpack_bits
+from lightning_rigl.core.state.packing import pack_bits, unpack_bits
 
 FORMAT = "lightning-rigl-sparse"
 

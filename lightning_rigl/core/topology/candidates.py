@@ -1,17 +1,18 @@
-"""Exact top-k under one tie rule, and the chunked reductions that keep a topology update small.
+"""Grow candidates: a layer's dense grow scores reduced, chunk by chunk, to what its topology update needs.
 
 RigL grows the ``k`` positions of largest score among those not kept by the drop. What is kept depends
 on the weights after the optimizer step, the scores are read before it; but the top ``k`` of
 (inactive ∪ dropped) lies in top-k(inactive) ∪ dropped. So the dense scores reduce, chunk by chunk, to
 :class:`GrowCandidates`: the ``k`` best inactive positions, and the scores at the active positions that
-could still win if dropped. The update (:func:`drop_grow_from_candidates`) then reads the weights chunk
-by chunk too. No step allocates a buffer the size of the layer, of any dtype.
+could still win if dropped. The update
+(:func:`~lightning_rigl.core.topology.drop_grow.select_drop_grow`) then reads the weights chunk by chunk
+too. No step allocates a buffer the size of the layer, of any dtype.
 
 On a large layer, a value read from a sample of it first bounds what can be selected. Where that bound
 lets about ``1.5 k`` entries through, one pass keeps them all and a single selection follows; else
 (too many would be kept, or fewer than ``k`` got through) a running selection streams over the chunks.
 
-The tie rule, everywhere (:mod:`~lightning_rigl.core.top_k`): among exactly equal values the lower flat
+The tie rule, everywhere (:mod:`~lightning_rigl.core.topology.top_k`): among exactly equal values the lower flat
 index is selected first (dropped first, grown first). Values must be finite.
 """
 
@@ -24,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_rigl.core.methods import ScoreFn
-from lightning_rigl.core.sampling import ChunkScores, active_flags, flat_index, one_pass, sampled_hint
-from lightning_rigl.core.top_k import RunningTopK, could_enter, index_dtype, top_k_indices, worst_kept
+from lightning_rigl.core.topology.methods import ScoreFn
+from lightning_rigl.core.topology.running_top_k import RunningTopK, could_enter, worst_kept
+from lightning_rigl.core.topology.sampling import ChunkScores, active_flags, flat_index, one_pass, sampled_hint
+from lightning_rigl.core.topology.top_k import index_dtype, top_k_indices
 
 #: Flat positions a chunk: its temporaries (a bool, an index and a value buffer) stay near 3 MB.
 DEFAULT_CHUNK = 2**18
@@ -86,7 +88,7 @@ def score_chunks(score: ScoreFn, weight: Tensor, signal: Tensor | None, generato
     a copy).
 
     Example:
-        >>> from lightning_rigl.core.methods import gradient_magnitude
+        >>> from lightning_rigl.core.topology.methods import gradient_magnitude
         >>> scores = score_chunks(gradient_magnitude, torch.zeros(2, 2), torch.tensor([[1.0, -3], [2, -4]]), None)
         >>> scores(1, 3).tolist()
         [3.0, 2.0]
@@ -113,7 +115,8 @@ def grow_candidates(
     """Reduce a layer's grow scores, chunk by chunk, to what an update that replaces ``k`` needs.
 
     Call it where the dense gradient (or the score signal) is read, before the optimizer step and
-    before the gradient is masked; hold the result until :func:`drop_grow_from_candidates`.
+    before the gradient is masked; hold the result until
+    :func:`~lightning_rigl.core.topology.drop_grow.select_drop_grow`.
 
     Args:
         mask: The layer's mask (any shape, float or bool, non-zero where active); the stored mask itself.
@@ -187,90 +190,6 @@ def grow_candidates(
     a_values = torch.cat(active_values) if active_values else values[:0]
     a_index = torch.cat(active_index) if active_index else index[:0]
     return GrowCandidates(k, values, index, a_values, a_index)
-
-
-def smallest_active(mask: Tensor, weight: Tensor, k: int, *, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
-    """Flat indices (ascending) of the ``k`` active weights of smallest magnitude; ties to the lower index.
-
-    An active weight at exactly 0 is a candidate like any other; an inactive position never is.
-
-    Example:
-        >>> mask = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0])
-        >>> smallest_active(mask, torch.tensor([-9.0, 1, 4, -1, 5, 8, -2, 3]), 2).tolist()
-        [1, 3]
-
-    """
-    flat_mask, flat_weight = mask.reshape(-1), weight.detach().reshape(-1)
-    numel, dtype = flat_mask.numel(), index_dtype(flat_mask.numel())
-
-    def magnitudes(start: int, stop: int) -> Tensor:
-        return flat_weight[start:stop].abs()
-
-    magnitudes.at = lambda index: flat_weight.index_select(0, index).abs()  # type: ignore[attr-defined]
-
-    def active_magnitudes(start: int, stop: int) -> Tensor:
-        # |w| / mask: |w| where active, inf or NaN where inactive, which no hint reaches. One division
-        # instead of a bool mask and its `and`, which take 2-3x as long on CPU.
-        return flat_weight[start:stop].abs().div_(flat_mask[start:stop])
-
-    hint = sampled_hint(flat_mask, magnitudes, k, largest=False, active=True)
-    if hint is not None:
-        found = one_pass(flat_mask, active_magnitudes, k, hint, largest=False, chunk_size=chunk_size, only_active=True)
-        if found is not None and found[2].numel() >= k:  # kept in index order: ties go to the lower
-            return found[3].index_select(0, top_k_indices(found[2], k, largest=False))
-        if found is not None:  # fewer than k active entries reached the hint: the exact pass, without it
-            hint = found = None
-    for bound in (hint, None):  # without a hint the first pass cannot miss
-        stream = RunningTopK(k, largest=False, hint=bound)
-        for start in range(0, numel if k > 0 else 0, chunk_size):
-            stop = min(start + chunk_size, numel)
-            magnitude, active = magnitudes(start, stop), active_flags(flat_mask[start:stop])
-            better = stream.beats_bound(magnitude)
-            # Once a bound (or a hint) is set, few active weights of a chunk beat it: list only those.
-            at = (active if better is None else better.logical_and_(active)).nonzero().flatten()
-            stream.push(magnitude[at], flat_index(at, start, dtype))
-        if not stream.missed_hint():
-            break
-    return stream.result()[1] if k > 0 else torch.empty(0, dtype=dtype, device=mask.device)
-
-
-def drop_grow_from_candidates(
-    mask: Tensor, weight: Tensor, candidates: GrowCandidates, *, chunk_size: int = DEFAULT_CHUNK
-) -> tuple[Tensor, Tensor]:
-    """One RigL update of one layer from its reduced grow scores: ``(dropped, grown)`` flat indices.
-
-    Drops the ``candidates.k`` active weights of smallest ``|weight|``, then grows the ``k`` positions
-    of largest score among the inactive candidates and the dropped positions (a dropped weight may be
-    regrown at once: its index is then in both). Same selection as on the dense scores.
-
-    Args:
-        mask: The layer's mask, unchanged since the candidates were reduced.
-        weight: The layer's weights now (after the optimizer step).
-        candidates: From :func:`grow_candidates` on this mask.
-        chunk_size: Flat positions a chunk, for the drop.
-
-    Returns:
-        Two int64 tensors of ``k`` flat indices each: dropped (ascending), grown (deterministic order).
-
-    Example:
-        >>> mask = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0])
-        >>> grad = torch.tensor([0.1, 5, 0.3, 0.2, 0.9, 0.05, 0.4, 0.6])
-        >>> found = grow_candidates(mask, 2, lambda start, stop: grad[start:stop].abs())
-        >>> dropped, grown = drop_grow_from_candidates(mask, torch.tensor([-9.0, 1, 4, -1, 5, 8, -2, 3]), found)
-        >>> dropped.tolist(), sorted(grown.tolist())
-        ([1, 3], [1, 4])
-
-    """
-    k = candidates.k
-    dropped = smallest_active(mask, weight, k, chunk_size=chunk_size)
-    # The scores of the dropped positions where saved; an unsaved one loses to k inactive candidates.
-    saved = candidates.active_index
-    at = torch.searchsorted(saved, dropped.to(saved.dtype), out_int32=True).clamp_(max=max(saved.numel() - 1, 0))
-    found = (saved.index_select(0, at) == dropped) if saved.numel() else torch.zeros_like(dropped, dtype=torch.bool)
-    values = torch.cat([candidates.values, candidates.active_values.index_select(0, at.masked_select(found))])
-    index = torch.cat([candidates.index, dropped.masked_select(found)])
-    grown = index.index_select(0, top_k_indices(values, k, index=index))
-    return dropped.long(), grown.long()
 
 
 def _grow_from_kept(

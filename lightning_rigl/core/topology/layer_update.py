@@ -7,13 +7,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.candidates import GrowCandidates, grow_candidates, score_chunks
-from lightning_rigl.core.distributed import all_ranks_sum
-from lightning_rigl.core.masking import fill_positions
-from lightning_rigl.core.masks import LayerMasks
-from lightning_rigl.core.methods import Method
-from lightning_rigl.core.optim_state import reset_optimizer_state
-from lightning_rigl.core.sharding import gather_full, is_sharded, local_shard
+from lightning_rigl.core.parallel.collectives import all_ranks_sum
+from lightning_rigl.core.parallel.sharding import gather_full, is_sharded, local_shard
+from lightning_rigl.core.topology.candidates import GrowCandidates, grow_candidates, score_chunks
+from lightning_rigl.core.topology.masking import fill_positions
+from lightning_rigl.core.topology.masks import LayerMasks
+from lightning_rigl.core.topology.methods import Method
+from lightning_rigl.core.topology.optim_state import reset_optimizer_state
 
 
 def read_grow_scores(
@@ -35,7 +35,7 @@ def read_grow_scores(
         generator: The run's generator (SET's random scores).
 
     Example:
-        >>> from lightning_rigl.core.methods import get_method
+        >>> from lightning_rigl.core.topology.methods import get_method
         >>> w = nn.Parameter(torch.tensor([1.0, 0.0, -3.0, 0.0]))
         >>> masks = LayerMasks({"w": w})
         >>> masks.replace({"w": w != 0})
@@ -45,7 +45,7 @@ def read_grow_scores(
     """
     param, k = masks.params[name], int(masks.counts[name] * fraction)
     if is_full(masks, name) and not method.random_score:
-        # Nothing inactive to grow: the update is a no-op (see drop_and_grow_layer). Random scores are
+        # Nothing inactive to grow: the update is a no-op (see update_layer). Random scores are
         # drawn all the same, so that the generator's stream, and the later layers' draws, stay as they were.
         empty = torch.empty(0, device=local_shard(param).device)
         return GrowCandidates(k, empty, empty.int(), empty, empty.int())
@@ -56,7 +56,7 @@ def read_grow_scores(
     return grow_candidates(mask, k, scores, sample=not method.random_score)
 
 
-def drop_and_grow_layer(
+def update_layer(
     masks: LayerMasks, name: str, candidates: GrowCandidates, optimizers: Iterable[torch.optim.Optimizer]
 ) -> int:
     """Drop and grow one layer from its grow candidates; returns the connections replaced, over all ranks.
@@ -71,7 +71,7 @@ def drop_and_grow_layer(
     if is_full(masks, name):
         return 0  # the same on every rank: the counts are the whole layer's
     param: nn.Parameter = masks.params[name]
-    grown, gone = masks.drop_and_grow(name, candidates)
+    grown, gone = masks.update(name, candidates)
     changed = torch.cat([grown, gone])
     fill_positions(local_shard(param), changed, 0.0)
     reset_optimizer_state(optimizers, param, changed)

@@ -7,10 +7,17 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.candidates import GrowCandidates, drop_grow_from_candidates
-from lightning_rigl.core.masking import multiply_by_masks
-from lightning_rigl.core.packing import pack_bits, unpack_bits
-from lightning_rigl.core.sharding import distribute_like_param, full_like_param, gather_full, is_sharded, local_shard
+from lightning_rigl.core.parallel.sharding import (
+    distribute_like_param,
+    full_like_param,
+    gather_full,
+    is_sharded,
+    local_shard,
+)
+from lightning_rigl.core.state.packing import pack_bits, unpack_bits
+from lightning_rigl.core.topology.candidates import GrowCandidates
+from lightning_rigl.core.topology.drop_grow import select_drop_grow
+from lightning_rigl.core.topology.masking import multiply_by_masks
 
 
 class LayerMasks:
@@ -78,7 +85,7 @@ class LayerMasks:
             for name, p in self.params.items()
         }
 
-    def drop_and_grow(self, name: str, candidates: GrowCandidates) -> tuple[Tensor, Tensor]:
+    def update(self, name: str, candidates: GrowCandidates) -> tuple[Tensor, Tensor]:
         """One topology update of layer ``name`` from its grow candidates, read from this very mask.
 
         A sharded layer's mask and weight are gathered (one layer at a time), every rank decides alike
@@ -89,9 +96,9 @@ class LayerMasks:
         """
         param = self.params[name]
         if is_sharded(param):
-            return self._drop_and_grow_sharded(name, candidates)
+            return self._update_sharded(name, candidates)
         mask = self.local[name].view(-1)
-        dropped, grown = drop_grow_from_candidates(mask, param, candidates)
+        dropped, grown = select_drop_grow(mask, param, candidates)
         # index_select and index_fill_, not indexing: several times faster on CPU.
         new = grown.masked_select(mask.index_select(0, grown) == 0)
         mask.index_fill_(0, dropped, 0)
@@ -103,10 +110,10 @@ class LayerMasks:
         """Layer ``name``'s mask of the weight's full shape (gathered from every rank when sharded), bool."""
         return self._whole(name, self.local)
 
-    def _drop_and_grow_sharded(self, name: str, candidates: GrowCandidates) -> tuple[Tensor, Tensor]:
+    def _update_sharded(self, name: str, candidates: GrowCandidates) -> tuple[Tensor, Tensor]:
         param = self.params[name]
         old = self.whole(name).reshape(-1)
-        dropped, grown_at = drop_grow_from_candidates(old, gather_full(param), candidates)
+        dropped, grown_at = select_drop_grow(old, gather_full(param), candidates)
         new = old.clone()
         new[dropped] = False
         new[grown_at] = True

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_rigl.core.masking import fill_positions
-from lightning_rigl.core.sharding import local_shard
+from lightning_rigl.core.parallel.sharding import local_shard
+from lightning_rigl.core.topology.masking import fill_positions
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lightning_rigl.core.top_k import index_dtype, reaches, where_true
+from lightning_rigl.core.topology.top_k import index_dtype, reaches, where_true
 
 #: ``scores(start, stop)``: the grow scores of flat positions ``start`` to ``stop - 1`` of a layer. One may
 #: also have an ``at(index)`` attribute giving the scores at any flat positions: a sample is then one gather.

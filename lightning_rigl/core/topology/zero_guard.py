@@ -15,10 +15,10 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from lightning_rigl.core.masking import nonzero_where_inactive
-from lightning_rigl.core.masks import LayerMasks
-from lightning_rigl.core.optim_state import reset_optimizer_state
-from lightning_rigl.core.sharding import local_shard
+from lightning_rigl.core.parallel.sharding import local_shard
+from lightning_rigl.core.topology.masking import nonzero_where_inactive
+from lightning_rigl.core.topology.masks import LayerMasks
+from lightning_rigl.core.topology.optim_state import reset_optimizer_state
 from lightning_rigl.core.validation import check_int
 
 Optimizer = torch.optim.Optimizer

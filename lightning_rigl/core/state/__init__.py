@@ -1,0 +1,1 @@
+"""What is saved: the run's state (its checks and versioned migrations), bit-packed masks, the sparse export."""
