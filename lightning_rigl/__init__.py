@@ -4,6 +4,7 @@ The public face is here. ``adapters`` holds the Lightning callbacks; ``core`` is
 any training loop (see ``lightning_rigl.core``).
 """
 
+from lightning_rigl._moved import MOVED
 from lightning_rigl.adapters.callback import RigLCallback
 from lightning_rigl.adapters.compat import refuse_cli_values_in_one_line
 from lightning_rigl.adapters.monitor import SparsityMonitor
@@ -29,4 +30,6 @@ __all__ = [
 __version__ = "0.1.0"
 
 refuse_cli_values_in_one_line(RigLCallback, SparsityMonitor)  # LightningCLI: a refused value in one line
-register()  # the module paths of 0.1.0 that moved still import, with a DeprecationWarning, for one release
+# The module paths of 0.1.0 that moved still import, with a DeprecationWarning, for one release.
+register()
+register(MOVED)

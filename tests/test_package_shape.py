@@ -88,6 +88,8 @@ def test_the_core_imports_neither_the_adapters_nor_lightning(name):
         assert top not in ("lightning", "lightning_fabric", "pytorch_lightning"), f"{name} imports {module}"
         assert not module.startswith("lightning_rigl.adapters"), f"{name} imports {module}"
         assert module != "lightning_rigl", f"{name} imports the package root, which imports the adapters"
+    # Nor at run time, by a name in a string (importlib): the core names nothing of the adapters.
+    assert "lightning_rigl.adapters" not in MODULES[name].read_text(encoding="utf-8"), name
 
 
 @pytest.mark.parametrize("name", list(MODULES))

@@ -28,6 +28,13 @@ class MaskedWeights:
         params: Parameter name to parameter, the weights to mask (one entry per Parameter object).
         sparsities: Parameter name to fraction of zeros in [0, 1).
 
+    Example:
+        >>> w = nn.Parameter(torch.ones(2, 2))
+        >>> weights = MaskedWeights({"w": w}, {"w": 0.5})
+        >>> weights.set_masks({"w": torch.tensor([[True, False], [False, True]])})
+        >>> weights.masks["w"].tolist(), w.tolist()
+        ([[True, False], [False, True]], [[1.0, 0.0], [0.0, 1.0]])
+
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter], sparsities: Mapping[str, float]) -> None:

@@ -3,9 +3,9 @@
 :func:`register` puts each old path in ``sys.modules`` as a module whose attributes are looked up, when
 first read, in the modules that hold them now; ``lightning_rigl`` calls it at import. Three old modules
 became packages of the same name (``core.flops``, ``core.kernels``, ``core.topology``): each of those
-serves the old names through :func:`old_names` as its module ``__getattr__``. The table is
-:data:`~lightning_rigl.core._moved.table.MOVED`. The package's own code never reads an old path; this
-folder goes with them.
+serves the old names through :func:`old_names` as its module ``__getattr__``. The core's table is
+:data:`~lightning_rigl.core._moved.table.MOVED`; the root modules that moved have theirs in
+``lightning_rigl._moved``. The package's own code never reads an old path; this folder goes with them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import importlib
 import sys
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from lightning_rigl.core._moved.table import _CORE, MOVED
@@ -33,8 +33,8 @@ _INSTEAD = {
 }
 
 
-def old_names(old: str) -> Callable[[str], Any]:
-    """A module ``__getattr__`` serving the names module ``old`` had, from where they live now, with a warning.
+def old_names(old: str, moved: Mapping[str, Mapping[str, str]] = MOVED) -> Callable[[str], Any]:
+    """A module ``__getattr__`` serving the names module ``old`` had (in ``moved``), from where they live now.
 
     Example:
         >>> import pytest
@@ -45,7 +45,7 @@ def old_names(old: str) -> Callable[[str], Any]:
     """
 
     def __getattr__(name: str) -> Any:
-        new = MOVED.get(old, {}).get(name)
+        new = moved.get(old, {}).get(name)
         if new is None:
             raise AttributeError(f"module {old!r} has no attribute {name!r}")
         where, _, new_name = new.rpartition(".")
@@ -63,13 +63,15 @@ def old_names(old: str) -> Callable[[str], Any]:
     return __getattr__
 
 
-def register() -> None:
-    """Serve each old module path that is no package now from ``sys.modules`` (done at ``import lightning_rigl``)."""
-    for old in MOVED:
+def register(moved: Mapping[str, Mapping[str, str]] = MOVED) -> None:
+    """Serve each old module path of ``moved`` that is no package now from ``sys.modules``."""
+    for old in moved:
         if old in SAME_PATH or old in sys.modules:
             continue
-        module = types.ModuleType(old, "Moved after lightning-rigl 0.1.0: see `lightning_rigl.core._moved.MOVED`.")
-        module.__getattr__ = old_names(old)  # type: ignore[method-assign]
+        module = types.ModuleType(
+            old, "Moved after lightning-rigl 0.1.0: see the MOVED tables of lightning_rigl._moved and core._moved."
+        )
+        module.__getattr__ = old_names(old, moved)  # type: ignore[method-assign]
         sys.modules[old] = module
         parent_name, _, child = old.rpartition(".")
         if parent_name in sys.modules:
