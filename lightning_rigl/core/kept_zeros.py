@@ -25,6 +25,17 @@ class KeptZeros:
         kernels: The run's sparse kernels.
         verify_every: Optimizer steps between checks that the weights left to the optimizer stayed at 0.
 
+    Example:
+        >>> from torch import nn
+        >>> from lightning_rigl.core import SparseTraining
+        >>> layer = nn.Linear(4, 2)
+        >>> run = SparseTraining({"weight": layer.weight}, {"weight": 0.5})  # owns a KeptZeros: run.zeros
+        >>> layer.weight.grad = torch.ones(2, 4)  # written by hand: no hook masked it
+        >>> run.zeros.mask_gradients(["weight"])
+        >>> torch.equal(layer.weight.grad, run.layer_masks.local["weight"])
+        True
+        >>> run.close()
+
     """
 
     def __init__(self, masks: LayerMasks, hooks: UserCodeHooks, kernels: LayerKernels, verify_every: int) -> None:

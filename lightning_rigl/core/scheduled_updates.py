@@ -30,6 +30,16 @@ class ScheduledUpdates:
         masks: The run's masks; ``masks.params`` are the masked weights.
         generator: The run's generator (SET's random scores).
 
+    Example:
+        >>> from torch import nn
+        >>> from lightning_rigl.core.topology.methods import get_method
+        >>> masks = LayerMasks({"w": nn.Parameter(torch.randn(4, 4))})
+        >>> masks.replace({"w": torch.arange(16).reshape(4, 4) % 2 == 0})
+        >>> schedule = UpdateSchedule(delta_t=2, t_end=10)
+        >>> updates = ScheduledUpdates(get_method("rigl"), schedule, masks, torch.Generator())
+        >>> updates.reads_dense_gradient(0), updates.reads_dense_gradient(1)  # RigL reads before step 2's update
+        (False, True)
+
     """
 
     def __init__(
