@@ -54,7 +54,9 @@ class _StoredView:
 
     def keys(self, first_row: int, last_row: int) -> Tensor:
         """Flat stored positions of the active entries of stored rows ``first_row`` to ``last_row - 1``, ascending."""
-        return self.keys_of(torch.arange(first_row, last_row, device=self.device))
+        pointers = self.crow[first_row : last_row + 1]
+        rows = csr_rows(pointers).add_(first_row)
+        return rows.mul_(self.cols).add_(self.col[int(pointers[0]) : int(pointers[-1])])
 
     def keys_of(self, rows: Tensor) -> Tensor:
         """Flat stored positions of the active entries of the stored ``rows`` (ascending), ascending."""
@@ -151,7 +153,8 @@ def compact_grow_candidates(
         assert grad is not None
         if chunk_hook is not None:
             grad = chunk_hook(grad)
-        weight = _dense_rows(view, values, first, last)
+        # RigL's score reads the gradient only: no block of the dense weight to build for it.
+        weight = grad if score is gradient_magnitude else _dense_rows(view, values, first, last)
         offset = first * cols
         return score(weight, grad, generator).reshape(-1)[start - offset : stop - offset]
 
@@ -193,10 +196,18 @@ def compact_drop_and_grow(
     del magnitude
     dropped = view.flat(dropped_at).to(candidates.index.dtype)
     grown = _grow(candidates, dropped, k)
-    regrown = torch.isin(grown, dropped)
-    new, gone_at = grown[~regrown].long(), dropped_at[~torch.isin(dropped, grown)]
+    new = grown.masked_select(~_members(grown, dropped)).long()
+    gone_at = dropped_at.masked_select(~_members(dropped, torch.sort(grown).values))
     _rewrite(layer, view.slots(gone_at), new, optimizers)
     return torch.sort(new).values, view.flat(gone_at)
+
+
+def _members(values: Tensor, ascending: Tensor) -> Tensor:
+    """Which of ``values`` are in the ascending ``ascending`` (``torch.isin`` is many times slower on CPU)."""
+    if not ascending.numel():
+        return torch.zeros_like(values, dtype=torch.bool)
+    at = torch.searchsorted(ascending, values).clamp_(max=ascending.numel() - 1)
+    return ascending.index_select(0, at) == values
 
 
 def _grow(candidates: GrowCandidates, dropped: Tensor, k: int) -> Tensor:
