@@ -68,7 +68,10 @@ def make_compact(
         positions = mask.detach().reshape(-1).nonzero().flatten()
     assert positions is not None
     rows, cols = logical_coordinates(positions, stored_shape, in_out)
-    structure, _ = CompactStructure.from_coordinates(rows, cols, logical)
+    if not in_out and positions.numel() > 1 and bool((positions.diff() > 0).all()):
+        structure = CompactStructure.from_sorted(rows, cols, logical)  # ascending (out, in) positions: CSR order
+    else:
+        structure, _ = CompactStructure.from_coordinates(rows, cols, logical)
     del rows, cols
     on_meta = weight.device.type == "meta"
     if not on_meta and init is not None:

@@ -14,8 +14,8 @@ from torch import Tensor
 
 #: Weights up to which positions come from ``torch.randperm``, as :func:`~lightning_rigl.core.topology.random_mask`.
 PERMUTATION_LIMIT = 2**27
-#: Draws at a time above it: their temporaries (about 40 bytes a draw) stay near 160 MB.
-_BATCH = 2**22
+#: Draws at a time above it: their temporaries (about 40 bytes a draw) stay near 10 MB.
+_BATCH = 2**18
 
 
 def draw_positions(
@@ -59,9 +59,21 @@ def _distinct_draws(numel: int, n_active: int, generator: torch.Generator) -> Te
         share = chosen.numel() / numel
         batch = min(int(need / max(1.0 - share, 1e-3) * 1.05) + 64, _BATCH)
         draws = torch.randint(numel, (batch,), generator=generator)
-        fresh = _first_new(draws, chosen)[:need]
-        chosen = torch.sort(torch.cat([chosen, fresh])).values
+        fresh = torch.sort(_first_new(draws, chosen)[:need]).values
+        del draws
+        chosen = _merge(chosen, fresh)
     return chosen
+
+
+def _merge(ascending: Tensor, other: Tensor) -> Tensor:
+    """Two ascending tensors of distinct values merged into one, ascending: no sort of the whole."""
+    place = torch.searchsorted(ascending, other).add_(torch.arange(other.numel()))
+    merged = torch.empty(ascending.numel() + other.numel(), dtype=ascending.dtype)
+    taken = torch.zeros(merged.numel(), dtype=torch.bool)
+    taken[place] = True
+    merged[place] = other
+    merged[~taken] = ascending
+    return merged
 
 
 def _first_new(draws: Tensor, chosen: Tensor) -> Tensor:

@@ -227,27 +227,26 @@ def _rewrite(layer: CompactLayer, gone: Tensor, new: Tensor, optimizers: Iterabl
     """Replace the entries at slots ``gone`` by new ones at flat ``new``; re-sort every per-element tensor alike."""
     values, structure = layer.weight_values, layer.compact_structure
     out_features, in_features = structure.shape
-    keep = torch.ones(values.numel(), dtype=torch.bool, device=values.device)
+    device, small = values.device, out_features * in_features < 2**31
+    # Logical flat keys (row * in + col), ascending in CSR order; 4 bytes an entry where they fit.
+    key_dtype = torch.int32 if small else torch.int64
+    keep = torch.ones(values.numel(), dtype=torch.bool, device=device)
     keep[gone] = False
-    kept = keep.nonzero().flatten()
+    kept_key = csr_rows(structure.crow).mul_(in_features).add_(structure.col).to(key_dtype).masked_select(keep)
+    kept = keep.nonzero().flatten().to(structure.col.dtype)
     del keep
-    kept_key = (
-        csr_rows(structure.crow)
-        .index_select(0, kept)
-        .mul_(in_features)
-        .add_(structure.col.index_select(0, kept).long())
-    )
     new_rows, new_cols = logical_coordinates(new, layer.stored_shape, layer.weight_in_out)
-    new_key = torch.sort(new_rows * in_features + new_cols).values
+    new_key = torch.sort(new_rows * in_features + new_cols).values.to(key_dtype)
     del new_rows, new_cols
     # Both key lists ascend: a merge by counting places every entry, no sort of all of them.
-    kept_place = torch.searchsorted(new_key, kept_key).add_(torch.arange(kept.numel(), device=kept.device))
-    new_place = torch.searchsorted(kept_key, new_key).add_(torch.arange(new_key.numel(), device=kept.device))
-    source = torch.zeros(values.numel(), dtype=torch.long, device=values.device)
-    source[kept_place] = kept
-    merged_key = torch.empty_like(source)
+    kept_place = _places(new_key, kept_key, small)
+    new_place = _places(kept_key, new_key, small).long()
+    merged_key = torch.empty(values.numel(), dtype=key_dtype, device=device)
     merged_key[kept_place], merged_key[new_place] = kept_key, new_key
-    del kept_key, new_key, kept, kept_place
+    del kept_key, new_key
+    source = torch.zeros(values.numel(), dtype=kept.dtype, device=device)
+    source[kept_place] = kept
+    del kept, kept_place
     for tensor in _per_element(values, optimizers):
         tensor.copy_(tensor.index_select(0, source))
         tensor.index_fill_(0, new_place, 0)
@@ -256,6 +255,12 @@ def _rewrite(layer: CompactLayer, gone: Tensor, new: Tensor, optimizers: Iterabl
     rows = torch.div(merged_key, in_features, rounding_mode="floor")
     cols = merged_key.sub_(rows * in_features)
     layer.compact_structure = CompactStructure.from_sorted(rows, cols, (out_features, in_features))
+
+
+def _places(others: Tensor, keys: Tensor, small: bool) -> Tensor:
+    """Where each of the ascending ``keys`` lands when merged with the ascending ``others`` (distinct from them)."""
+    place = torch.searchsorted(others, keys, out_int32=small)
+    return place.add_(torch.arange(keys.numel(), dtype=place.dtype, device=keys.device))
 
 
 def _per_element(values: Tensor, optimizers: Iterable[torch.optim.Optimizer]) -> list[Tensor]:
