@@ -176,3 +176,22 @@ def test_no_step_of_training_or_of_an_update_allocates_a_tensor_of_the_layers_si
             opt.zero_grad()
     largest = max(event.cpu_memory_usage for event in prof.events())
     assert 0 < largest < n_out * n_in  # less than one byte a weight, in any one allocation
+
+
+def test_a_score_that_reads_the_weight_gets_the_dense_weight_block_by_block():
+    dense, compact, masks = build(conv1d=True)
+    layer = compact.fc2
+    layer.capture = Capture()
+    x, y = batch(0)
+    nn.functional.mse_loss(dense(x), y).backward()
+    nn.functional.mse_loss(compact(x), y).backward()
+
+    def score(weight, grad, generator):
+        return grad.abs() + 0.5 * weight.abs()
+
+    k = int(layer.nnz * DROP)
+    found = compact_grow_candidates(layer, k, score=score, chunk_size=48)
+    weight, grad = dense.fc2.weight.detach().reshape(-1), dense.fc2.weight.grad.reshape(-1)
+    expected = grow_candidates(masks.local["fc2.weight"], k, lambda a, b: score(weight[a:b], grad[a:b], None))
+    for field in ("values", "index", "active_values", "active_index"):
+        torch.testing.assert_close(getattr(found, field), getattr(expected, field), **F64)

@@ -115,6 +115,7 @@ def compact_grow_candidates(
     chunk_hook: ChunkHook | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    sample: bool = True,
 ) -> GrowCandidates:
     """Reduce a compact layer's grow scores to what an update replacing ``k`` connections needs.
 
@@ -130,6 +131,8 @@ def compact_grow_candidates(
             on every rank for the same inputs.
         generator: For the score (SET's draws).
         chunk_size: About how many positions a block holds (whole rows).
+        sample: Let ``grow_candidates`` read a sample of blocks first (not for random scores, whose
+            draws must come in order: ``not method.random_score``).
 
     Raises:
         ValueError: A layer that kept no backward pass.
@@ -159,7 +162,7 @@ def compact_grow_candidates(
         return score(weight, grad, generator).reshape(-1)[start - offset : stop - offset]
 
     rows_per_chunk = max(chunk_size // max(cols, 1), 1)
-    return grow_candidates(ChunkedMask(view), k, scores, chunk_size=rows_per_chunk * cols)
+    return grow_candidates(ChunkedMask(view), k, scores, chunk_size=rows_per_chunk * cols, sample=sample)
 
 
 def _dense_rows(view: _StoredView, values: Tensor, first: int, last: int) -> Tensor:
@@ -198,8 +201,10 @@ def compact_drop_and_grow(
     grown = _grow(candidates, dropped, k)
     new = grown.masked_select(~_members(grown, dropped)).long()
     gone_at = dropped_at.masked_select(~_members(dropped, torch.sort(grown).values))
-    _rewrite(layer, view.slots(gone_at), new, optimizers)
-    return torch.sort(new).values, view.flat(gone_at)
+    gone, gone_slots = view.flat(gone_at), view.slots(gone_at)
+    del view, dropped_at, gone_at  # the old structure goes with the layer's last reference to it
+    _rewrite(layer, gone_slots, new, optimizers)
+    return torch.sort(new).values, gone
 
 
 def _members(values: Tensor, ascending: Tensor) -> Tensor:
@@ -235,6 +240,9 @@ def _rewrite(layer: CompactLayer, gone: Tensor, new: Tensor, optimizers: Iterabl
     kept_key = csr_rows(structure.crow).mul_(in_features).add_(structure.col).to(key_dtype).masked_select(keep)
     kept = keep.nonzero().flatten().to(structure.col.dtype)
     del keep
+    # The old indices are read no more: freed before the new ones are built (12 bytes an entry).
+    layer.compact_structure = _RETIRED
+    del structure
     new_rows, new_cols = logical_coordinates(new, layer.stored_shape, layer.weight_in_out)
     new_key = torch.sort(new_rows * in_features + new_cols).values.to(key_dtype)
     del new_rows, new_cols
@@ -255,6 +263,10 @@ def _rewrite(layer: CompactLayer, gone: Tensor, new: Tensor, optimizers: Iterabl
     rows = torch.div(merged_key, in_features, rounding_mode="floor")
     cols = merged_key.sub_(rows * in_features)
     layer.compact_structure = CompactStructure.from_sorted(rows, cols, (out_features, in_features))
+
+
+#: A compact layer's structure while an update builds its new one (never seen outside ``_rewrite``).
+_RETIRED = CompactStructure(*(torch.empty(0, dtype=torch.int32),) * 5)
 
 
 def _places(others: Tensor, keys: Tensor, small: bool) -> Tensor:
