@@ -102,7 +102,8 @@ class ChunkedMask:
 
     def index_select(self, dim: int, positions: Tensor) -> Tensor:
         """Whether each of the flat ``positions`` is active."""
-        keys = self.view.keys_of(torch.unique(torch.div(positions, self.view.cols, rounding_mode="floor")))
+        rows = torch.sort(torch.div(positions, self.view.cols, rounding_mode="floor")).values
+        keys = self.view.keys_of(torch.unique_consecutive(rows))  # torch.unique: 100x slower here
         at = torch.searchsorted(keys, positions.long()).clamp_(max=max(keys.numel() - 1, 0))
         return keys.index_select(0, at) == positions if keys.numel() else torch.zeros_like(positions, dtype=torch.bool)
 
@@ -156,9 +157,10 @@ def compact_grow_candidates(
         assert grad is not None
         if chunk_hook is not None:
             grad = chunk_hook(grad)
-        # RigL's score reads the gradient only: no block of the dense weight to build for it.
-        weight = grad if score is gradient_magnitude else _dense_rows(view, values, first, last)
         offset = first * cols
+        if score is gradient_magnitude:  # RigL's score reads the gradient only, and this block is ours
+            return grad.abs_().reshape(-1)[start - offset : stop - offset]
+        weight = _dense_rows(view, values, first, last)
         return score(weight, grad, generator).reshape(-1)[start - offset : stop - offset]
 
     rows_per_chunk = max(chunk_size // max(cols, 1), 1)
