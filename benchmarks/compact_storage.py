@@ -175,7 +175,7 @@ def memory(sparsity: float, distribution: str, optimizer: str, limit: int, steps
     for kind in ("dense", "compact"):
         command = [sys.executable, __file__, "--memory-run", kind, "--sparsities", str(sparsity)]
         command += ["--distribution", distribution, "--optimizers", optimizer, "--permutation-limit", str(limit)]
-        command += ["--memory-steps", str(steps)]
+        command += ["--memory-steps", str(steps), "--threads", str(torch.get_num_threads())]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[kind] = json.loads(output.strip().splitlines()[-1])
     compact = results["compact"]
@@ -199,8 +199,11 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=4)
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--memory-run", choices=["dense", "compact"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_run:
         result = memory_run(
             args.memory_run,
