@@ -15,7 +15,6 @@ place. Grown entries start at 0 with the optimizer's fresh state; regrown ones k
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -285,10 +284,3 @@ def _per_element(values: Tensor, optimizers: Iterable[torch.optim.Optimizer]) ->
             if isinstance(value, Tensor) and value.shape == values.shape:
                 tensors.append(value)
     return tensors
-
-
-def drop_count(layer: CompactLayer, fraction: float) -> int:
-    """Connections an update of ``fraction`` replaces: ``int(nnz * fraction)``, as the dense path counts them."""
-    if not 0 <= fraction <= 1 or math.isnan(fraction):
-        raise ValueError(f"`fraction` must be in [0, 1], got {fraction}.")
-    return int(layer.nnz * fraction)
