@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lightning_rigl import SparseTraining, UpdateSchedule
-from lightning_rigl.core.distribution import layer_sparsities
+from lightning_rigl.core.sparsity.distributions import layer_sparsities
 from lightning_rigl.core.storage import (
     Capture,
     compact_drop_and_grow,
@@ -43,7 +43,7 @@ from lightning_rigl.core.storage import (
     draw_positions,
     make_compact,
 )
-from lightning_rigl.core.topology import num_active
+from lightning_rigl.core.topology.initial_masks import num_active
 
 DELTA_T, DROP, BATCH = 100, 0.3, 256
 

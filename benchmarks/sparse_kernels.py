@@ -33,16 +33,33 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lightning_rigl.core.kernels.masked_gradients import offer_gradient
+from lightning_rigl.core.kernels.masked_gradients import GradientRecords
 from lightning_rigl.core.kernels.sparse_linear import SparseStructure, sparse_linear
 
 MODES = ("fwd", "train", "train_dg", "train_nx")
+
+
+class _Gate:
+    """What SparseKernels gives the sparse op of one layer: the dense-gradient flag and its gradient records."""
+
+    def __init__(self, dense_gradient: bool) -> None:
+        self.dense_gradient, self.records = dense_gradient, GradientRecords()
+
+    def wrote_gradient(self, weight: torch.Tensor, sampled: bool) -> None:
+        pass
+
+    def reusable_gradient(self, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        return self.records.take("w", weight, index)
+
+    def wrote_masked_gradient(self, grad: torch.Tensor, index: torch.Tensor) -> None:
+        self.records.record_written("w", grad, index)
 
 
 def _step(mode: str, sparse: bool, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> Callable[[], None]:
     structure = SparseStructure.from_mask(mask) if sparse else None
     masked_by_callback = mode == "train_dg" or not sparse
     float_mask = mask.to(weight.dtype)
+    gate = _Gate(dense_gradient=mode == "train_dg")
 
     def run() -> None:
         if mode == "fwd":
@@ -55,12 +72,12 @@ def _step(mode: str, sparse: bool, x: torch.Tensor, weight: torch.Tensor, mask: 
         if structure is None:
             y = F.linear(x, weight)
         else:
-            y = sparse_linear(x, weight, None, structure, dense_gradient=mode == "train_dg")
+            y = sparse_linear(x, weight, None, structure, dense_gradient=mode == "train_dg", gate=gate)
         torch.autograd.backward(y, torch.ones_like(y), inputs=[x, weight] if x.requires_grad else [weight])
         if masked_by_callback:
             torch._foreach_mul_([weight.grad], [float_mask])  # as SparseTraining.before_step does
         else:
-            offer_gradient(weight.grad, structure.index)  # as RigLCallback does with the sparse op's own
+            gate.records.offer("w", weight.grad, structure.index)  # as SparseKernels does with the sparse op's own
         x.grad = weight.grad = None
 
     return run

@@ -19,7 +19,7 @@ from lightning_rigl.core.storage import (
     is_compact,
     make_compact,
 )
-from lightning_rigl.core.topology import random_mask
+from lightning_rigl.core.topology.initial_masks import random_mask
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 

@@ -8,10 +8,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_rigl.core.candidates import grow_candidates
-from lightning_rigl.core.layer_update import drop_and_grow_layer, read_grow_scores
-from lightning_rigl.core.masks import LayerMasks
-from lightning_rigl.core.methods import get_method
 from lightning_rigl.core.storage import (
     Capture,
     ChunkedMask,
@@ -19,7 +15,11 @@ from lightning_rigl.core.storage import (
     compact_grow_candidates,
     make_compact,
 )
-from lightning_rigl.core.topology import num_active, random_mask
+from lightning_rigl.core.topology.candidates import grow_candidates
+from lightning_rigl.core.topology.initial_masks import num_active, random_mask
+from lightning_rigl.core.topology.layer_update import read_grow_scores, update_layer
+from lightning_rigl.core.topology.masks import LayerMasks
+from lightning_rigl.core.topology.methods import get_method
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 DROP = 0.3
@@ -106,7 +106,7 @@ def test_compact_and_dense_runs_make_the_same_updates_and_weights_in_float64(kin
         compact_opt.step()
         if update:
             for name, layer in layers.items():
-                drop_and_grow_layer(masks, name, found[name], [dense_opt])
+                update_layer(masks, name, found[name], [dense_opt])
                 compact_drop_and_grow(layer, compact_found[name], [compact_opt])
         dense_opt.zero_grad()
         compact_opt.zero_grad()

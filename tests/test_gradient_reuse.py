@@ -8,8 +8,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-import lightning_rigl.core.kernels.sparse_linear as sparse_linear_module
 from lightning_rigl import RigLCallback
+from lightning_rigl.core.kernels.masked_gradients import GradientRecords
 from lightning_rigl.core.kernels.served_layers import linear_layers
 from lightning_rigl.core.kernels.sparse_kernels import SparseKernels
 from tests.helpers import MLP, make_loader, make_trainer
@@ -21,14 +21,14 @@ NAMES = ["0.weight"]
 def reused(monkeypatch):
     """The address of every gradient a backward wrote into the last one (None where it made a new one)."""
     taken: list[int | None] = []
-    take = sparse_linear_module.take_gradient
+    take = GradientRecords.take
 
-    def spy(index, weight):
-        grad = take(index, weight)
+    def spy(self, name, weight, index):
+        grad = take(self, name, weight, index)
         taken.append(None if grad is None else grad.data_ptr())
         return grad
 
-    monkeypatch.setattr(sparse_linear_module, "take_gradient", spy)
+    monkeypatch.setattr(GradientRecords, "take", spy)
     return taken
 
 
@@ -120,6 +120,32 @@ def test_a_rebuilt_structure_does_not_reuse_the_old_structures_gradient(reused):
     torch.testing.assert_close(layer.weight.grad, want, rtol=1e-12, atol=1e-12)
     assert layer.weight.grad[mask].eq(0).all()
     kernels.detach()
+
+
+def test_a_gradient_written_at_the_old_structure_is_not_vouched_for_under_the_new_one():
+    # A graph built before a topology update and backpropagated after it writes at the old active positions.
+    layer, mask, kernels = sparse_layer()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    kernels.set_dense_gradient(False)
+    out = layer(x)
+    kernels.update_structure("0.weight", ~mask)
+    out.backward(torch.randn(5, 6, generator=gen, dtype=torch.float64))
+    assert layer.weight.grad[mask].ne(0).any()  # nonzero where the new mask is inactive
+    assert kernels.already_masked(NAMES) == []  # so the step multiplies it by the new mask
+    kernels.detach()
+
+
+def test_two_models_keep_their_own_gradient_records():
+    # Layers of the same name in two models: a record of one never vouches for the other's gradient.
+    (first, _, first_kernels), (second, _, second_kernels) = sparse_layer(0), sparse_layer(1)
+    backward(first, first_kernels, seed=1)
+    backward(second, second_kernels, seed=2)
+    assert first_kernels.wrote_masked("0.weight", first.weight.grad)
+    assert not first_kernels.wrote_masked("0.weight", second.weight.grad)
+    assert second_kernels.already_masked(NAMES) == NAMES and first_kernels.already_masked(NAMES) == NAMES
+    first_kernels.detach()
+    second_kernels.detach()
 
 
 MASKED = ["net.0.weight", "net.2.weight", "net.5.weight"]

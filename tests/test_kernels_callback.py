@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_rigl import RigLCallback, SparsityMonitor, count_flops
+from lightning_rigl import RigLCallback, SparseTraining, SparsityMonitor, count_flops, sparsify
 from tests.helpers import MLP, Wide, assert_trained_alike, fit_with_kernels, make_loader, make_trainer
 
 README = Path(__file__).parent.parent / "README.md"
@@ -151,8 +151,15 @@ def test_the_first_batch_chooses_and_teardown_gives_layers_their_dense_forward()
 
 
 def test_an_unknown_kernels_value_is_refused_naming_the_argument():
-    with pytest.raises(MisconfigurationException, match="`kernels` must be one of"):
+    message = "`kernels` must be one of ('auto', 'sparse', 'dense'), got 'fast'."
+    with pytest.raises(MisconfigurationException, match=re.escape(message)):
         RigLCallback(kernels="fast")
+    # The run of a plain loop and sparsify give the same message (one check), before any work.
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SparseTraining.from_model(model, 0.5, kernels="fast")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sparsify(model, kernels="fast")
 
 
 class CountSparseOps(Callback):

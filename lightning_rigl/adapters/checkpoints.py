@@ -74,7 +74,7 @@ def evaluation_run(
         The run, and every name of each masked Parameter (see ``parameter_aliases``).
     """
     with misconfiguration():
-        params = select_parameters(model, config.include, config.exclude)
+        params = select_parameters(model, config.include, config.exclude, warn_ties=False)
         run = SparseTraining.from_state(params, state)
         run.remove_hooks()  # no training here: nothing to mask as it accumulates
         return run, parameter_aliases(model, run.params)

@@ -141,7 +141,7 @@ class SparsityMonitor(Callback):
         self._rigl = next((cb for cb in trainer.callbacks if isinstance(cb, RigLCallback)), None)
         with misconfiguration():
             if self.include or self.exclude or self._sparse is None:
-                self._params = select_parameters(pl_module, self.include, self.exclude)
+                self._params = select_parameters(pl_module, self.include, self.exclude, warn_ties=False)
             else:
                 self._params = dict(self._rigl.sparse.params)
         example = self.example_input if self.example_input is not None else pl_module.example_input_array

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lightning_rigl.core.kernels.choice import KERNELS
+from lightning_rigl.core.kernels.choice import check_kernels
 from lightning_rigl.core.sparsity.distributions import DISTRIBUTIONS
 from lightning_rigl.core.topology.methods import get_method
 from lightning_rigl.core.topology.schedule import check_schedule
@@ -71,7 +71,7 @@ def check_run_arguments(
     if seed is not None:
         check_type("seed", seed, (int,), "None or an int")
     check_int("consistency_checks", consistency_checks, -1)
-    check_choice("kernels", kernels, KERNELS)
+    check_kernels(kernels)
 
 
 @dataclass(frozen=True)

@@ -77,13 +77,6 @@ MOVED: dict[str, dict[str, str]] = {
     },
     f"{_CORE}.masked_gradients": {
         "GradientStamp": f"{_CORE}.kernels.masked_gradients.GradientStamp",
-        "forget_structures": f"{_CORE}.kernels.masked_gradients.forget_structures",
-        "forget_written": f"{_CORE}.kernels.masked_gradients.forget_written",
-        "gradient_is_masked": f"{_CORE}.kernels.masked_gradients.gradient_is_masked",
-        "offer_gradient": f"{_CORE}.kernels.masked_gradients.offer_gradient",
-        "record_written": f"{_CORE}.kernels.masked_gradients.record_written",
-        "take_gradient": f"{_CORE}.kernels.masked_gradients.take_gradient",
-        "wrote_masked": f"{_CORE}.kernels.masked_gradients.wrote_masked",
     },
     f"{_CORE}.masking": {
         "fill_positions": f"{_CORE}.topology.masking.fill_positions",

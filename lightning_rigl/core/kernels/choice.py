@@ -16,9 +16,21 @@ from torch import Tensor, nn
 from lightning_rigl.core.kernels.served_layers import logical_shape
 from lightning_rigl.core.kernels.sparse_linear import SPARSE_DTYPES
 from lightning_rigl.core.parallel.sharding import is_sharded
+from lightning_rigl.core.validation import check_choice
 
 Kernels = Literal["auto", "sparse", "dense"]
 KERNELS: tuple[str, ...] = get_args(Kernels)
+
+
+def check_kernels(kernels: object) -> str:
+    """``kernels`` if it is one of :data:`KERNELS`; else the one error every entry point gives.
+
+    Example:
+        >>> check_kernels("auto")
+        'auto'
+    """
+    return check_choice("kernels", kernels, KERNELS)
+
 
 # Calibration of the "auto" rule: `benchmarks/sparse_kernels.py` (fp32, cold caches, the dense side charged with
 # the gradient-masking pass the sparse path skips; BENCHMARKS.md, "Sparse kernels"). Each row (min tokens, min
@@ -118,8 +130,6 @@ def choose_kernels(
         {'0.weight': 'sparse'}
 
     """
-    if kernels not in KERNELS:
-        raise ValueError(f"`kernels` must be one of {KERNELS}, got {kernels!r}.")
     choices = {}
     for name, (module, weight) in layers.items():
         rows = tokens.get(name) if isinstance(tokens, Mapping) else tokens

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from lightning_rigl.core.kernels.choice import KERNELS, TokenProbe, can_compute_sparse, choose_kernels
+from lightning_rigl.core.kernels.choice import TokenProbe, can_compute_sparse, check_kernels, choose_kernels
 from lightning_rigl.core.kernels.served_layers import linear_layers
 from lightning_rigl.core.kernels.sparse_kernels import SparseKernels
 from lightning_rigl.core.topology.masks import LayerMasks
@@ -45,9 +45,8 @@ class LayerKernels:
     def __init__(
         self, setting: str, masks: LayerMasks, hooks: UserCodeHooks, dense_gradient_every_step: bool = False
     ) -> None:
-        if setting not in KERNELS:
-            raise ValueError(f"`kernels` must be one of {KERNELS}, got {setting!r}.")
-        self.setting, self.masks, self.hooks = setting, masks, hooks
+        self.setting = check_kernels(setting)
+        self.masks, self.hooks = masks, hooks
         self.every_step = dense_gradient_every_step
         self.choices: dict[str, str] | None = None
         self._probe: TokenProbe | None = None

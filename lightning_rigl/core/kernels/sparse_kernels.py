@@ -14,13 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.kernels.masked_gradients import (
-    forget_structures,
-    forget_written,
-    gradient_is_masked,
-    offer_gradient,
-    wrote_masked,
-)
+from lightning_rigl.core.kernels.masked_gradients import GradientRecords
 from lightning_rigl.core.kernels.served_layers import ServedForward, can_serve, weight_in_out
 from lightning_rigl.core.kernels.sparse_linear import SPARSE_DTYPES, SparseStructure, active_values, sparse_linear
 from lightning_rigl.core.kernels.weight_writes import watch_writes
@@ -67,6 +61,7 @@ class SparseKernels:
         self._modules: dict[str, nn.Module] = {}
         self._weights: dict[str, Tensor] = {}  # read every step: a module's __getattr__ costs ~10 us there
         self._structures: dict[str, SparseStructure] = {}
+        self.records = GradientRecords()  # the gradients the sparse ops wrote at active positions only
         # Layers whose current gradient holds a contribution written at active positions only.
         self._sampled: dict[str, bool] = {}
         for name, (module, weight) in layers.items():
@@ -97,20 +92,21 @@ class SparseKernels:
 
     def forget_written(self) -> None:
         """Forget which gradients the sparse ops wrote at active positions (the masks changed, or a step began)."""
-        for structure in self._structures.values():
-            forget_written(structure.index)
+        self.records.forget_written()
 
     def already_masked(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` whose weight gradient is the one their sparse op wrote, at active positions only.
 
         Such a gradient is already 0 at every inactive position (see
-        :func:`~lightning_rigl.core.kernels.sparse_linear.gradient_is_masked`): multiplying it by the mask again
-        changes nothing. Call it once per optimizer step, for the layers it updates, before they are masked.
+        :meth:`~lightning_rigl.core.kernels.masked_gradients.GradientRecords.is_masked`): multiplying it by
+        the mask again changes nothing. Call it once per optimizer step, for the layers it updates, before
+        they are masked.
         """
         return [
             name
             for name in names
-            if name in self._weights and gradient_is_masked(self._weights[name].grad, self._structures[name].index)
+            if name in self._weights
+            and self.records.is_masked(name, self._weights[name].grad, self._structures[name].index)
         ]
 
     def wrote_masked(self, name: str, grad: Tensor | None) -> bool:
@@ -119,7 +115,7 @@ class SparseKernels:
         Like :meth:`already_masked` for one layer, without using the record up: a gradient hook may ask.
         """
         structure = self._structures.get(name)
-        return structure is not None and wrote_masked(grad, structure.index)
+        return structure is not None and self.records.wrote_masked(name, grad, structure.index)
 
     def holds_sampled(self, name: str) -> bool:
         """Whether the gradient of ``name`` holds a contribution written at active positions only.
@@ -144,11 +140,11 @@ class SparseKernels:
         Only gradients :meth:`already_masked` just named: written by the sparse op at the active positions
         into a tensor that is exactly 0 everywhere else, and unchanged since. A gradient that was
         multiplied by its mask may hold NaN where inactive (NaN * 0), and must not be carried into the
-        next step. See :func:`~lightning_rigl.core.kernels.masked_gradients.offer_gradient`.
+        next step. See :meth:`~lightning_rigl.core.kernels.masked_gradients.GradientRecords.offer`.
         """
         for name in names:
             if name in self._weights:
-                offer_gradient(self._weights[name].grad, self._structures[name].index)
+                self.records.offer(name, self._weights[name].grad, self._structures[name].index)
 
     def update_structure(self, name: str, mask: Tensor) -> None:
         """Rebuild a layer's structure from its new mask (after a topology update)."""
@@ -160,7 +156,7 @@ class SparseKernels:
 
     def detach(self) -> None:
         """Give every layer its class's forward back; the layers compute densely again."""
-        forget_structures([structure.index for structure in self._structures.values()])
+        self.records.clear()
         for module in self._modules.values():
             if isinstance(vars(module).get("forward"), _SparseForward):
                 del module.forward
@@ -207,7 +203,7 @@ class _SparseForward(ServedForward):
         module, weight = self.module, self.module.weight
         structure = self.kernels._structure(self.name, weight.device)
         if x.dtype != weight.dtype or weight.dtype not in SPARSE_DTYPES or torch.is_autocast_enabled(x.device.type):
-            forget_written(structure.index)  # this call's gradient is dense: no earlier record may vouch for it
+            self.kernels.records.forget_layer_written(self.name)  # this call's gradient is dense: no record vouches
             return type(module).forward(module, x)
         values = self._inference_values(weight, structure)
         # Eager autograd asks this object again at the backward: the step a gradient is for is known then.
@@ -222,6 +218,14 @@ class _SparseForward(ServedForward):
     def wrote_gradient(self, weight: Tensor, sampled: bool) -> None:
         """Hear what the sparse op wrote for this layer (see :meth:`SparseKernels.wrote_gradient`)."""
         self.kernels.wrote_gradient(self.name, weight, sampled)
+
+    def reusable_gradient(self, weight: Tensor, index: Tensor) -> Tensor | None:
+        """The gradient offered to this layer's backward at structure ``index``, if it may be written into."""
+        return self.kernels.records.take(self.name, weight, index)
+
+    def wrote_masked_gradient(self, grad: Tensor, index: Tensor) -> None:
+        """Record ``grad``, written by the sparse op at the active positions of structure ``index`` only."""
+        self.kernels.records.record_written(self.name, grad, index)
 
     def _inference_values(self, weight: Tensor, structure: SparseStructure) -> Tensor | None:
         """On a deployed layer without autograd, the active values gathered again only when the weight was written.

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from lightning_rigl.core.kernels import sparse_ops  # noqa: F401  (defines the operators)
-from lightning_rigl.core.kernels.masked_gradients import record_written, take_gradient
 
 #: Dtypes the CPU sparse kernels (``torch.sparse.mm`` on CSR, ``sampled_addmm``) support.
 SPARSE_DTYPES = (torch.float32, torch.float64)
@@ -154,6 +153,12 @@ class GradientGate(Protocol):
     def wrote_gradient(self, weight: Tensor, sampled: bool) -> None:
         """Called before the weight gradient is accumulated: ``sampled`` if written at active positions only."""
 
+    def reusable_gradient(self, weight: Tensor, index: Tensor) -> Tensor | None:
+        """A tensor exactly 0 outside structure ``index`` that the weight gradient may be written into, or None."""
+
+    def wrote_masked_gradient(self, grad: Tensor, index: Tensor) -> None:
+        """``grad``, the weight gradient just written, is exactly 0 outside structure ``index``."""
+
 
 def active_values(weight: Tensor, structure: SparseStructure) -> Tensor:
     """The weight's entries at the structure's active positions, in ``W``'s CSR order: O(active) work.
@@ -202,7 +207,7 @@ class _SparseLinear(torch.autograd.Function):
                 grad_out, x, weight, values, *structure, dense_gradient, weight_in_out, needs_x, needs_w
             )
             if needs_w and not dense_gradient:
-                grad_w = _scatter_active(grad_w, weight, index)
+                grad_w = _scatter_active(grad_w, weight, index, gate)
         if needs_w and gate is not None:
             gate.wrote_gradient(weight, sampled=not dense_gradient)
         if needs_b and ctx.has_bias:
@@ -224,19 +229,19 @@ def _dense_backward(
     return grad_x, grad_w
 
 
-def _scatter_active(active: Tensor, weight: Tensor, index: Tensor) -> Tensor:
+def _scatter_active(active: Tensor, weight: Tensor, index: Tensor, gate: GradientGate | None) -> Tensor:
     """The dense weight gradient with ``active`` at ``index`` and 0 elsewhere.
 
-    In eager autograd it is written into the last step's gradient where that one is free (see
-    :func:`~lightning_rigl.core.kernels.masked_gradients.take_gradient`): O(active) work instead of zero-filling
-    a tensor the size of the weight. Traced (compiled) code always builds a new one.
+    In eager autograd it is written into the last step's gradient where the ``gate`` offers one (see
+    :meth:`~lightning_rigl.core.kernels.masked_gradients.GradientRecords.take`): O(active) work instead of
+    zero-filling a tensor the size of the weight. Traced (compiled) code always builds a new one.
     """
     # Neither traced by dynamo nor by AOTAutograd (its fake and functional tensors are subclasses).
-    eager = not torch.compiler.is_compiling() and type(active) is Tensor
-    grad = take_gradient(index, weight) if eager else None
+    eager = gate is not None and not torch.compiler.is_compiling() and type(active) is Tensor
+    grad = gate.reusable_gradient(weight, index) if eager else None  # type: ignore[union-attr]
     if grad is None:
         grad = torch.zeros_like(weight)
     grad.view(-1).index_copy_(0, index, active)
     if eager:
-        record_written(grad, index)
+        gate.wrote_masked_gradient(grad, index)  # type: ignore[union-attr]
     return grad

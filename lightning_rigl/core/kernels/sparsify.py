@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.kernels.choice import choose_kernels
+from lightning_rigl.core.kernels.choice import check_kernels, choose_kernels
 from lightning_rigl.core.kernels.served_layers import linear_layers
 from lightning_rigl.core.kernels.sparse_kernels import SparseKernels
 
@@ -56,6 +56,7 @@ def sparsify(
         True
 
     """
+    check_kernels(kernels)  # before the copy: a bad argument costs nothing
     sparse_model = copy.deepcopy(model)
     params = dict(sparse_model.named_parameters(remove_duplicate=False))  # a tied weight under each name
     if masks is None:

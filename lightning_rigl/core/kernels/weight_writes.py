@@ -15,10 +15,9 @@ import weakref
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 _TENSOR_DATA = torch._C.TensorBase.__dict__["data"]  # the getter and setter every Tensor uses
-_WRITES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # watched Parameter -> its _Writes
+_RECORD = "_lightning_rigl_writes"  # the attribute of a watched Parameter that holds its _Writes
 
 
 class _Writes:
@@ -41,6 +40,10 @@ class _Writes:
         """Changes whenever a write through ``.data`` may have happened since the last stamp."""
         return self.count, tuple(alias._version for ref in self.aliases.values() if (alias := ref()) is not None)
 
+    def __reduce__(self) -> tuple:
+        # A pickled Parameter carries its attributes: its copy starts a record of its own (aliases die here).
+        return _Writes, ()
+
 
 class _WatchedParameter(nn.Parameter):
     """An ``nn.Parameter`` whose ``.data`` is the usual alias, noted in its :class:`_Writes`."""
@@ -58,10 +61,11 @@ class _WatchedParameter(nn.Parameter):
 
 
 def _record(weight: Tensor) -> _Writes:
-    # A deep copy of a watched Parameter has its class but no record yet.
-    writes = _WRITES.get(weight)
+    # The Parameter holds its own record. A deep copy of a watched Parameter has its class but no record yet.
+    writes = weight.__dict__.get(_RECORD)
     if writes is None:
-        writes = _WRITES[weight] = _Writes()
+        writes = _Writes()
+        setattr(weight, _RECORD, writes)
     return writes
 
 

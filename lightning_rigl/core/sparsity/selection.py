@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from fnmatch import fnmatchcase
-from weakref import WeakKeyDictionary
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -25,9 +24,6 @@ MASKED_MODULES: tuple[type[nn.Module], ...] = (
 )
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _Predicate = Callable[[nn.Parameter], bool]
-
-# Ties already warned about, per model: the callback selects twice at fit start (and again on a new fit).
-_warned_ties: WeakKeyDictionary[nn.Module, set[tuple[str, ...]]] = WeakKeyDictionary()
 
 
 def is_masked_module(module: nn.Module) -> bool:
@@ -109,7 +105,11 @@ def parameter_aliases(model: nn.Module, names: Iterable[str]) -> dict[str, list[
 
 
 def select_parameters(
-    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    *,
+    warn_ties: bool = True,
 ) -> dict[str, nn.Parameter]:
     """The parameters to mask, by name, in ``model.named_parameters()`` order.
 
@@ -120,11 +120,11 @@ def select_parameters(
     The default selection skips weights with ``requires_grad=False`` (see
     :func:`frozen_default_weights`); ``include`` masks frozen weights it names: they are zeroed at
     inactive positions and stay so, and train under their mask once they are unfrozen. The default
-    selection leaves dense, with one warning naming the tie, a weight shared with a module it would
-    not mask (a token embedding tied to an output layer): masking it would zero that module's weights
-    too. It refuses weights it cannot mask correctly by itself: those computed from other tensors
-    (``weight_norm``, ``spectral_norm``, any parametrization or pruning hook). An explicit ``include``
-    masks what it names.
+    selection leaves dense, with a warning naming the tie (unless ``warn_ties=False``: a second reader
+    of a selection already made), a weight shared with a module it would not mask (a token embedding
+    tied to an output layer): masking it would zero that module's weights too. It refuses weights it
+    cannot mask correctly by itself: those computed from other tensors (``weight_norm``,
+    ``spectral_norm``, any parametrization or pruning hook). An explicit ``include`` masks what it names.
 
     Raises:
         ValueError: A pattern that matches no parameter, nothing left to mask, a computed weight in
@@ -159,7 +159,8 @@ def select_parameters(
         keep = trainable
         refuse_computed_weights(_default_slots(model), aliases, keep)
         chosen, tied = _default_choice(model, aliases)
-        _warn_ties(model, [names for names, param in tied if keep(param)])
+        if warn_ties:
+            _warn_ties([names for names, param in tied if keep(param)])
     selected = {name: param for name, param in params.items() if id(param) in chosen and keep(param)}
     if not selected:
         raise ValueError(
@@ -240,12 +241,10 @@ def _default_choice(
     return chosen, list(tied.values())
 
 
-def _warn_ties(model: nn.Module, ties: list[tuple[str, ...]]) -> None:
-    warned = _warned_ties.setdefault(model, set())
-    new = [tie for tie in dict.fromkeys(ties) if tie not in warned]
+def _warn_ties(ties: list[tuple[str, ...]]) -> None:
+    new = list(dict.fromkeys(ties))
     if not new:
         return
-    warned.update(new)
     described = "; ".join(" = ".join(tie) for tie in new)
     warnings.warn(
         f"RigL leaves dense the weights shared with a module it does not mask by default (an embedding, "

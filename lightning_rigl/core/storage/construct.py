@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.kernels import can_serve, weight_in_out
+from lightning_rigl.core.kernels.served_layers import can_serve, weight_in_out
 from lightning_rigl.core.storage.init import ValueInit, default_init
 from lightning_rigl.core.storage.layer import VALUES, CompactLayer, compact_class, is_compact
 from lightning_rigl.core.storage.structure import CompactStructure

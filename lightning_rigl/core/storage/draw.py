@@ -37,7 +37,7 @@ def draw_positions(
         ValueError: ``n_active`` outside [0, numel].
 
     Example:
-        >>> from lightning_rigl.core.topology import random_mask
+        >>> from lightning_rigl.core.topology.initial_masks import random_mask
         >>> drawn = draw_positions(20, 7, torch.Generator().manual_seed(0))
         >>> mask = random_mask((4, 5), 7, torch.Generator().manual_seed(0))
         >>> torch.equal(drawn, mask.reshape(-1).nonzero().flatten())

@@ -1,6 +1,6 @@
 """A compact layer's product and its autograd: the gradient of the active values only, never a dense one.
 
-The products are the project's sparse operators (:mod:`~lightning_rigl.core.sparse_ops`), fed the
+The products are the project's sparse operators (:mod:`~lightning_rigl.core.kernels.sparse_ops`), fed the
 values directly: no gather from a dense weight and no scatter into one. At the steps whose grow scores
 a topology update reads, the backward keeps the layer's input and output gradient (see
 :class:`Capture`), from which the dense gradient is computed later, block by block.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_rigl.core import sparse_ops  # noqa: F401  (defines the operators)
+from lightning_rigl.core.kernels import sparse_ops  # noqa: F401  (defines the operators)
 from lightning_rigl.core.storage.structure import CompactStructure
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.core.linear_types import linear_kind, qualified_name
+from lightning_rigl.core.sparsity.linear_types import linear_kind, qualified_name
 
 #: ``init(values, shape)``: fill a compact layer's active values in place; ``shape`` is the logical (out, in).
 ValueInit = Callable[[Tensor, tuple[int, int]], None]

@@ -1,7 +1,7 @@
 """Compact layers: a Linear-type module that stores only its active weights, and stays the user's module.
 
 :func:`make_compact` turns an ``nn.Linear`` (or a Hugging Face ``Conv1D``, or a class given to
-:func:`~lightning_rigl.core.linear_types.register_linear`) into a compact layer in place: its class
+:func:`~lightning_rigl.core.sparsity.linear_types.register_linear`) into a compact layer in place: its class
 becomes a subclass of its own (cached, one per class), so ``isinstance`` checks and its other
 attributes stay. Its dense ``weight`` Parameter is replaced by ``weight_values``, a Parameter of the
 ``nnz`` active values in ``W``'s CSR order (row-major over the logical (out, in) weight, whatever

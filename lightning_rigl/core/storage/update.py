@@ -3,8 +3,8 @@
 The dense weight gradient ``grad_out^T x`` is never stored whole: it is computed a block of stored rows
 at a time from the input and output gradient the layer kept (:class:`~lightning_rigl.core.storage.
 functional.Capture`), and reduced online by the project's own exact selection
-(:func:`~lightning_rigl.core.candidates.grow_candidates`, its tie rule and its sampled bound) to the
-layer's :class:`~lightning_rigl.core.candidates.GrowCandidates`. The mask it reads is built a block at a
+(:func:`~lightning_rigl.core.topology.candidates.grow_candidates`, its tie rule and its sampled bound) to the
+layer's :class:`~lightning_rigl.core.topology.candidates.GrowCandidates`. The mask it reads is built a block at a
 time from the structure (:class:`ChunkedMask`). The drop and grow then select as the dense path does,
 ties to the lower flat index of the stored weight, so both storages make the same updates.
 
@@ -20,13 +20,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from lightning_rigl.core.candidates import DEFAULT_CHUNK, GrowCandidates, grow_candidates
-from lightning_rigl.core.methods import ScoreFn, gradient_magnitude
-from lightning_rigl.core.optim_state import reset_optimizer_state
 from lightning_rigl.core.storage.construct import logical_coordinates
 from lightning_rigl.core.storage.layer import CompactLayer
 from lightning_rigl.core.storage.structure import CompactStructure, csr_rows
-from lightning_rigl.core.top_k import top_k_indices
+from lightning_rigl.core.topology.candidates import DEFAULT_CHUNK, GrowCandidates, grow_candidates
+from lightning_rigl.core.topology.methods import ScoreFn, gradient_magnitude
+from lightning_rigl.core.topology.optim_state import reset_optimizer_state
+from lightning_rigl.core.topology.top_k import top_k_indices
 
 #: Applied to each block of the dense gradient before it is scored: under DDP, the mean over ranks.
 ChunkHook = Callable[[Tensor], Tensor]
@@ -70,7 +70,7 @@ class _StoredView:
 class ChunkedMask:
     """The bool mask of a compact layer's stored weight, made a block at a time from its structure.
 
-    What :func:`~lightning_rigl.core.candidates.grow_candidates` reads of a mask: ``numel()``, flat slices
+    What :func:`~lightning_rigl.core.topology.candidates.grow_candidates` reads of a mask: ``numel()``, flat slices
     and ``index_select`` of flat positions; nothing of the layer's size is ever made.
     """
 
@@ -181,7 +181,7 @@ def compact_drop_and_grow(
 ) -> tuple[Tensor, Tensor]:
     """One RigL update of a compact layer: drop the ``k`` smallest ``|values|``, grow from the candidates.
 
-    The same selection as :func:`~lightning_rigl.core.candidates.drop_grow_from_candidates` on the dense
+    The same selection as :func:`~lightning_rigl.core.topology.drop_grow.select_drop_grow` on the dense
     weight, ties to the lower flat index of the stored weight. The values Parameter stays the same object
     and keeps ``nnz``; the grown entries start at 0 with ``optimizers``' fresh state.
 
