@@ -192,21 +192,22 @@ def big_sparse_mlp(density=0.2):
 # Trainers and fits.
 
 
+#: The arguments of a quiet CPU Trainer (either Lightning package's).
+QUIET_TRAINER = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+)
+
+
 def make_trainer(callbacks, **kwargs) -> pl.Trainer:
     """A quiet CPU Trainer; one with several devices also destroys its process group at teardown."""
     if kwargs.get("devices", 1) != 1:
         callbacks = [*callbacks, DestroyProcessGroup()]
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=20,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+    return pl.Trainer(callbacks=callbacks, **{**QUIET_TRAINER, "max_steps": 20, **kwargs})
 
 
 class DestroyProcessGroup(Callback):

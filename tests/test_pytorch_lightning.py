@@ -26,7 +26,12 @@ import lightning_rigl  # noqa: E402
 from lightning_rigl.adapters.strategies import check_strategy  # noqa: E402
 from lightning_rigl.core import num_active  # noqa: E402
 from lightning_rigl.pytorch_lightning import RigLCallback, SparsityMonitor  # noqa: E402
-from tests.helpers import CLI_TRAINER_ARGS, DestroyProcessGroup, command_line  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    CLI_TRAINER_ARGS,
+    QUIET_TRAINER,  # noqa: E402
+    DestroyProcessGroup,
+    command_line,
+)
 from tests.helpers import RecordingLogger as LightningRecordingLogger  # noqa: E402
 from tests.helpers_pytorch_lightning import MLP  # noqa: E402
 
@@ -36,16 +41,7 @@ class RecordingLogger(LightningRecordingLogger, Logger):
 
 
 def trainer(callbacks, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+    return pl.Trainer(callbacks=callbacks, **{**QUIET_TRAINER, "max_steps": 8, **kwargs})
 
 
 def assert_exact_and_zero(rigl, model):

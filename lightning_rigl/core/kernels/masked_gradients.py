@@ -104,13 +104,12 @@ class GradientRecords:
         record = self._written.get(name)
         return record is not None and record[1] is index and record[0].matches(grad)
 
-    def forget_written(self) -> None:
-        """Drop every record of a written gradient (a new step begins, or the masks changed)."""
-        self._written.clear()
-
-    def forget_layer_written(self, name: str) -> None:
-        """Drop the record of the gradient last written for ``name`` (its next one is dense)."""
-        self._written.pop(name, None)
+    def forget_written(self, name: str | None = None) -> None:
+        """Drop the record of the gradient last written for ``name`` (None: every layer's), e.g. a new step begins."""
+        if name is None:
+            self._written.clear()
+        else:
+            self._written.pop(name, None)
 
     def offer(self, name: str, grad: Tensor | None, index: Tensor) -> None:
         """Offer ``grad``, exactly 0 at every inactive position of structure ``index``, to ``name``'s next backward.
@@ -142,15 +141,13 @@ class GradientRecords:
         fits = grad.shape == weight.shape and grad.dtype == weight.dtype and grad.device == weight.device
         return grad if unshared and fits and grad._version == version else None
 
-    def forget(self, name: str) -> None:
-        """Forget both records of ``name`` (its structure was rebuilt, or it stops computing sparse)."""
-        self._free.pop(name, None)
-        self._written.pop(name, None)
-
-    def clear(self) -> None:
-        """Forget every record."""
-        self._free.clear()
-        self._written.clear()
+    def forget(self, name: str | None = None) -> None:
+        """Forget both records of ``name`` (None: every layer's): a rebuilt structure, or no sparse kernels."""
+        for records in (self._free, self._written):
+            if name is None:
+                records.clear()
+            else:
+                records.pop(name, None)
 
     def _pop_offer(self, name: str, index: Tensor | None) -> tuple[Tensor | None, int, int]:
         """The gradient offered for ``name`` at ``index``, its version when offered, and its reference count here."""

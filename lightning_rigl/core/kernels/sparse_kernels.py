@@ -153,10 +153,11 @@ class SparseKernels:
             raise ValueError(f"The mask of {name!r} must have the weight's shape {tuple(module.weight.shape)}.")
         structure = SparseStructure.from_mask(mask.to(module.weight.device), bool(weight_in_out(module)))
         self._structures[name] = structure
+        self.records.forget(name)  # records of the old structure vouch for nothing now: let its indices go
 
     def detach(self) -> None:
         """Give every layer its class's forward back; the layers compute densely again."""
-        self.records.clear()
+        self.records.forget()
         for module in self._modules.values():
             if isinstance(vars(module).get("forward"), _SparseForward):
                 del module.forward
@@ -203,7 +204,7 @@ class _SparseForward(ServedForward):
         module, weight = self.module, self.module.weight
         structure = self.kernels._structure(self.name, weight.device)
         if x.dtype != weight.dtype or weight.dtype not in SPARSE_DTYPES or torch.is_autocast_enabled(x.device.type):
-            self.kernels.records.forget_layer_written(self.name)  # this call's gradient is dense: no record vouches
+            self.kernels.records.forget_written(self.name)  # this call's gradient is dense: no record vouches
             return type(module).forward(module, x)
         values = self._inference_values(weight, structure)
         # Eager autograd asks this object again at the backward: the step a gradient is for is known then.

@@ -74,10 +74,10 @@ class SparseStructure:
             return indices.to(index_dtype).contiguous()
 
         return cls(
-            crow=compact(_row_pointers(rows, out_features)),
+            crow=compact(row_pointers(rows, out_features)),
             col=compact(cols),
             index=stored.contiguous(),
-            crow_t=compact(_row_pointers(cols, in_features)),
+            crow_t=compact(row_pointers(cols, in_features)),
             col_t=compact(rows.index_select(0, order_t)),  # index_select: twice as fast as indexing
             perm_t=compact(order_t),
         )
@@ -92,8 +92,14 @@ class SparseStructure:
         return SparseStructure(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
 
 
-def _row_pointers(rows: Tensor, num_rows: int) -> Tensor:
-    counts = torch.bincount(rows, minlength=num_rows)
+def row_pointers(rows: Tensor, num_rows: int) -> Tensor:
+    """CSR row pointers (int64, ``num_rows + 1``) of entries in rows ``rows``, listed in row order.
+
+    Example:
+        >>> row_pointers(torch.tensor([0, 0, 2]), 3).tolist()
+        [0, 2, 2, 3]
+    """
+    counts = torch.bincount(rows.long(), minlength=num_rows)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 

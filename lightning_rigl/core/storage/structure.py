@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_rigl.core.kernels.sparse_linear import row_pointers
+
 
 def structure_dtype(nnz: int, shape: tuple[int, int]) -> torch.dtype:
     """The index dtype of a structure: int32 where every pointer and index fits, else int64.
@@ -97,13 +99,13 @@ class CompactStructure:
             raise ValueError("Coordinates must be distinct: an active weight is listed twice.")
         sorted_rows = torch.div(key, in_features, rounding_mode="floor")
         col = key.sub_(sorted_rows * in_features)
-        crow = _pointers(sorted_rows, out_features)
+        crow = row_pointers(sorted_rows, out_features)
         return cls._build(crow, col, sorted_rows, in_features), order
 
     @classmethod
     def from_sorted(cls, rows: Tensor, cols: Tensor, shape: tuple[int, int]) -> CompactStructure:
         """The structure of distinct logical (``rows``, ``cols``) already in CSR order (row-major), unchecked."""
-        return cls._build(_pointers(rows, shape[0]), cols, rows, shape[1])
+        return cls._build(row_pointers(rows, shape[0]), cols, rows, shape[1])
 
     @classmethod
     def _build(cls, crow: Tensor, col: Tensor, rows: Tensor, in_features: int) -> CompactStructure:
@@ -115,7 +117,7 @@ class CompactStructure:
         return cls(
             crow=crow.to(dtype).contiguous(),
             col=col,
-            crow_t=_pointers(col_sorted, in_features).to(dtype).contiguous(),
+            crow_t=row_pointers(col_sorted, in_features).to(dtype).contiguous(),
             col_t=rows.index_select(0, order_t).to(dtype).contiguous(),
             perm_t=order_t.to(dtype).contiguous(),
         )
@@ -177,8 +179,3 @@ def raise_on_unsorted(crow: Tensor, col: Tensor) -> None:
     rising[boundary] = True
     if not bool(rising.all()):
         raise ValueError("`col` must rise strictly within each row (CSR order, no repeated column).")
-
-
-def _pointers(rows: Tensor, num_rows: int) -> Tensor:
-    counts = torch.bincount(rows.long(), minlength=num_rows)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
