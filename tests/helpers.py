@@ -421,3 +421,43 @@ def update_layer_masks(mask, weight, grow_scores, drop_fraction):
     grown = torch.zeros(mask.numel(), dtype=torch.bool)
     grown[new] = True
     return masks.local["w"].bool(), grown.view(mask.shape)
+
+
+# Compact storage.
+
+
+class F64Net(pl.LightningModule):
+    """Three Linear layers in float64 on a regression of signed data; SGD with momentum, Adam or another optimizer."""
+
+    def __init__(self, optimizer: str = "sgd"):
+        super().__init__()
+        self.optimizer = optimizer
+        self.net = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 3))
+        self.double()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+        if self.optimizer == "lbfgs":
+            return torch.optim.LBFGS(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def f64_loader(n: int = 128, batch_size: int = 16, shuffle: bool = False):
+    """Signed float64 regression data for F64Net (12 inputs, 3 outputs)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 12, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+
+
+def compact_rigl(storage: str, **kwargs) -> RigLCallback:
+    """A RigLCallback with updates after steps 2, 4, 6 and 8 and no checks across ranks."""
+    args = dict(sparsity=0.8, delta_t=2, t_end=9, seed=3, consistency_checks=0, storage=storage)
+    return RigLCallback(**{**args, **kwargs})

@@ -32,7 +32,8 @@ RIGL_ARGS = {
     "erk_power_scale": 0.5,
     "seed": 7,
     "consistency_checks": 0,
-    "kernels": "dense",
+    "kernels": "sparse",
+    "storage": "compact",
 }
 # Every SparsityMonitor argument but example_input (a tensor: set it in Python or as example_input_array).
 MONITOR_ARGS = {

@@ -12,12 +12,13 @@ from typing_extensions import override
 
 from lightning_rigl.adapters.averaging import mask_averaged_copies
 from lightning_rigl.adapters.checkpoints import CheckpointState, evaluation_run
+from lightning_rigl.adapters.compact_setup import CompactStorage, aliased
 from lightning_rigl.adapters.compat import misconfiguration
-from lightning_rigl.adapters.fit_settings import run_for_fit
+from lightning_rigl.adapters.fit_settings import run_for_fit, shared_seed
 from lightning_rigl.adapters.fit_start_warnings import warn_at_fit_start
 from lightning_rigl.adapters.spawn import MaskHandoff
 from lightning_rigl.adapters.strategies import MaskAgreement, check_strategy
-from lightning_rigl.core.config import RUN_ARGUMENTS, RunConfig
+from lightning_rigl.core.config import RUN_ARGUMENTS, RunConfig, Storage
 from lightning_rigl.core.kernels.choice import Kernels
 from lightning_rigl.core.sparse_training import SparseTraining
 from lightning_rigl.core.sparsity.distributions import Distribution
@@ -68,6 +69,9 @@ class RigLCallback(Callback):
             FSDP2-sharded and bf16/fp16 weights, and layers under autocast always stay dense; so do
             every layer under ``"auto"`` on CUDA and with ``"snfs"``. Weights, ``state_dict``,
             optimizer and masks are the same either way.
+        storage: ``"dense"``: masked weights are dense Parameters with zeros. ``"compact"``: masked Linear-type
+            layers keep only their active values (``layer.weight_values``, a Parameter the optimizer trains) and
+            their indices, made in ``setup``; ``layer.weight`` is computed on read. See docs/compact-storage.md.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -92,25 +96,11 @@ class RigLCallback(Callback):
         seed: int | None = None,
         consistency_checks: int = 3,
         kernels: Kernels = "auto",
+        storage: Storage = "dense",
     ) -> None:
+        arguments = dict(locals())  # exactly the arguments: nothing else is defined yet
         with misconfiguration():  # every argument checked here, once
-            self.config = RunConfig(
-                sparsity=sparsity,
-                distribution=distribution,
-                method=method,
-                delta_t=delta_t,
-                t_end=t_end,
-                alpha=alpha,
-                decay=decay,
-                include=include,
-                exclude=exclude,
-                dense_first_layer=dense_first_layer,
-                custom_sparsity=custom_sparsity,
-                erk_power_scale=erk_power_scale,
-                seed=seed,
-                consistency_checks=consistency_checks,
-                kernels=kernels,
-            )
+            self.config = RunConfig(**{name: arguments[name] for name in RUN_ARGUMENTS})
         self.sparse: SparseTraining | None = None
         self._trainer: pl.Trainer | None = None
         self._manual_step_hooks: list[Any] = []
@@ -122,6 +112,7 @@ class RigLCallback(Callback):
         self._aliases: dict[str, list[str]] = {}  # masked name -> every name of that Parameter
         self._fit_start_step = 0
         self._handoff = MaskHandoff()  # ddp_spawn / ddp_fork: rank 0's masks back to the main process
+        self._compact = CompactStorage()  # storage="compact": the layers made compact in setup
 
     def __getattr__(self, name: str) -> Any:
         # The arguments read as attributes (`callback.sparsity`), from the one configuration.
@@ -152,7 +143,7 @@ class RigLCallback(Callback):
         masks = self._handoff.receive()  # reading twice gives the same masks, and changes nothing
         if masks is None:
             masks = self.sparse.masks if self.sparse is not None else {}
-        return {alias: mask for name, mask in masks.items() for alias in self._aliases.get(name, [name])}
+        return aliased(masks, self._aliases)  # with compact layers, each mask is made when it is read
 
     @property
     def kernel_choices(self) -> dict[str, str]:
@@ -167,6 +158,9 @@ class RigLCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_strategy(trainer.strategy)
+            if self.config.storage == "compact":  # before configure_optimizers and DDP: the optimizer gets the values
+                with misconfiguration():
+                    self._compact.setup(trainer, pl_module, self.config, shared_seed(trainer, self.config.seed))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -177,7 +171,9 @@ class RigLCallback(Callback):
         self._handoff.reset()
         with misconfiguration():
             # A checkpoint's state, else this run again for the same model (go on from its masks), else fresh masks.
-            self.sparse = run_for_fit(trainer, pl_module, self.config, self.sparse, self._checkpoint.take())
+            compact = self._compact.run_kwargs(pl_module) if self.config.storage == "compact" else None
+            self.sparse = run_for_fit(trainer, pl_module, self.config, self.sparse, self._checkpoint.take(), compact)
+            self._compact.check_fit(self.sparse, trainer.optimizers)
             self.sparse.check_optimizers(trainer.optimizers)
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
         # Gradients masked as they accumulate; weights and optimizer state masked again after a load mid-run.
@@ -290,6 +286,7 @@ class RigLCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
+        self._compact.teardown(pl_module, self.sparse)  # a spawned process: dense weights back to the main one
 
     def _detach(self) -> None:
         if self.sparse is not None:

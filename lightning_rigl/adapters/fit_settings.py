@@ -44,17 +44,30 @@ def run_for_fit(
     config: RunConfig,
     current: SparseTraining | None,
     saved: Mapping[str, Any] | None,
+    compact: Mapping[str, Any] | None = None,
 ) -> SparseTraining:
     """The run a fit trains: the one a checkpoint's ``saved`` state describes, else ``current`` again, else a new one.
 
     A new fit of the same model (the same Parameters) goes on from the current run's masks, under this
-    fit's schedule; another model gets fresh masks.
+    fit's schedule; another model gets fresh masks. ``compact``: the run's arguments for the layers made
+    compact in ``setup`` (see ``CompactStorage.run_kwargs``).
     """
     schedule = UpdateSchedule(config.delta_t, t_end_steps(trainer, config.t_end), config.alpha, config.decay)
-    params = select_parameters(model, config.include, config.exclude)
-    if saved is None and current is not None and _same_parameters(current.params, params):
+    params = select_parameters(model, config.include, config.exclude) if compact is None else compact["params"]
+    same_compact = compact is None or (current is not None and current.compact.layers == compact["drawn"].compact)
+    if saved is None and current is not None and _same_parameters(current.params, params) and same_compact:
         current.schedule = schedule
         return current
+    if compact is not None:
+        return SparseTraining(
+            **compact,
+            method=config.method,
+            schedule=schedule,
+            seed=shared_seed(trainer, config.seed),
+            state=saved,
+            model=model,
+            kernels=config.kernels,
+        )
     return SparseTraining.from_model(
         model,
         **config.masking(),

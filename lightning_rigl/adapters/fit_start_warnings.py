@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -41,17 +42,17 @@ def warn_at_fit_start(model: nn.Module, run: SparseTraining, config: RunConfig) 
 
 def _warn_off_target(sparse: SparseTraining, config: RunConfig) -> None:
     names = budget_layers(
-        list(sparse.params),
+        list(sparse.sparsities),
         config.distribution,
         dense_first_layer=config.dense_first_layer,
         custom_sparsity=config.custom_sparsity,
     )
     if not names:
         return
-    shapes = {name: tuple(sparse.params[name].shape) for name in names}
+    shapes = {name: shape for name, shape in sparse.shapes().items() if name in names}
     achieved = achieved_sparsity(shapes, sparse.sparsities)
     if abs(achieved - config.sparsity) > SPARSITY_TOLERANCE:
-        weights = sum(sparse.params[name].numel() for name in names)
+        weights = sum(math.prod(shape) for shape in shapes.values())
         rank_zero_warn(
             f"RigL's masks reach an overall sparsity of {achieved:.4f}, not the target {config.sparsity}, over "
             f"the {weights} weights of the {len(names)} layers that carry it: each layer keeps a whole number of "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from lightning_rigl.core.kernels.choice import check_kernels
 from lightning_rigl.core.sparsity.distributions import DISTRIBUTIONS
@@ -17,6 +17,10 @@ from lightning_rigl.core.validation import (
     check_patterns,
     check_type,
 )
+
+#: How masked Linear-type layers store their weights: whole and dense, or only the active ones (compact).
+Storage = Literal["dense", "compact"]
+STORAGES = ("dense", "compact")
 
 
 def check_run_arguments(
@@ -36,6 +40,7 @@ def check_run_arguments(
     seed: Any,
     consistency_checks: Any,
     kernels: Any,
+    storage: Any = "dense",
 ) -> None:
     """Raise a ValueError or TypeError naming the first argument of RigLCallback's that is refused.
 
@@ -72,6 +77,29 @@ def check_run_arguments(
         check_type("seed", seed, (int,), "None or an int")
     check_int("consistency_checks", consistency_checks, -1)
     check_kernels(kernels)
+    check_storage(storage, method, kernels)
+
+
+def check_storage(storage: Any, method: Any, kernels: Any) -> None:
+    """Raise a ValueError naming ``storage`` unless it is one of :data:`STORAGES` and fits ``method`` and ``kernels``.
+
+    Example:
+        >>> check_storage("compact", "rigl", "auto")  # allowed: no error
+    """
+    check_choice("storage", storage, STORAGES)
+    if storage != "compact":
+        return
+    if method == "snfs":
+        raise ValueError(
+            "`storage='compact'` cannot serve method='snfs': SNFS keeps a dense moving average of every gradient. "
+            "Use storage='dense' with SNFS, or method='rigl', 'set' or 'static' with compact storage."
+        )
+    if kernels == "dense":
+        raise ValueError(
+            "`storage='compact'` computes on the sparse kernels: kernels='dense' needs dense weights. Use "
+            "kernels='auto' or 'sparse' with compact storage (they choose for the layers stored densely), "
+            "or storage='dense'."
+        )
 
 
 @dataclass(frozen=True)
@@ -106,6 +134,7 @@ class RunConfig:
     seed: int | None = None
     consistency_checks: int = 3
     kernels: str = "auto"
+    storage: str = "dense"
 
     def __post_init__(self) -> None:
         check_run_arguments(**{field.name: getattr(self, field.name) for field in fields(self)})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +13,8 @@ from lightning_rigl.core.parallel.collectives import check_masks_agree_across_ra
 from lightning_rigl.core.parallel.sharding import wrap_like_param
 from lightning_rigl.core.sparsity.distributions import resolve_sparsities
 from lightning_rigl.core.sparsity.selection import select_parameters
+from lightning_rigl.core.storage.layer import CompactLayer
+from lightning_rigl.core.storage.run_layers import CompactLayers
 from lightning_rigl.core.topology.masks import LayerMasks
 
 ParamsLike = torch.optim.Optimizer | Iterable[Tensor] | None
@@ -26,7 +28,9 @@ class MaskedWeights:
 
     Args:
         params: Parameter name to parameter, the weights to mask (one entry per Parameter object).
-        sparsities: Parameter name to fraction of zeros in [0, 1).
+        sparsities: Parameter name to fraction of zeros in [0, 1), for ``params`` and ``compact``.
+        compact: Weight name (``"fc.weight"``) to compact layer: layers that store only their active weights,
+            their masks drawn already (see :func:`~lightning_rigl.core.storage.make_compact`).
 
     Example:
         >>> w = nn.Parameter(torch.ones(2, 2))
@@ -37,11 +41,19 @@ class MaskedWeights:
 
     """
 
-    def __init__(self, params: Mapping[str, nn.Parameter], sparsities: Mapping[str, float]) -> None:
-        if set(sparsities) != set(params):
-            raise ValueError(f"`sparsities` must name exactly the parameters {list(params)}, got {list(sparsities)}.")
+    def __init__(
+        self,
+        params: Mapping[str, nn.Parameter],
+        sparsities: Mapping[str, float],
+        compact: Mapping[str, CompactLayer] | None = None,
+    ) -> None:
+        names = [*params, *(compact or {})]
+        if set(sparsities) != set(names):
+            raise ValueError(f"`sparsities` must name exactly the parameters {names}, got {list(sparsities)}.")
         self.params = dict(params)
-        self.sparsities = {name: float(sparsities[name]) for name in self.params}
+        self.compact = CompactLayers(compact or {})
+        order = sparsities if compact else params  # with compact layers, the selection's order is the sparsities'
+        self.sparsities = {name: float(sparsities[name]) for name in order}
         self._name_of = {id(p): name for name, p in self.params.items()}
         self.layer_masks = LayerMasks(self.params)
 
@@ -79,13 +91,32 @@ class MaskedWeights:
         return cls(params, sparsities, **kwargs)
 
     @property
-    def masks(self) -> dict[str, Tensor]:
+    def masks(self) -> Mapping[str, Tensor]:
         """Parameter name to bool mask of the weight's shape (True = active); a fresh copy.
 
         For a weight sharded by FSDP2 the mask is a DTensor like the weight (``.full_tensor()``
-        gathers it); no communication happens here.
+        gathers it); no communication happens here. With compact layers, a mapping that makes each
+        mask when it is read (a compact layer keeps none).
         """
-        return {name: wrap_like_param(mask.bool(), self.params[name]) for name, mask in self.layer_masks.local.items()}
+        if self.compact:
+            return LazyMasks(list(self.sparsities), self.mask)
+        return {name: self.mask(name) for name in self.params}
+
+    def mask(self, name: str) -> Tensor:
+        """The bool mask of one masked weight (True = active), made now for a compact layer."""
+        if name in self.compact.layers:
+            return self.compact.mask(name)
+        return wrap_like_param(self.layer_masks.local[name].bool(), self.params[name])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Active weights per masked weight, fixed for the run."""
+        return {**self.layer_masks.counts, **self.compact.counts}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every masked weight's shape (a compact layer's stored dense shape)."""
+        compact = {name: tuple(self.compact.shape(name)) for name in self.compact}
+        return {**{name: tuple(p.shape) for name, p in self.params.items()}, **compact}
 
     @property
     def itop_rate(self) -> float:
@@ -93,7 +124,12 @@ class MaskedWeights:
 
         For sharded weights, over this rank's shards.
         """
-        return self.layer_masks.itop_rate
+        if not self.compact:
+            return self.layer_masks.itop_rate
+        ever, total = self.compact.itop_counts()
+        for mask in self.layer_masks.ever_active.values():
+            ever, total = ever + int(mask.count_nonzero()), total + mask.numel()
+        return ever / max(total, 1)
 
     def masked_names(self, params: ParamsLike = None) -> list[str]:
         """Masked parameter names among ``params`` (an optimizer, some tensors, or None for all)."""
@@ -105,7 +141,8 @@ class MaskedWeights:
 
     def check_masks_agree_across_ranks(self) -> None:
         """Raise a RuntimeError naming the layers whose replicated masks differ between ranks; a collective."""
-        check_masks_agree_across_ranks(self.layer_masks.local, self.params)
+        positions = {name: self.compact.positions(name) for name in self.compact}
+        check_masks_agree_across_ranks(self.layer_masks.local, self.params, positions)
 
     def stepped_names(
         self, optimizers: Iterable[torch.optim.Optimizer], params: ParamsLike
@@ -132,3 +169,27 @@ class MaskedWeights:
     def masks_replaced(self) -> None:
         """Forget what the old masks made true: zero the weights they made inactive."""
         self.apply_masks()
+
+
+class LazyMasks(Mapping[str, Tensor]):
+    """A read-only mapping of masked weight names to masks, each made when it is read (never all at once).
+
+    Example:
+        >>> masks = LazyMasks(["a"], lambda name: torch.ones(2, dtype=torch.bool))
+        >>> list(masks), masks["a"].tolist()
+        (['a'], [True, True])
+    """
+
+    def __init__(self, names: Sequence[str], make: Any) -> None:
+        self._names, self._make = list(names), make
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -11,6 +11,7 @@ import torch
 from lightning_rigl.core.history import UpdateRecord, record_update
 from lightning_rigl.core.parallel.collectives import all_finite
 from lightning_rigl.core.parallel.sharding import distribute_like_param, gather_full, local_shard
+from lightning_rigl.core.storage.run_layers import CompactLayers
 from lightning_rigl.core.topology.candidates import GrowCandidates
 from lightning_rigl.core.topology.layer_update import read_grow_scores, update_layer
 from lightning_rigl.core.topology.masks import LayerMasks
@@ -29,6 +30,7 @@ class ScheduledUpdates:
         schedule: When and how much to update; ``None`` for no updates.
         masks: The run's masks; ``masks.params`` are the masked weights.
         generator: The run's generator (SET's random scores).
+        compact: The run's compact layers, updated alike (their dense gradients read block by block).
 
     Example:
         >>> from torch import nn
@@ -43,9 +45,15 @@ class ScheduledUpdates:
     """
 
     def __init__(
-        self, method: Method, schedule: UpdateSchedule | None, masks: LayerMasks, generator: torch.Generator
+        self,
+        method: Method,
+        schedule: UpdateSchedule | None,
+        masks: LayerMasks,
+        generator: torch.Generator,
+        compact: CompactLayers | None = None,
     ) -> None:
         self.method, self.schedule, self.masks, self.generator = method, schedule, masks, generator
+        self.compact = compact if compact is not None else CompactLayers({})
         self.signal = method.signal()
         #: Layers whose update is scheduled and not made yet: name -> (scheduled step, drop fraction).
         self.due: dict[str, tuple[int, float]] = {}
@@ -69,18 +77,20 @@ class ScheduledUpdates:
 
         Args:
             step: 0-based index of the optimizer step about to run.
-            names: The masked layers this step updates that have a gradient (final, not masked yet).
+            names: The masked layers this step updates that have a gradient (final, not masked yet), compact
+                ones included.
             holds_partial: Whether a layer's gradient holds masked contributions: its update waits a step.
 
         """
-        params = self.masks.params
+        params, compact = self.masks.params, self.compact
         if self.method.updates and self.schedule is not None and self.schedule.is_update_step(step + 1):
             # A frozen layer has no gradient to grow from: no update waits on it, nor a dense gradient for it.
             trainable = [name for name, p in params.items() if p.requires_grad]
+            trainable += [name for name in compact if compact.values(name).requires_grad]
             self.due.update(dict.fromkeys(trainable, (step + 1, self.schedule.drop_fraction(step + 1))))
         due = [name for name in names if name in self.due]
         reads = self.method.dense_gradient != "never"
-        partial = [name for name in due if reads and holds_partial(name)]
+        partial = [name for name in due if reads and name in params and holds_partial(name)]
         if partial:
             # A gradient with masked contributions (accumulated for an earlier step that did not read it) is no
             # dense gradient: these layers stay due and read the next step's, which is dense throughout.
@@ -90,13 +100,17 @@ class ScheduledUpdates:
         if not observed:
             return  # an ordinary step spares the grad mode switch (about 10 us)
         with torch.no_grad():
-            finite = all_finite([params[name].grad for name in observed])
+            finite = all_finite([self._grad(name) for name in observed])
             if finite and self.method.dense_gradient == "every_step":
                 for name in names:
                     self.signal.observe(name, params[name].grad)
             for name in due:
                 self.candidates.pop(name, None)
-                if finite:
+                if finite and name in compact.layers:
+                    self.candidates[name] = compact.grow_candidates(
+                        name, self.method, self.due[name][1], self.generator
+                    )
+                elif finite:
                     signal, fraction = self.signal.read(name, params[name].grad), self.due[name][1]
                     self.candidates[name] = read_grow_scores(
                         self.method, self.masks, name, signal, fraction, self.generator
@@ -120,14 +134,17 @@ class ScheduledUpdates:
         optimizers = list(optimizers)
         updated = []
         with torch.no_grad():
-            for name in self.masks.params if names is None else names:
+            for name in [*self.masks.params, *self.compact] if names is None else names:
                 candidates = self.candidates.pop(name, None)
                 if candidates is None:
                     continue
                 step, fraction = self.due.pop(name)
-                changed = update_layer(self.masks, name, candidates, optimizers)
-                masks_changed([name])
-                record_update(self.history, step, fraction, changed, self.masks.counts[name])
+                if name in self.compact.layers:
+                    changed, count = self.compact.update(name, candidates, optimizers), self.compact.counts[name]
+                else:
+                    changed, count = update_layer(self.masks, name, candidates, optimizers), self.masks.counts[name]
+                    masks_changed([name])
+                record_update(self.history, step, fraction, changed, count)
                 updated.append(name)
         return updated
 
@@ -146,7 +163,7 @@ class ScheduledUpdates:
         params = self.masks.params
         self.due = {name: (int(step), float(fraction)) for name, (step, fraction) in state["due_updates"].items()}
         self.candidates = {
-            name: GrowCandidates.from_dict(saved).to(local_shard(params[name]).device)
+            name: GrowCandidates.from_dict(saved).to(local_shard(self._weight(name)).device)
             for name, saved in state["grow_candidates"].items()
         }
         self.signal.tensors = {
@@ -155,3 +172,9 @@ class ScheduledUpdates:
         }
         self.history = [UpdateRecord(**record) for record in state["history"]]
         self.nonfinite_steps = int(state["nonfinite_steps"])
+
+    def _weight(self, name: str) -> torch.Tensor:
+        return self.compact.values(name) if name in self.compact.layers else self.masks.params[name]
+
+    def _grad(self, name: str) -> torch.Tensor | None:
+        return self._weight(name).grad

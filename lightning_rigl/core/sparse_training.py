@@ -13,8 +13,9 @@ from lightning_rigl.core.kept_zeros import KeptZeros
 from lightning_rigl.core.kernels.layer_kernels import LayerKernels
 from lightning_rigl.core.masked_weights import MaskedWeights, ParamsLike
 from lightning_rigl.core.parallel.collectives import broadcast_from_rank_zero
+from lightning_rigl.core.run_state import load_run_state, run_state_dict
 from lightning_rigl.core.scheduled_updates import ScheduledUpdates
-from lightning_rigl.core.state.saved_state import STATE_VERSION, check_same_run, check_saved_shapes, migrate_state
+from lightning_rigl.core.storage.compaction import DrawnMasks
 from lightning_rigl.core.topology.initial_masks import random_masks
 from lightning_rigl.core.topology.methods import Method, get_method
 from lightning_rigl.core.topology.optim_state import check_restartable, unwrap_optimizer
@@ -43,6 +44,8 @@ class SparseTraining(MaskedWeights):
             are still exactly 0.
         model: The module holding ``params``, whose Linear-type layers may compute on sparse kernels.
         kernels: ``"auto"``, ``"sparse"`` or ``"dense"``, as RigLCallback's ``kernels`` (needs ``model``).
+        drawn: The initial masks drawn with some layers made compact (see
+            :func:`~lightning_rigl.core.storage.compaction.draw_compact`): their ``sparsities`` are given too.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -73,11 +76,12 @@ class SparseTraining(MaskedWeights):
         verify_every: int = 100,
         model: nn.Module | None = None,
         kernels: str = "auto",
+        drawn: DrawnMasks | None = None,
     ) -> None:
         self.method: Method = get_method(method)
-        super().__init__(params, sparsities)
+        super().__init__(params, sparsities, drawn.compact if drawn is not None else None)
         self.generator = torch.Generator().manual_seed(seed)
-        self.scheduled = ScheduledUpdates(self.method, schedule, self.layer_masks, self.generator)
+        self.scheduled = ScheduledUpdates(self.method, schedule, self.layer_masks, self.generator, self.compact)
         self._next_step = self._last_step = 0  # the coming optimizer step, the last one begun by before_step
         self._reading = False
         self.hooks = UserCodeHooks(self.layer_masks, lambda: self._reading)
@@ -88,6 +92,9 @@ class SparseTraining(MaskedWeights):
         self.zeros = KeptZeros(self.layer_masks, self.hooks, self.layer_kernels, verify_every)
         if state is not None:
             self.load_state_dict(state)  # no fresh draw: it would zero weights the saved masks keep
+        elif drawn is not None:
+            self.set_masks(drawn.dense)
+            self.generator.set_state(drawn.generator_state)
         else:
             self.set_masks(
                 random_masks({name: p.shape for name, p in self.params.items()}, self.sparsities, self.generator)
@@ -165,7 +172,10 @@ class SparseTraining(MaskedWeights):
 
         """
         names = [name for name in self.masked_names(params) if self.params[name].grad is not None]
-        self.scheduled.read(step, names, self.hooks.holds_partial)
+        compact = [name for name in self.compact.names(params) if self.compact.has_gradient(name)]
+        self.scheduled.read(step, names + compact, self.hooks.holds_partial)
+        if compact:
+            self.compact.release()  # the kept backward passes are read: no dense gradient is kept
         self.zeros.mask_gradients(names, already_masked)
         self._last_step = step
 
@@ -183,7 +193,8 @@ class SparseTraining(MaskedWeights):
         optimizers = [unwrap_optimizer(optimizer) for optimizer in optimizers]
         params = unwrap_optimizer(params) if isinstance(params, torch.optim.Optimizer) else params
         names, names_by_optimizer = self.stepped_names(optimizers, params)
-        updated = self.zeros.mask_weights(names, names_by_optimizer, lambda: self.update_topology(optimizers, names))
+        stepped = names + self.compact.names(params)
+        updated = self.zeros.mask_weights(names, names_by_optimizer, lambda: self.update_topology(optimizers, stepped))
         if self.model is not None:
             self.layer_kernels.choose(self.model, broadcast_from_rank_zero)  # after the first step: its rows seen
         self.start_step(self._last_step + 1)
@@ -200,6 +211,7 @@ class SparseTraining(MaskedWeights):
         self._next_step = step
         self._reading = self.dense_gradient_needed(step)
         self.hooks.remask_written_weights()
+        self.compact.begin(step, self._reading)
         if self.model is not None:
             self.layer_kernels.begin(self.model, self._reading)
         return self._reading
@@ -248,20 +260,10 @@ class SparseTraining(MaskedWeights):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: tensors and Python primitives only, masks at 1 bit a weight.
 
-        With the kernel choices once made (``"kernels"``): a resumed run computes as before the save.
+        With the kernel choices once made (``"kernels"``): a resumed run computes as before the save. A
+        compact layer saves no mask: its structure is in the model's ``state_dict``.
         """
-        state = {
-            "version": STATE_VERSION,
-            "method": self.method.name,
-            "shapes": {name: list(p.shape) for name, p in self.params.items()},
-            "sparsities": dict(self.sparsities),
-            **self.layer_masks.packed(),
-            "generator": self.generator.get_state(),
-            **self.scheduled.state_dict(),
-        }
-        if self.layer_kernels.state() is not None:
-            state["kernels"] = self.layer_kernels.state()
-        return state
+        return run_state_dict(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output, of any saved version (migrated first), into this run.
@@ -270,16 +272,7 @@ class SparseTraining(MaskedWeights):
             ValueError: Names or shapes that differ from this run's masked parameters, another method or
                 other per-layer sparsities, or a state version this release cannot read.
         """
-        state = migrate_state(state)
-        check_saved_shapes(state["shapes"], {name: p.shape for name, p in self.params.items()})
-        check_same_run(state, self.method.name, self.sparsities)
-        self.layer_masks.load_packed(state["masks"], state["ever_active"])
-        self.masks_replaced()
-        self.sparsities = {name: float(state["sparsities"][name]) for name in self.params}
-        self.generator.set_state(state["generator"])
-        self.scheduled.load_state_dict(state)
-        # Absent from checkpoints of earlier releases; under another setting, chosen anew after the first step.
-        self.layer_kernels.load_state(state.get("kernels"))
+        load_run_state(self, state)
 
     def check_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Raise a ValueError naming any optimizer whose state cannot be restarted for a regrown connection.
@@ -288,7 +281,10 @@ class SparseTraining(MaskedWeights):
         needs no restarts.
         """
         if self.method.updates:
-            check_restartable([unwrap_optimizer(optimizer) for optimizer in optimizers], self.params.values())
+            values = [self.compact.values(name) for name in self.compact]
+            check_restartable(
+                [unwrap_optimizer(optimizer) for optimizer in optimizers], [*self.params.values(), *values]
+            )
 
     def masks_replaced(self) -> None:
         """Forget what the old masks made true: zero the weights they made inactive, restart the optimizer check."""

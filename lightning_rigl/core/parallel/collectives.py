@@ -58,7 +58,9 @@ def all_ranks_sum(count: int, tensors: list[Tensor]) -> int:
     return int(value.item())
 
 
-def check_masks_agree_across_ranks(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+def check_masks_agree_across_ranks(
+    masks: Mapping[str, Tensor], params: Mapping[str, Tensor], positions: Mapping[str, Tensor] | None = None
+) -> None:
     """Compare a fingerprint of every replicated mask across data-parallel ranks (one all-reduce).
 
     A no-op outside ``torch.distributed``. Masks of sharded (FSDP2) weights are skipped: ranks hold
@@ -67,6 +69,7 @@ def check_masks_agree_across_ranks(masks: Mapping[str, Tensor], params: Mapping[
     Args:
         masks: Layer name to this rank's mask (non-zero where active).
         params: Layer name to the weight the mask belongs to.
+        positions: Layer name to its active flat positions, for layers that keep no mask (compact ones).
 
     Raises:
         RuntimeError: Naming the layers whose masks differ between ranks.
@@ -76,14 +79,15 @@ def check_masks_agree_across_ranks(masks: Mapping[str, Tensor], params: Mapping[
     """
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return
-    names = [name for name in masks if not is_sharded(params[name])]
+    positions = dict(positions or {})
+    names = [name for name in masks if not is_sharded(params[name])] + list(positions)
     if not names or torch.distributed.get_world_size() == 1:
         return
     prints = []
     for name in names:
         # Two sums over the active positions: equal masks give equal sums; a moved connection
         # changes at least one of them unless a swap is tuned to cancel both.
-        index = masks[name].reshape(-1).nonzero().flatten()
+        index = positions[name] if name in positions else masks[name].reshape(-1).nonzero().flatten()
         prints += [index.sum(), (index * 2654435761 % 4294967291).sum()]
     local_prints = torch.stack(prints)
     extremes = torch.cat([local_prints, -local_prints])

@@ -7,7 +7,7 @@ and backward run on the sparse kernels, its dense gradient is read block by bloc
 (:func:`compact_drop_and_grow`), re-sorting the values and their per-element optimizer state.
 """
 
-from lightning_rigl.core.storage.construct import densify, logical_coordinates, make_compact
+from lightning_rigl.core.storage.construct import densify, logical_coordinates, make_compact, restructure
 from lightning_rigl.core.storage.draw import PERMUTATION_LIMIT, draw_positions
 from lightning_rigl.core.storage.functional import Capture, compact_linear
 from lightning_rigl.core.storage.init import ValueInit, default_init
@@ -36,4 +36,5 @@ __all__ = [
     "is_compact",
     "logical_coordinates",
     "make_compact",
+    "restructure",
 ]

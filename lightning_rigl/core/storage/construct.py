@@ -152,3 +152,33 @@ def densify(module: CompactLayer) -> nn.Module:
         ("weight" if name == VALUES else name): (weight if name == VALUES else param) for name, param in params.items()
     }
     return module
+
+
+@torch.no_grad()
+def restructure(module: CompactLayer, mask: Tensor, dense: Tensor | None = None) -> None:
+    """Move a compact layer's active weights to ``mask`` (as many as it has), their values read from ``dense``.
+
+    For a run that resumes a dense run's masks: ``dense`` is the dense weight loaded (by default the
+    layer's own ``weight``). The values Parameter stays the same object, with its optimizer.
+
+    Raises:
+        ValueError: A mask of another shape or another active count.
+
+    Example:
+        >>> layer = make_compact(nn.Linear(2, 2), torch.eye(2, dtype=torch.bool))
+        >>> restructure(layer, torch.tensor([[False, True], [True, False]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        >>> layer.weight.tolist()
+        [[0.0, 2.0], [3.0, 0.0]]
+    """
+    if tuple(mask.shape) != tuple(module.stored_shape) or int(mask.count_nonzero()) != module.nnz:
+        raise ValueError(
+            f"The mask must have the layer's stored shape {tuple(module.stored_shape)} and its {module.nnz} active "
+            f"weights, got shape {tuple(mask.shape)} with {int(mask.count_nonzero())}."
+        )
+    dense = module.weight if dense is None else dense
+    in_out, logical = module.weight_in_out, module.compact_structure.shape
+    rows, cols = logical_coordinates(mask.reshape(-1).nonzero().flatten().cpu(), module.stored_shape, in_out)
+    structure, _ = CompactStructure.from_coordinates(rows, cols, logical)
+    values = dense.detach().reshape(-1).index_select(0, structure.stored_index(in_out).to(dense.device))
+    module.compact_structure = structure.to(module.weight_values.device)
+    module.weight_values.copy_(values)

@@ -1,0 +1,136 @@
+"""A run's initial masks drawn with its selected layers made compact: which layers can be, and the draw.
+
+The draw is the dense run's: one generator, the layers in order, each its exact active count, the same
+positions as :func:`~lightning_rigl.core.topology.random_masks` for every layer (compact or not), so a
+run with compact layers starts from the masks a dense run of the same seed starts from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_rigl.core.kernels.served_layers import can_serve
+from lightning_rigl.core.parallel.sharding import is_sharded
+from lightning_rigl.core.storage.construct import make_compact
+from lightning_rigl.core.storage.draw import draw_positions
+from lightning_rigl.core.storage.layer import CompactLayer, is_compact
+from lightning_rigl.core.topology.initial_masks import num_active, random_mask
+
+#: Optimizers whose update of each value reads that value's gradient and state only: they train the active
+#: values of a compact layer as they would train the masked dense weight.
+ELEMENTWISE_OPTIMIZERS = tuple(
+    getattr(torch.optim, name)
+    for name in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop")
+    if hasattr(torch.optim, name)
+)
+
+
+@dataclass
+class DrawnMasks:
+    """The initial masks of a run whose ``compact`` layers were made compact at the draw.
+
+    Attributes:
+        compact: Weight name to compact layer.
+        dense: Weight name to the bool mask of each selected weight kept dense.
+        generator_state: The run's generator after the draw (SET's draws go on from it).
+    """
+
+    compact: dict[str, CompactLayer]
+    dense: dict[str, Tensor]
+    generator_state: Tensor
+
+
+def why_not_compact(model: nn.Module, name: str, param: nn.Parameter) -> str | None:
+    """Why the masked weight ``name`` of ``model`` cannot be stored compact, or None if it can.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.Conv1d(3, 3, 1))
+        >>> why_not_compact(model, "0.weight", model[0].weight), why_not_compact(model, "1.weight", model[1].weight)
+        (None, 'not a Linear-type layer (Conv1d)')
+    """
+    prefix, _, attr = name.rpartition(".")
+    module = model.get_submodule(prefix) if prefix else model
+    if is_compact(module):
+        return None
+    if attr != "weight" or not can_serve(module):
+        return f"not a Linear-type layer ({type(module).__name__})"
+    if is_sharded(param):
+        return "sharded (FSDP2)"
+    if param.device.type != "meta" and param.dtype not in (torch.float32, torch.float64):
+        return f"of dtype {param.dtype} (the sparse kernels take float32 and float64)"
+    shared = [other for other, p in model.named_parameters(remove_duplicate=False) if p is param and other != name]
+    if shared:
+        return f"shared with {shared}"
+    return None
+
+
+def draw_compact(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    sparsities: Mapping[str, float],
+    compact: list[str],
+    seed: int,
+) -> DrawnMasks:
+    """Draw the initial masks of ``params`` in order, and make the layers of the weights ``compact`` compact.
+
+    Args:
+        model: The module holding ``params``.
+        params: The masked weights, by name, in the run's order.
+        sparsities: Name to sparsity.
+        compact: The names whose layers become compact (see :func:`why_not_compact`).
+        seed: The run's seed.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> params = dict(model.named_parameters())
+        >>> drawn = draw_compact(model, {"0.weight": params["0.weight"], "1.weight": params["1.weight"]},
+        ...                      {"0.weight": 0.5, "1.weight": 0.5}, ["0.weight"], seed=0)
+        >>> model[0].nnz, int(drawn.dense["1.weight"].sum())
+        (8, 4)
+    """
+    generator = torch.Generator().manual_seed(seed)
+    layers: dict[str, CompactLayer] = {}
+    dense: dict[str, Tensor] = {}
+    for name, param in params.items():
+        shape = tuple(param.shape)
+        n_active = num_active(math.prod(shape), sparsities[name])
+        if name not in compact:
+            dense[name] = random_mask(shape, n_active, generator)
+            continue
+        prefix = name.rpartition(".")[0]
+        module = model.get_submodule(prefix) if prefix else model
+        positions = draw_positions(math.prod(shape), n_active, generator)
+        layers[name] = make_compact(module, positions=positions)
+    return DrawnMasks(layers, dense, generator.get_state())
+
+
+def check_elementwise_optimizers(optimizers: Iterable[torch.optim.Optimizer], values: Iterable[Tensor]) -> None:
+    """Raise a ValueError naming each optimizer of compact layers' ``values`` that is not elementwise.
+
+    An optimizer that reads a weight as a matrix (LBFGS's line search, Adafactor's factored moments, Muon's
+    orthogonalization) would train a compact layer's list of values differently from the masked dense weight.
+
+    Example:
+        >>> w = nn.Parameter(torch.ones(3))
+        >>> check_elementwise_optimizers([torch.optim.Adam([w])], [w])  # elementwise: no error
+    """
+    ids = {id(value) for value in values}
+    refused = sorted(
+        {
+            type(optimizer).__name__
+            for optimizer in optimizers
+            if not isinstance(optimizer, ELEMENTWISE_OPTIMIZERS)
+            and any(id(p) in ids for group in optimizer.param_groups for p in group["params"])
+        }
+    )
+    if refused:
+        allowed = ", ".join(cls.__name__ for cls in ELEMENTWISE_OPTIMIZERS)
+        raise ValueError(
+            f"`storage='compact'` trains compact layers with elementwise optimizers only ({allowed}); got {refused}. "
+            "Use one of those, or storage='dense'."
+        )

@@ -1,0 +1,126 @@
+"""RigLCallback(storage="compact"): the dense run's masks, updates and weights in float64; what it refuses."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_rigl import RigLCallback
+from lightning_rigl.core.storage import is_compact
+from tests.helpers import F64Net, compact_rigl, f64_loader, make_trainer
+
+F64 = dict(rtol=1e-10, atol=1e-12)
+LINEARS = ("net.0", "net.2", "net.4")
+
+
+def fit(storage, optimizer="sgd", steps=10, model=None, **kwargs):
+    torch.manual_seed(0)
+    model = model or F64Net(optimizer)
+    trainer_kwargs = {key: kwargs.pop(key) for key in ("accumulate_grad_batches",) if key in kwargs}
+    rigl = compact_rigl(storage, **kwargs)
+    make_trainer([rigl], max_steps=steps, **trainer_kwargs).fit(model, f64_loader())
+    return model, rigl
+
+
+def assert_same_run(dense, dense_rigl, compact, compact_rigl_):
+    assert compact_rigl_.sparse.history == dense_rigl.sparse.history
+    assert list(compact_rigl_.masks) == list(dense_rigl.masks) == [f"{name}.weight" for name in LINEARS]
+    for name, mask in dense_rigl.masks.items():
+        assert torch.equal(compact_rigl_.masks[name], mask), name
+    for name in LINEARS:
+        layer, plain = compact.get_submodule(name), dense.get_submodule(name)
+        torch.testing.assert_close(layer.weight, plain.weight.detach(), **F64)
+        torch.testing.assert_close(layer.bias, plain.bias, **F64)
+
+
+@pytest.mark.parametrize(("optimizer", "accumulate"), [("sgd", 1), ("adam", 1), ("sgd", 2)])
+def test_compact_and_dense_storage_make_the_same_updates_and_weights_in_float64(optimizer, accumulate):
+    dense, dense_rigl = fit("dense", optimizer, accumulate_grad_batches=accumulate)
+    compact, rigl = fit("compact", optimizer, accumulate_grad_batches=accumulate)
+    assert rigl.sparse.updates == 4 and sum(record.changed for record in rigl.sparse.history) > 0
+    assert_same_run(dense, dense_rigl, compact, rigl)
+    # Only the active values are Parameters: no dense weight, gradient or optimizer state exists.
+    optimizer_params = {id(p) for group in compact.trainer.optimizers[0].param_groups for p in group["params"]}
+    for name in LINEARS:
+        layer = compact.get_submodule(name)
+        assert is_compact(layer) and isinstance(layer, nn.Linear)
+        assert id(layer.weight_values) in optimizer_params
+        assert layer.weight_values.numel() == int(rigl.masks[f"{name}.weight"].sum())
+        assert not isinstance(layer.weight, nn.Parameter)
+    state = compact.trainer.optimizers[0].state
+    assert all(t.shape == v.shape for v, s in state.items() for t in s.values() if torch.is_tensor(t) and t.dim())
+
+
+@pytest.mark.parametrize("method", ["set", "static"])
+def test_set_and_static_masks_also_train_alike(method):
+    dense, dense_rigl = fit("dense", method=method, steps=7)
+    compact, rigl = fit("compact", method=method, steps=7)
+    assert_same_run(dense, dense_rigl, compact, rigl)
+
+
+class WithConv(F64Net):
+    """A Conv1d before the Linear layers: compact storage cannot serve it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.net(self.conv(x.unsqueeze(1)).squeeze(1))
+
+
+def test_layers_it_cannot_serve_stay_dense_and_are_listed_once():
+    with pytest.warns(UserWarning, match=r"keeps these masked layers stored densely: conv.weight: not a Linear-type"):
+        model, rigl = fit("compact", model=WithConv(), steps=3)
+    assert not is_compact(model.conv) and is_compact(model.net[0])
+    assert list(rigl.masks) == [f"{name}.weight" for name in LINEARS] + ["conv.weight"]  # the selection's order
+    assert int(rigl.masks["conv.weight"].sum()) == int((model.conv.weight != 0).sum())
+
+
+class OnlyConv(F64Net):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, dtype=torch.float64)
+
+
+class LayerInConfigureModel(F64Net):
+    def configure_model(self):
+        if not hasattr(self, "late"):
+            self.late = nn.Linear(3, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "match"),
+    [
+        (OnlyConv, {"include": ["conv.weight"]}, r"cannot serve the layers named in `include`: conv.weight \(not a"),
+        (OnlyConv, {"include": ["conv.*"]}, "can serve none of the masked layers: 'conv.weight'"),
+        (lambda: F64Net("lbfgs"), {}, r"elementwise optimizers only .*got \['LBFGS'\]"),
+        (LayerInConfigureModel, {}, r"created in `configure_model`: \['late.weight'\]"),
+    ],
+)
+def test_what_compact_storage_cannot_serve_is_refused_with_a_clear_message(model, kwargs, match):
+    with pytest.raises(Exception, match=match):
+        fit("compact", model=model(), steps=1, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"storage": "sparse"}, r"`storage` must be one of \('dense', 'compact'\), got 'sparse'"),
+        ({"storage": "compact", "method": "snfs"}, "cannot serve method='snfs'"),
+        ({"storage": "compact", "kernels": "dense"}, "kernels='dense' needs dense weights"),
+    ],
+)
+def test_bad_storage_arguments_are_refused_naming_them(kwargs, match):
+    with pytest.raises(Exception, match=match):
+        RigLCallback(**kwargs)
+
+
+def test_bf16_autocast_computes_compact_layers_in_float32_and_true_bf16_is_refused():
+    model = F64Net().float()
+    x, y = f64_loader().dataset.tensors
+    loader = DataLoader(TensorDataset(x.float(), y.float()), batch_size=16)
+    make_trainer([compact_rigl("compact")], max_steps=3, precision="bf16-mixed").fit(model, loader)
+    assert model.net[0].weight_values.dtype == torch.float32
+    with pytest.raises(Exception, match="computes in float32 or float64"):
+        make_trainer([compact_rigl("compact")], max_steps=1, precision="bf16-true").fit(F64Net().float(), loader)
