@@ -7,6 +7,7 @@ any training loop (see ``lightning_rigl.core``).
 from lightning_rigl._moved import MOVED
 from lightning_rigl.adapters.callback import RigLCallback
 from lightning_rigl.adapters.compat import refuse_cli_values_in_one_line
+from lightning_rigl.adapters.conversion import to_dense_checkpoint
 from lightning_rigl.adapters.monitor import SparsityMonitor
 from lightning_rigl.core import SparseTraining, UpdateSchedule, layer_sparsities
 from lightning_rigl.core._moved import register
@@ -26,6 +27,7 @@ __all__ = [
     "register_linear",
     "save_sparse",
     "sparsify",
+    "to_dense_checkpoint",
 ]
 __version__ = "0.1.0"
 

@@ -442,6 +442,8 @@ class F64Net(pl.LightningModule):
         x, y = batch
         return F.mse_loss(self(x), y)
 
+    test_step = training_step
+
     def configure_optimizers(self):
         if self.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=0.01)

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_rigl import RigLCallback
 from lightning_rigl.core.storage import is_compact
@@ -124,3 +125,47 @@ def test_bf16_autocast_computes_compact_layers_in_float32_and_true_bf16_is_refus
     assert model.net[0].weight_values.dtype == torch.float32
     with pytest.raises(Exception, match="computes in float32 or float64"):
         make_trainer([compact_rigl("compact")], max_steps=1, precision="bf16-true").fit(F64Net().float(), loader)
+
+
+class DataParallelNet(F64Net):
+    """Rank r of W takes samples r, r + W, ..., 16 / W a batch: together, the batch one process takes."""
+
+    def train_dataloader(self):
+        dataset, world = f64_loader().dataset, self.trainer.world_size
+        sampler = DistributedSampler(dataset, world, self.trainer.global_rank, shuffle=False)
+        return DataLoader(dataset, batch_size=16 // world, sampler=sampler)
+
+
+class SaveRun(Callback):
+    """Each rank saves its masks, weights and update record at the end of training."""
+
+    def __init__(self, rigl, directory):
+        self.rigl, self.directory = rigl, directory
+
+    def on_train_end(self, trainer, pl_module):
+        weights = {name: pl_module.get_submodule(name).weight.detach() for name in LINEARS}
+        run = {"masks": dict(self.rigl.masks), "weights": weights, "history": self.rigl.sparse.history}
+        torch.save(run, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+def test_two_ddp_processes_train_as_one_on_the_whole_batch_and_hand_back_dense_weights(tmp_path):
+    torch.manual_seed(0)
+    model, rigl = DataParallelNet(), compact_rigl("compact", consistency_checks=-1)  # masks compared at every update
+    trainer = make_trainer(
+        [rigl, SaveRun(rigl, tmp_path)], max_steps=10, strategy="ddp_spawn", devices=2, use_distributed_sampler=False
+    )
+    trainer.fit(model)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    torch.manual_seed(0)
+    single_model, single = DataParallelNet(), compact_rigl("dense")
+    make_trainer([single], max_steps=10).fit(single_model)
+    assert ranks[0]["history"] == ranks[1]["history"] == single.sparse.history and len(single.sparse.history) == 4
+    for name, mask in single.masks.items():
+        assert torch.equal(ranks[0]["masks"][name], mask) and torch.equal(ranks[1]["masks"][name], mask), name
+    for name in LINEARS:
+        for rank in ranks:
+            torch.testing.assert_close(rank["weights"][name], single_model.get_submodule(name).weight.detach(), **F64)
+        # The main process's model (never compact) holds rank 0's trained weights, zeros included, and its masks.
+        assert not is_compact(model.get_submodule(name))
+        assert torch.equal(model.get_submodule(name).weight.detach(), ranks[0]["weights"][name])
+        assert torch.equal(rigl.masks[f"{name}.weight"], ranks[0]["masks"][f"{name}.weight"])

@@ -173,7 +173,7 @@ class RigLCallback(Callback):
             # A checkpoint's state, else this run again for the same model (go on from its masks), else fresh masks.
             compact = self._compact.run_kwargs(pl_module) if self.config.storage == "compact" else None
             self.sparse = run_for_fit(trainer, pl_module, self.config, self.sparse, self._checkpoint.take(), compact)
-            self._compact.check_fit(self.sparse, trainer.optimizers)
+            self._compact.at_fit_start(self.sparse, trainer.optimizers)
             self.sparse.check_optimizers(trainer.optimizers)
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
         # Gradients masked as they accumulate; weights and optimizer state masked again after a load mid-run.
@@ -275,6 +275,7 @@ class RigLCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         state = checkpoint.get("callbacks", {}).get(self.state_key)
+        self._compact.hold(checkpoint, trainer.state.fn == "fit")  # compact storage: see its at_fit_start
         if trainer.state.fn != "fit" and state:  # a fit restores through load_state_dict
             # validate / test / predict: that checkpoint's masks (exported after `trainer.test(ckpt_path=...)`).
             self.sparse, self._aliases = evaluation_run(pl_module, self.config, state)

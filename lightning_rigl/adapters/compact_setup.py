@@ -30,6 +30,7 @@ from lightning_rigl.core.storage.compaction import (
 )
 from lightning_rigl.core.storage.construct import densify
 from lightning_rigl.core.storage.layer import is_compact
+from lightning_rigl.core.storage.state import compact_optimizer_state
 from lightning_rigl.core.topology.optim_state import unwrap_optimizer
 
 
@@ -47,11 +48,16 @@ class CompactStorage:
         self.dense_names: list[str] = []
         self.sparsities: dict[str, float] = {}
         self._known: set[str] = set()  # the model's parameter names at setup
+        self._checkpoint: dict[str, Any] | None = None  # the checkpoint a fit resumes from, until fit start
         self.main_pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         # A spawned process makes its own model's layers compact.
-        return {**self.__dict__, "drawn": None, "_known": set()}
+        return {**self.__dict__, "drawn": None, "_known": set(), "_checkpoint": None}
+
+    def hold(self, checkpoint: dict[str, Any], fitting: bool) -> None:
+        """Keep the checkpoint a fit resumes from: a dense run's optimizer state is made compact at fit start."""
+        self._checkpoint = checkpoint if fitting and self.drawn is not None else None
 
     def setup(self, trainer: pl.Trainer, model: pl.LightningModule, config: RunConfig, seed: int) -> None:
         """Draw the masks and make the layers compact (a second fit of the same model keeps them).
@@ -120,8 +126,16 @@ class CompactStorage:
             "drawn": self.drawn,
         }
 
-    def check_fit(self, run: SparseTraining, optimizers: list[torch.optim.Optimizer]) -> None:
-        """At fit start: refuse optimizers that are not elementwise and a dtype the sparse kernels do not take."""
+    def at_fit_start(self, run: SparseTraining, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Refuse what compact layers cannot train with; make a dense checkpoint's optimizer state compact.
+
+        Refused: optimizers that are not elementwise, a dtype the sparse kernels do not take. The optimizer
+        state of the checkpoint the fit resumes from is loaded after ``on_fit_start``: made compact here.
+        """
+        checkpoint, self._checkpoint = self._checkpoint, None
+        layers = {id(run.compact.values(name)): layer for name, layer in run.compact.layers.items()}
+        for saved, optimizer in zip((checkpoint or {}).get("optimizer_states", []), optimizers, strict=False):
+            compact_optimizer_state(saved, unwrap_optimizer(optimizer), layers)
         values = [run.compact.values(name) for name in run.compact]
         check_elementwise_optimizers([unwrap_optimizer(optimizer) for optimizer in optimizers], values)
         wrong = {name: str(run.compact.values(name).dtype) for name in run.compact}

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_rigl.core.sparse_training import SparseTraining
-from lightning_rigl.core.state.packing import unpack_bits
+from lightning_rigl.core.state.packing import pack_bits, unpack_bits
 
 
 class MaskHandoff:
@@ -50,7 +50,8 @@ class MaskHandoff:
             return
         packed = sparse.layer_masks.packed()["masks"]
         if is_global_zero:
-            shapes = {name: list(p.shape) for name, p in sparse.params.items()}
+            packed.update({name: pack_bits(sparse.compact.mask(name)) for name in sparse.compact})
+            shapes = {name: list(shape) for name, shape in sparse.shapes().items()}
             torch.save({"masks": packed, "shapes": shapes}, self.path)
 
     def receive(self) -> dict[str, Tensor] | None:

@@ -122,3 +122,27 @@ def compact_state_dict(
             "col": structure.col,
         }
     return {**result, **extras}
+
+
+def compact_optimizer_state(saved: Mapping[str, Any], optimizer: Any, layers: Mapping[int, Any]) -> None:
+    """Make a dense run's saved optimizer state fit an optimizer of compact layers, in place.
+
+    Each per-element state tensor of the dense weight that a compact layer's values now take the place of
+    (the same place in the optimizer's parameter list) becomes its entries at the layer's active
+    positions, in CSR order. Other entries are left alone.
+
+    Args:
+        saved: ``optimizer.state_dict()`` of the dense run.
+        optimizer: The optimizer that will load it.
+        layers: ``id(layer.weight_values)`` to its compact layer.
+    """
+    current = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [index for group in saved["param_groups"] for index in group["params"]]
+    for index, param in zip(saved_ids, current, strict=False):
+        layer, state = layers.get(id(param)), saved["state"].get(index)
+        if layer is None or state is None:
+            continue
+        stored = layer.compact_structure.stored_index(layer.weight_in_out)
+        for key, value in state.items():
+            if isinstance(value, Tensor) and tuple(value.shape) == tuple(layer.stored_shape):
+                state[key] = value.reshape(-1).index_select(0, stored.to(value.device))
