@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_rigl import RigLCallback
+from lightning_rigl import RigLCallback, SparsityMonitor
 from lightning_rigl.core.storage import is_compact
-from tests.helpers import F64Net, compact_rigl, f64_loader, make_trainer
+from tests.helpers import F64Net, RecordingLogger, compact_rigl, f64_loader, make_trainer
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 LINEARS = ("net.0", "net.2", "net.4")
@@ -104,6 +104,12 @@ def test_what_compact_storage_cannot_serve_is_refused_with_a_clear_message(model
         fit("compact", model=model(), steps=1, **kwargs)
 
 
+def test_weight_averaging_copies_are_refused_naming_the_callback():
+    rigl = compact_rigl("compact")
+    with pytest.raises(Exception, match=r"model copies of \['EMAWeightAveraging'\]"):
+        make_trainer([rigl, EMAWeightAveraging(decay=0.9)], max_steps=1).fit(F64Net(), f64_loader())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -169,3 +175,15 @@ def test_two_ddp_processes_train_as_one_on_the_whole_batch_and_hand_back_dense_w
         assert not is_compact(model.get_submodule(name))
         assert torch.equal(model.get_submodule(name).weight.detach(), ranks[0]["weights"][name])
         assert torch.equal(rigl.masks[f"{name}.weight"], ranks[0]["masks"][f"{name}.weight"])
+
+
+def test_sparsity_monitor_reports_compact_layers_under_their_weights_names():
+    torch.manual_seed(0)
+    logger, rigl = RecordingLogger(), compact_rigl("compact")
+    make_trainer([rigl, SparsityMonitor(table=False, plot=False)], max_steps=4, logger=logger).fit(
+        F64Net(), f64_loader()
+    )
+    last = logger.monitored()[max(logger.monitored())]
+    for name in LINEARS:
+        mask = rigl.masks[f"{name}.weight"]
+        assert last[f"sparsity/{name}.weight"] == pytest.approx(1 - mask.sum().item() / mask.numel())

@@ -173,7 +173,7 @@ class RigLCallback(Callback):
             # A checkpoint's state, else this run again for the same model (go on from its masks), else fresh masks.
             compact = self._compact.run_kwargs(pl_module) if self.config.storage == "compact" else None
             self.sparse = run_for_fit(trainer, pl_module, self.config, self.sparse, self._checkpoint.take(), compact)
-            self._compact.at_fit_start(self.sparse, trainer.optimizers)
+            self._compact.at_fit_start(self.sparse, trainer, self)
             self.sparse.check_optimizers(trainer.optimizers)
             self._aliases = parameter_aliases(pl_module, self.sparse.params)
         # Gradients masked as they accumulate; weights and optimizer state masked again after a load mid-run.

@@ -126,12 +126,27 @@ class CompactStorage:
             "drawn": self.drawn,
         }
 
-    def at_fit_start(self, run: SparseTraining, optimizers: list[torch.optim.Optimizer]) -> None:
+    def at_fit_start(self, run: SparseTraining, trainer: pl.Trainer, owner: object) -> None:
         """Refuse what compact layers cannot train with; make a dense checkpoint's optimizer state compact.
 
-        Refused: optimizers that are not elementwise, a dtype the sparse kernels do not take. The optimizer
-        state of the checkpoint the fit resumes from is loaded after ``on_fit_start``: made compact here.
+        Refused: optimizers that are not elementwise, a dtype the sparse kernels do not take, model copies of
+        weight-averaging callbacks (EMA, SWA: their copies would not follow the updates). The optimizer state of
+        the checkpoint the fit resumes from is loaded after ``on_fit_start``: made compact here.
         """
+        if not run.compact:
+            return
+        optimizers = trainer.optimizers
+        copies = [
+            type(callback).__name__
+            for callback in trainer.callbacks
+            if callback is not owner
+            and any(_model_copy(value, trainer.lightning_module) for value in vars(callback).values())
+        ]
+        if copies:
+            raise ValueError(
+                f"`storage='compact'` does not yet keep the model copies of {copies} (weight averaging: EMA, SWA) "
+                "in step with its layers' updates. Use storage='dense' with them."
+            )
         checkpoint, self._checkpoint = self._checkpoint, None
         layers = {id(run.compact.values(name)): layer for name, layer in run.compact.layers.items()}
         for saved, optimizer in zip((checkpoint or {}).get("optimizer_states", []), optimizers, strict=False):
@@ -171,3 +186,11 @@ def aliased(masks: Mapping[str, Tensor], aliases: Mapping[str, list[str]]) -> Ma
         return {alias: mask for name, mask in masks.items() for alias in aliases.get(name, [name])}
     original = {alias: name for name in masks for alias in aliases.get(name, [name])}
     return LazyMasks(list(original), lambda alias: masks[original[alias]])
+
+
+def _model_copy(value: Any, model: nn.Module) -> bool:
+    """Whether a callback's attribute is a copy of the model (an averaged one, say)."""
+    if not isinstance(value, nn.Module) or value is model:
+        return False
+    averaged = isinstance(value, (torch.optim.swa_utils.AveragedModel, pl.LightningModule))
+    return averaged or any(is_compact(module) for module in value.modules())

@@ -16,6 +16,7 @@ from lightning_rigl.adapters.compat import MisconfigurationException, lightning_
 from lightning_rigl.adapters.monitor_metrics import (
     batch_size_or_none,
     count_module_flops,
+    shape_stand_ins,
     sparsities,
     step_metrics,
     train_flops_per_sample,
@@ -143,7 +144,7 @@ class SparsityMonitor(Callback):
             if self.include or self.exclude or self._sparse is None:
                 self._params = select_parameters(pl_module, self.include, self.exclude, warn_ties=False)
             else:
-                self._params = dict(self._rigl.sparse.params)
+                self._params = {**self._rigl.sparse.params, **shape_stand_ins(self._rigl.sparse.compact)}
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
         self.flops = count_module_flops(trainer, pl_module, example, self.example_batch_size)
         self._step = trainer.global_step

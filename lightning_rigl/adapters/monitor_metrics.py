@@ -151,3 +151,20 @@ def step_metrics(
         metrics["rigl/itop"] = sparse.itop_rate
         metrics["rigl/updates"] = float(sparse.updates)
     return metrics
+
+
+def shape_stand_ins(compact: Any) -> dict[str, Tensor]:
+    """For each compact layer, a zero tensor of its dense weight's shape that holds one element.
+
+    What the monitor reads of a masked weight is its shape and its nonzeros (counted with the mask): a
+    compact layer has no dense weight to show it.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_rigl.core.storage import make_compact
+        >>> from lightning_rigl.core.storage.run_layers import CompactLayers
+        >>> layer = make_compact(nn.Linear(3, 2), torch.ones(2, 3, dtype=torch.bool))
+        >>> {name: tuple(t.shape) for name, t in shape_stand_ins(CompactLayers({"fc.weight": layer})).items()}
+        {'fc.weight': (2, 3)}
+    """
+    return {name: compact.values(name).new_zeros(()).expand(compact.shape(name)) for name in compact}
