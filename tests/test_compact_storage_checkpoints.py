@@ -2,7 +2,7 @@
 
 import torch
 
-from lightning_rigl import to_dense_checkpoint
+from lightning_rigl import load_sparse, save_sparse, sparsify, to_dense_checkpoint
 from lightning_rigl.core.storage import is_compact
 from tests.helpers import F64Net, compact_rigl, f64_loader, make_trainer
 
@@ -68,3 +68,13 @@ def test_the_converted_checkpoint_loads_into_the_plain_model(tmp_path):
     make_trainer([tester]).test(F64Net(), f64_loader(), ckpt_path=tmp_path / "dense.ckpt")
     for name, mask in rigl.masks.items():
         assert torch.equal(tester.masks[name], mask), name
+
+
+def test_save_sparse_of_a_compact_model_loads_into_the_plain_model_and_sparsify_keeps_its_outputs(tmp_path):
+    compact, rigl = fit("compact", 2)
+    save_sparse(compact, tmp_path / "model.pt", masks=rigl.masks)
+    plain = load_sparse(tmp_path / "model.pt", F64Net())
+    for name, weight in weights(compact).items():
+        assert torch.equal(plain.get_submodule(name).weight, weight)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(sparsify(compact.eval())(x), plain.eval()(x), rtol=1e-10, atol=1e-12)

@@ -187,3 +187,22 @@ def test_sparsity_monitor_reports_compact_layers_under_their_weights_names():
     for name in LINEARS:
         mask = rigl.masks[f"{name}.weight"]
         assert last[f"sparsity/{name}.weight"] == pytest.approx(1 - mask.sum().item() / mask.numel())
+
+
+class NormedNet(F64Net):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(3, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.norm(self.net(x))
+
+
+def test_a_model_built_on_the_meta_device_trains_with_compact_layers_and_the_rest_initialised():
+    with torch.device("meta"):
+        model = NormedNet()
+    _, rigl = fit("compact", model=model, steps=5)
+    assert not [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    bound = 1 / 12**0.5  # nn.Linear's initialisation, drawn for the active values only (then 5 small steps)
+    assert model.net[0].weight_values.abs().max() < 1.5 * bound and rigl.sparse.updates == 2

@@ -26,6 +26,7 @@ from lightning_rigl.core.storage.compaction import (
     DrawnMasks,
     check_elementwise_optimizers,
     draw_compact,
+    materialize_meta,
     why_not_compact,
 )
 from lightning_rigl.core.storage.construct import densify
@@ -97,6 +98,7 @@ class CompactStorage:
             rank_zero_warn(f"RigLCallback(storage='compact') keeps these masked layers stored densely: {listed}.")
         self.dense_names = [name for name in params if name in refused]
         self.drawn = draw_compact(model, params, self.sparsities, [n for n in params if n not in refused], seed)
+        materialize_meta(model)  # a model built on the meta device: the rest of it, initialised
 
     def run_kwargs(self, model: nn.Module) -> dict[str, Any]:
         """``SparseTraining``'s arguments for the layers drawn in ``setup``: the weights kept dense, the draw.

@@ -160,6 +160,7 @@ def shape_stand_ins(compact: Any) -> dict[str, Tensor]:
     compact layer has no dense weight to show it.
 
     Example:
+        >>> import torch
         >>> from torch import nn
         >>> from lightning_rigl.core.storage import make_compact
         >>> from lightning_rigl.core.storage.run_layers import CompactLayers

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rigl.core.state.packing import pack_bits, unpack_bits
+from lightning_rigl.core.storage.state import dense_state_dict
 
 FORMAT = "lightning-rigl-sparse"
 
@@ -62,7 +63,9 @@ def save_sparse(
     tensors) are stored as they are. The file loads with ``torch.load(weights_only=True)``.
 
     Args:
-        model: A module (its ``state_dict()`` is saved) or a state dict of plain tensors.
+        model: A module (its ``state_dict()`` is saved) or a state dict of plain tensors. Compact layers
+            (``RigLCallback(storage="compact")``) are saved as their dense weights would be: the file loads
+            into the plain model.
         path: Where to write.
         masks: Optional name to bool mask (``RigLCallback.masks``): store exactly these positions, so
             an active weight that happens to be 0 stays in the mask. Default: the non-zeros.
@@ -80,6 +83,7 @@ def save_sparse(
         True
     """
     state = model.state_dict() if isinstance(model, nn.Module) else model
+    state = dense_state_dict(state)  # compact layers (values and indices) as their dense weights: one format
     masks = masks or {}
     for name, mask in masks.items():
         if name in state and tuple(mask.shape) != tuple(state[name].shape):

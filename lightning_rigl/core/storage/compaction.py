@@ -134,3 +134,37 @@ def check_elementwise_optimizers(optimizers: Iterable[torch.optim.Optimizer], va
             f"`storage='compact'` trains compact layers with elementwise optimizers only ({allowed}); got {refused}. "
             "Use one of those, or storage='dense'."
         )
+
+
+def materialize_meta(model: nn.Module, device: torch.device | str = "cpu") -> list[str]:
+    """Initialise every module still holding a tensor on the meta device (``to_empty``, ``reset_parameters``).
+
+    Returns their names. For a model built on the meta device whose compact layers drew their active values
+    already: nothing of their dense size is made here.
+
+    Raises:
+        ValueError: A module on the meta device without ``reset_parameters``, named: its initialisation is unknown.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = nn.Sequential(nn.LayerNorm(3))
+        >>> materialize_meta(model), model[0].weight.device.type
+        (['0'], 'cpu')
+    """
+    done, unknown = [], []
+    for name, module in model.named_modules():
+        own = [*module._parameters.values(), *module._buffers.values()]
+        if not any(t is not None and t.device.type == "meta" for t in own):
+            continue
+        if not callable(getattr(module, "reset_parameters", None)):
+            unknown.append(name)
+            continue
+        module.to_empty(device=device, recurse=False)
+        module.reset_parameters()
+        done.append(name)
+    if unknown:
+        raise ValueError(
+            f"These modules are on the meta device and have no `reset_parameters` to initialise them: {unknown}. "
+            "Build them on a real device, or initialise them (to_empty and your init) before fit."
+        )
+    return done
