@@ -54,7 +54,8 @@ def load_run_state(run: Any, state: Mapping[str, Any]) -> None:
     run.layer_masks.load_packed(state["masks"], state["ever_active"])
     for name in run.compact:
         layer = run.compact.layers[name]
-        loaded_dense = layer.__dict__.pop("loaded_dense", None)
+        loaded = layer.__dict__.pop("loaded_dense", None)  # a weak reference to the dense weight loaded, if any
+        loaded_dense = loaded() if loaded is not None else None
         if name in saved_compact:  # the structure came back with the model's weights
             run.compact.load_layer(name, saved_compact[name])
             continue

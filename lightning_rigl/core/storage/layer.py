@@ -16,6 +16,7 @@ re-sorted with them at every topology update (see :mod:`~lightning_rigl.core.sto
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -118,14 +119,14 @@ class CompactLayer(nn.Module):
     ) -> None:
         dense = state_dict.get(prefix + "weight")
         if isinstance(dense, Tensor) and prefix + VALUES not in state_dict:
-            # An ordinary (dense) state_dict: the values at this layer's active positions. The dense weight is
-            # kept a while for a run that resumes the dense run's masks (see `restructure`).
+            # An ordinary (dense) state_dict: the values at this layer's active positions. A weak reference to the
+            # dense weight (alive while its checkpoint is) serves a run that resumes the dense run's masks.
             assert isinstance(state_dict, dict)
             index = self._structure_on(self.weight_values).stored_index(self.weight_in_out).to(dense.device)
             state_dict[prefix + VALUES] = dense.reshape(-1).index_select(0, index)
             state_dict[f"{prefix}_extra_state"] = self.get_extra_state()
             del state_dict[prefix + "weight"]
-            self.__dict__["loaded_dense"] = dense
+            self.__dict__["loaded_dense"] = weakref.ref(dense)
         # The saved structure may hold another number of values than this layer (another density): the
         # values Parameter is resized first, the same object, before the load copies into it.
         state = state_dict.get(f"{prefix}_extra_state")
