@@ -206,3 +206,32 @@ def test_a_model_built_on_the_meta_device_trains_with_compact_layers_and_the_res
     assert all(bool(p.isfinite().all()) for p in model.parameters())
     bound = 1 / 12**0.5  # nn.Linear's initialisation, drawn for the active values only (then 5 small steps)
     assert model.net[0].weight_values.abs().max() < 1.5 * bound and rigl.sparse.updates == 2
+
+
+class TwoOptimizers(F64Net):
+    """Manual optimization: one optimizer for the first layer, another for the rest, stepped in turn."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, rest = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        for optimizer in (first, rest):
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def configure_optimizers(self):
+        rest = [p for name, p in self.named_parameters() if not name.startswith("net.0.")]
+        return torch.optim.SGD(self.net[0].parameters(), lr=0.1, momentum=0.9), torch.optim.Adam(rest, lr=0.01)
+
+
+def test_two_optimizers_in_manual_optimization_update_each_layer_alike():
+    torch.manual_seed(0)
+    dense, dense_rigl = fit("dense", model=TwoOptimizers(), steps=14, t_end=13)
+    torch.manual_seed(0)
+    compact, rigl = fit("compact", model=TwoOptimizers(), steps=14, t_end=13)
+    assert rigl.sparse.updates >= 4
+    assert_same_run(dense, dense_rigl, compact, rigl)

@@ -90,7 +90,12 @@ class ScheduledUpdates:
             self.due.update(dict.fromkeys(trainable, (step + 1, self.schedule.drop_fraction(step + 1))))
         due = [name for name in names if name in self.due]
         reads = self.method.dense_gradient != "never"
-        partial = [name for name in due if reads and name in params and holds_partial(name)]
+        # A compact layer's dense gradient is read from the backward passes it kept: none kept is as partial.
+        partial = [
+            name
+            for name in due
+            if reads and (not compact.kept_backward(name) if name in compact.layers else holds_partial(name))
+        ]
         if partial:
             # A gradient with masked contributions (accumulated for an earlier step that did not read it) is no
             # dense gradient: these layers stay due and read the next step's, which is dense throughout.

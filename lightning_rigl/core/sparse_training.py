@@ -175,7 +175,7 @@ class SparseTraining(MaskedWeights):
         compact = [name for name in self.compact.names(params) if self.compact.has_gradient(name)]
         self.scheduled.read(step, names + compact, self.hooks.holds_partial)
         if compact:
-            self.compact.release()  # the kept backward passes are read: no dense gradient is kept
+            self.compact.release(compact)  # their kept backward passes are read: no dense gradient is kept
         self.zeros.mask_gradients(names, already_masked)
         self._last_step = step
 
@@ -193,8 +193,11 @@ class SparseTraining(MaskedWeights):
         optimizers = [unwrap_optimizer(optimizer) for optimizer in optimizers]
         params = unwrap_optimizer(params) if isinstance(params, torch.optim.Optimizer) else params
         names, names_by_optimizer = self.stepped_names(optimizers, params)
-        stepped = names + self.compact.names(params)
-        updated = self.zeros.mask_weights(names, names_by_optimizer, lambda: self.update_topology(optimizers, stepped))
+        compact = self.compact.names(params)
+        updated = self.zeros.mask_weights(
+            names, names_by_optimizer, lambda: self.update_topology(optimizers, names + compact)
+        )
+        self.compact.release(compact)  # stepped: their gradient is spent, and what their backward passes kept
         if self.model is not None:
             self.layer_kernels.choose(self.model, broadcast_from_rank_zero)  # after the first step: its rows seen
         self.start_step(self._last_step + 1)
@@ -211,7 +214,7 @@ class SparseTraining(MaskedWeights):
         self._next_step = step
         self._reading = self.dense_gradient_needed(step)
         self.hooks.remask_written_weights()
-        self.compact.begin(step, self._reading)
+        self.compact.begin(self._reading)
         if self.model is not None:
             self.layer_kernels.begin(self.model, self._reading)
         return self._reading

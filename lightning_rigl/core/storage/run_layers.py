@@ -39,7 +39,6 @@ class CompactLayers:
     def __init__(self, layers: Mapping[str, CompactLayer]) -> None:
         self.layers = dict(layers)
         self.ever_active = {name: self.positions(name) for name in self.layers}
-        self._capture_step: int | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -85,24 +84,32 @@ class CompactLayers:
         ever = sum(positions.numel() for positions in self.ever_active.values())
         return ever, sum(math.prod(self.shape(name)) for name in self.layers)
 
-    def begin(self, step: int, reading: bool) -> None:
-        """Before a forward pass of optimizer step ``step``: whether the layers keep their backward passes.
+    def begin(self, reading: bool) -> None:
+        """Before a forward pass: whether the layers keep their backward passes from now on.
 
-        If the step reads dense gradients, each backward's input and output gradient is kept (every
-        micro-batch of the step, until :meth:`release`); else nothing is.
+        If the coming step reads dense gradients, each backward's input and output gradient is kept (every
+        micro-batch) until :meth:`release`: once the layer's step read them, or its optimizer stepped, as a
+        gradient accumulates until then. A layer due whose backward was not kept waits for its next step (in
+        manual optimization, a later optimizer's step after a backward made before a step that did not read).
         """
         for layer in self.layers.values():
             if not reading:
                 layer.capture = None
-            elif layer.capture is None or self._capture_step != step:
+            elif layer.capture is None:
                 layer.capture = Capture()
-        self._capture_step = step if reading else None
 
-    def release(self) -> None:
-        """Forget what the backward passes kept (once the grow candidates are read)."""
-        for layer in self.layers.values():
-            layer.capture = None
-        self._capture_step = None
+    def release(self, names: Iterable[str]) -> None:
+        """Forget what the backward passes of layers ``names`` kept (read, or their optimizer stepped).
+
+        Another optimizer's layers keep theirs until its own step.
+        """
+        for name in names:
+            self.layers[name].capture = None
+
+    def kept_backward(self, name: str) -> bool:
+        """Whether layer ``name`` kept a backward pass to read its dense gradient from."""
+        capture = self.layers[name].capture
+        return capture is not None and bool(capture.pairs)
 
     def has_gradient(self, name: str) -> bool:
         """Whether layer ``name``'s values have a gradient this step."""

@@ -223,7 +223,8 @@ def _grow(candidates: GrowCandidates, dropped: Tensor, k: int) -> Tensor:
         at = torch.searchsorted(saved, dropped.to(saved.dtype)).clamp_(max=saved.numel() - 1)
         found = saved.index_select(0, at) == dropped
     else:
-        at, found = dropped[:0].long(), torch.zeros_like(dropped, dtype=torch.bool)
+        # No active position kept a score: none of the dropped is found (`at` is not read, but sized alike).
+        at, found = torch.zeros_like(dropped, dtype=torch.long), torch.zeros_like(dropped, dtype=torch.bool)
     scores = torch.cat([candidates.values, candidates.active_values.index_select(0, at.masked_select(found))])
     index = torch.cat([candidates.index, dropped.masked_select(found)])
     return index.index_select(0, top_k_indices(scores, k, index=index))
