@@ -61,6 +61,8 @@ class CompactLayers:
 
     def names(self, params: Any = None) -> list[str]:
         """The layers whose values are among ``params`` (an optimizer, some tensors, or None for all)."""
+        if not self.layers:
+            return []  # a run without compact layers: every step, nothing to list
         if params is None:
             return list(self.layers)
         if isinstance(params, torch.optim.Optimizer):
