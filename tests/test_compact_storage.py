@@ -264,3 +264,29 @@ def test_torch_compile_aot_eager_fullgraph_gives_the_eager_outputs_and_gradients
     y.sum().backward()
     torch.testing.assert_close(y, eager_y)
     torch.testing.assert_close(layer.weight_values.grad, eager_grad)
+
+
+def test_the_ever_active_record_is_a_list_until_bits_are_smaller_and_keeps_every_position():
+    from lightning_rigl.core.state.packing import pack_bits
+    from lightning_rigl.core.storage.ever_active import EverActive
+
+    generator = torch.Generator().manual_seed(5)
+    numel = 4096  # bits: 512 bytes, the size of 128 int32 positions
+    record, seen = EverActive(numel, torch.tensor([4095, 0, 17])), {0, 17, 4095}
+    while not record.is_bits:
+        assert record.positions().numel() * 4 <= numel // 8
+        new = torch.randint(0, numel, (40,), generator=generator)
+        record.add(new)
+        seen |= set(new.tolist())
+        assert record.positions().tolist() == sorted(seen) and record.count == len(seen)
+    for _ in range(3):  # as bits: the same positions, counted as they are set
+        new = torch.randint(0, numel, (300,), generator=generator)
+        record.add(new)
+        seen |= set(new.tolist())
+        assert record.positions().tolist() == sorted(seen) and record.count == len(seen)
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[sorted(seen)] = True
+    assert torch.equal(record.packed(), pack_bits(mask))
+    assert record.state().dtype == torch.uint8 and record.state().numel() == numel // 8
+    restored = EverActive.from_state(numel, record.state())
+    assert restored.count == len(seen) and restored.positions().tolist() == sorted(seen)

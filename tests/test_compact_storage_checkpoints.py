@@ -36,8 +36,13 @@ def test_a_compact_checkpoint_is_compact_and_resumes_bit_exactly(tmp_path):
         p.numel() for p in F64Net().parameters()
     )
     assert "net.0.weight" not in checkpoint["callbacks"][first_rigl.state_key]["masks"]  # no mask on disk
+    for name in LINEARS:  # the ever-active record: positions, or bits where they are smaller
+        ever = checkpoint["callbacks"][first_rigl.state_key]["compact"][f"{name}.weight"]["ever_active"]
+        numel = F64Net().get_submodule(name).weight.numel()
+        assert ever.numel() * ever.element_size() <= -(-numel // 8)
     resumed, rigl = fit("compact", 3, ckpt_path=tmp_path / "first.ckpt")
     assert rigl.sparse.history == straight_rigl.sparse.history and rigl.sparse.updates == 4
+    assert rigl.sparse.itop_rate == straight_rigl.sparse.itop_rate > 0.2  # connections moved, record kept
     for name, weight in weights(straight).items():
         assert torch.equal(weights(resumed)[name], weight), name
         assert torch.equal(rigl.masks[f"{name}.weight"], straight_rigl.masks[f"{name}.weight"])

@@ -44,7 +44,9 @@ def to_dense_checkpoint(path_in: str | os.PathLike, path_out: str | os.PathLike)
         if isinstance(state, dict) and isinstance(state.get("compact"), dict) and "masks" in state:
             for name, saved in state.pop("compact").items():
                 state["masks"][name] = pack_bits(_mask(structures[name], None))
-                state["ever_active"][name] = pack_bits(_mask(structures[name], saved["ever_active"]))
+                ever = saved["ever_active"]  # positions, or bits already in pack_bits' layout
+                bits = ever if ever.dtype == torch.uint8 else pack_bits(_mask(structures[name], ever))
+                state["ever_active"][name] = bits
     checkpoint.pop("optimizer_states", None)
     torch.save(checkpoint, path_out)
 

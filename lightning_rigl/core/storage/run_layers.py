@@ -2,8 +2,8 @@
 
 :class:`~lightning_rigl.core.SparseTraining` keeps the weights it stores densely in its ``LayerMasks`` and
 its compact layers here. A compact layer's structure is its mask: nothing of the layer's dense size is
-kept for it, its ever-active record is a list of positions, and its saved state holds no mask (the
-structure travels with the model's own ``state_dict``).
+kept for it, its ever-active record is a list of positions or bits (whichever is smaller), and its saved
+state holds no mask (the structure travels with the model's own ``state_dict``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_rigl.core.storage.ever_active import EverActive
 from lightning_rigl.core.storage.functional import Capture
 from lightning_rigl.core.storage.layer import CompactLayer
 from lightning_rigl.core.storage.update import ChunkedMask, compact_drop_and_grow, compact_grow_candidates
@@ -38,7 +39,7 @@ class CompactLayers:
 
     def __init__(self, layers: Mapping[str, CompactLayer]) -> None:
         self.layers = dict(layers)
-        self.ever_active = {name: self.positions(name) for name in self.layers}
+        self.ever_active = {name: EverActive(self._numel(name), self.positions(name)) for name in self.layers}
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -83,8 +84,8 @@ class CompactLayers:
 
     def itop_counts(self) -> tuple[int, int]:
         """(positions ever active, weights) over every compact layer."""
-        ever = sum(positions.numel() for positions in self.ever_active.values())
-        return ever, sum(math.prod(self.shape(name)) for name in self.layers)
+        ever = sum(record.count for record in self.ever_active.values())
+        return ever, sum(self._numel(name) for name in self.layers)
 
     def begin(self, reading: bool) -> None:
         """Before a forward pass: whether the layers keep their backward passes from now on.
@@ -139,23 +140,26 @@ class CompactLayers:
     def update(self, name: str, candidates: GrowCandidates, optimizers: Iterable[torch.optim.Optimizer]) -> int:
         """Drop and grow layer ``name`` (grown connections at 0, fresh optimizer state); returns the new connections."""
         new, _ = compact_drop_and_grow(self.layers[name], candidates, list(optimizers))
-        ever = self.ever_active[name]
-        self.ever_active[name] = torch.unique(torch.cat([ever, new.to(ever.device)]))
+        self.ever_active[name].add(new)
         return int(new.numel())
 
     def state_dict(self) -> dict[str, Any]:
-        """The ever-active record of each layer (positions); the structures travel with the model's state."""
-        return {name: {"ever_active": positions.cpu()} for name, positions in self.ever_active.items()}
+        """Each layer's ever-active record (positions, or bits as uint8); the structures travel with the model's."""
+        return {name: {"ever_active": record.state()} for name, record in self.ever_active.items()}
 
     def load_layer(self, name: str, saved: Mapping[str, Any]) -> None:
         """Restore layer ``name``'s entry of :meth:`state_dict` (its structure came back with the model's weights)."""
-        ever = saved["ever_active"].to(self.values(name).device).long()
-        self.ever_active[name] = torch.unique(torch.cat([ever, self.positions(name)]))
+        record = EverActive.from_state(self._numel(name), saved["ever_active"].to(self.values(name).device))
+        record.add(self.positions(name))
+        self.ever_active[name] = record
 
     def ever_active_from_mask(self, name: str, ever: Tensor) -> None:
         """Take a dense run's ever-active record (a bool tensor of the stored shape) for layer ``name``."""
         positions = ever.reshape(-1).nonzero().flatten().to(self.values(name).device)
-        self.ever_active[name] = torch.unique(torch.cat([positions, self.positions(name)]))
+        self.ever_active[name] = EverActive(self._numel(name), torch.cat([positions, self.positions(name)]))
+
+    def _numel(self, name: str) -> int:
+        return math.prod(self.shape(name))
 
 
 def mean_over_ranks(block: Tensor) -> Tensor:
