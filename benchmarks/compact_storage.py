@@ -9,22 +9,24 @@ with the torch-only core (no Lightning). RigL: drop fraction 0.3, one update eve
 
 Step time, in one process, runs interleaved round by round (the machine's noise hits all alike):
   dense:     no masks, dense kernels
-  rigl-auto: SparseTraining (masked dense storage) with kernels="auto"
-  compact:   every sparse layer compact (``make_compact``, built on the meta device); its update step keeps
-             the layers' inputs and output gradients, reduces the grow scores block by block and rewrites
-             the indices (``compact_grow_candidates``, ``compact_drop_and_grow``)
+  rigl-auto: SparseTraining.from_model (masked dense storage) with kernels="auto"
+  compact:   SparseTraining.from_model(..., storage="compact", kernels="auto") on the MLP built on the
+             meta device: what a user of compact storage runs (the layers made compact by the run, the
+             optimizer built after it, updates made by ``before_step`` / ``after_step``)
 A run's figure per round is its amortized step: the median of its ordinary steps plus the update step's
 extra time spread over ``DELTA_T`` steps. The table gives the median figure and the median of paired ratios.
 
 Peak memory, each run in a fresh process: resident memory (VmHWM) at the end of a few steps that include
-an update step, minus the resident memory just before the model is built. The compact run draws its
-positions without a layer-sized permutation there (``--permutation-limit``, 0 by default; see
-``draw_positions``): ``torch.randperm`` of the 16.7 M-weight layer alone would hold 134 MB for a moment.
+an update step, minus the resident memory just before the model is built (the masks' draw included).
+Below ``PERMUTATION_LIMIT`` weights the draw takes the dense run's ``torch.randperm`` of each layer (the
+16.7 M-weight layer's alone holds 134 MB for a moment); ``--permutation-limit 0`` measures the draw
+without it, as both storages draw above the limit (other masks than the dense run's then).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -35,15 +37,7 @@ import torch
 from torch import nn
 
 from lightning_rigl import SparseTraining, UpdateSchedule
-from lightning_rigl.core.sparsity.distributions import layer_sparsities
-from lightning_rigl.core.storage import (
-    Capture,
-    compact_drop_and_grow,
-    compact_grow_candidates,
-    draw_positions,
-    make_compact,
-)
-from lightning_rigl.core.topology.initial_masks import num_active
+from lightning_rigl.core.storage import compaction, draw_positions, is_compact
 
 DELTA_T, DROP, BATCH = 100, 0.3, 256
 
@@ -63,65 +57,43 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 784, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)
 
 
-def compact_mlp(sparsity: float, distribution: str, permutation_limit: int) -> nn.Sequential:
-    """The MLP built on the meta device, its sparse layers compact, the rest materialised."""
-    with torch.device("meta"):
-        model = mlp()
-    shapes = {f"{i}.weight": tuple(model[i].weight.shape) for i in (0, 2, 4)}
-    sparsities = layer_sparsities(shapes, sparsity, distribution)
-    gen = torch.Generator().manual_seed(0)
-    for name, layer_sparsity in sparsities.items():
-        layer = model.get_submodule(name.split(".")[0])
-        numel = layer.weight.numel()
-        n_active = num_active(numel, layer_sparsity)
-        if n_active == numel:  # ERK leaves the small last layer dense: it stays an ordinary layer
-            layer.to_empty(device="cpu")
-            layer.reset_parameters()
-            continue
-        positions = draw_positions(numel, n_active, gen, permutation_limit=permutation_limit)
-        make_compact(layer, positions=positions, generator=gen)
-        del positions
-    return model
+def limit_permutations(limit: int | None) -> None:
+    """Let the compact draw take a permutation up to ``limit`` weights only (None: the library's limit)."""
+    if limit is not None:
+        compaction.draw_positions = functools.partial(draw_positions, permutation_limit=limit)
 
 
 class Run:
-    def __init__(self, kind: str, sparsity: float, distribution: str, optimizer: str, limit: int) -> None:
+    def __init__(self, kind: str, sparsity: float, distribution: str, optimizer: str) -> None:
         torch.manual_seed(0)
-        self.kind, self.sparse, self.layers = kind, None, []
+        self.kind, self.sparse = kind, None
         if kind == "compact":
-            self.model = compact_mlp(sparsity, distribution, limit)
-            self.layers = [m for m in self.model if hasattr(m, "weight_values")]
+            with torch.device("meta"):  # its dense weights never exist
+                self.model = mlp()
         else:
             self.model = mlp()
-        self.opt = make_optimizer(optimizer, self.model.parameters())
-        self.x, self.y = data()
-        if kind == "rigl-auto":
+        if kind != "dense":
             schedule = UpdateSchedule(delta_t=DELTA_T, t_end=10**9, alpha=DROP, decay="constant")
+            storage = "compact" if kind == "compact" else "dense"
             self.sparse = SparseTraining.from_model(
-                self.model, sparsity, distribution, schedule=schedule, kernels="auto"
+                self.model, sparsity, distribution, schedule=schedule, kernels="auto", storage=storage
             )
+        self.opt = make_optimizer(optimizer, self.model.parameters())  # after from_model: compact values
+        self.layers = [module for module in self.model if is_compact(module)]
+        self.x, self.y = data()
+        if self.sparse is not None:
             self.step(0)  # the kernels are chosen after the first step
 
     def step(self, step: int) -> float:
         start = time.perf_counter()
-        update = step % DELTA_T == DELTA_T - 1
         if self.sparse is not None:
             self.sparse.start_step(step)
-        for layer in self.layers:
-            layer.capture = Capture() if update else None
         nn.functional.cross_entropy(self.model(self.x), self.y).backward()
-        found = {}
-        if update and self.layers:
-            found = {layer: compact_grow_candidates(layer, int(layer.nnz * DROP)) for layer in self.layers}
-            for layer in self.layers:
-                layer.capture = None
         if self.sparse is not None:
             self.sparse.before_step(step, self.opt)
         self.opt.step()
         if self.sparse is not None:
             self.sparse.after_step([self.opt], self.opt)
-        for layer, candidates in found.items():
-            compact_drop_and_grow(layer, candidates, [self.opt])
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
@@ -131,8 +103,8 @@ def amortized(times: list[float], update_index: int) -> float:
     return ordinary + (times[update_index] - ordinary) / DELTA_T
 
 
-def timing(sparsity: float, distribution: str, optimizer: str, rounds: int, block: int, limit: int) -> None:
-    runs = {kind: Run(kind, sparsity, distribution, optimizer, limit) for kind in ("dense", "rigl-auto", "compact")}
+def timing(sparsity: float, distribution: str, optimizer: str, rounds: int, block: int) -> None:
+    runs = {kind: Run(kind, sparsity, distribution, optimizer) for kind in ("dense", "rigl-auto", "compact")}
     figures: dict[str, list[float]] = {name: [] for name in runs}
     first = DELTA_T - block // 2
     for round_ in range(rounds + 1):  # round 0 warms up
@@ -156,31 +128,36 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_run(kind: str, sparsity: float, distribution: str, optimizer: str, limit: int, steps: int) -> dict:
+def memory_run(kind: str, sparsity: float, distribution: str, optimizer: str, steps: int) -> dict:
     """One run's resident high-water mark above the resident memory just before its model is built."""
     x, y = data()
     torch.mm(torch.randn(64, 64), torch.randn(64, 64))  # the thread pool starts before the baseline
     before = _status_kb("VmRSS")
-    run = Run(kind, sparsity, distribution, optimizer, limit)
+    run = Run(kind, sparsity, distribution, optimizer)
     run.x, run.y = x, y
     for step in range(DELTA_T - steps // 2, DELTA_T - steps // 2 + steps):  # an update step among them
         run.step(step)
     nnz = sum(layer.nnz for layer in run.layers)
     index_bytes = sum(layer.compact_structure.nbytes for layer in run.layers)
-    return {"peak_mb": (_status_kb("VmHWM") - before) / 1024, "nnz": nnz, "index_bytes": index_bytes}
+    result = {"peak_mb": (_status_kb("VmHWM") - before) / 1024, "nnz": nnz, "index_bytes": index_bytes}
+    return {**result, "updates": run.sparse.updates if run.sparse is not None else 0}
 
 
-def memory(sparsity: float, distribution: str, optimizer: str, limit: int, steps: int) -> None:
+def memory(sparsity: float, distribution: str, optimizer: str, limit: int | None, steps: int) -> None:
     results = {}
     for kind in ("dense", "compact"):
         command = [sys.executable, __file__, "--memory-run", kind, "--sparsities", str(sparsity)]
-        command += ["--distribution", distribution, "--optimizers", optimizer, "--permutation-limit", str(limit)]
+        command += ["--distribution", distribution, "--optimizers", optimizer]
         command += ["--memory-steps", str(steps), "--threads", str(torch.get_num_threads())]
+        command += [] if limit is None else ["--permutation-limit", str(limit)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[kind] = json.loads(output.strip().splitlines()[-1])
     compact = results["compact"]
     per_active = compact["index_bytes"] / max(compact["nnz"], 1)
-    print(f"\n## peak resident memory above the pre-build baseline: sparsity {sparsity} {distribution}, {optimizer}")
+    assert results["compact"]["updates"] == 1, "the measured steps must include one update step"
+    drawn = "the library's draw" if limit is None else f"permutation limit {limit}"
+    title = f"sparsity {sparsity} {distribution}, {optimizer}, {drawn}"
+    print(f"\n## peak resident memory above the pre-build baseline: {title}")
     print("| run | peak MB | ratio to dense | index bytes per active weight |")
     print("|---|---|---|---|")
     print(f"| dense | {results['dense']['peak_mb']:.1f} | 1.000 | - |")
@@ -195,7 +172,7 @@ def main() -> None:
     parser.add_argument("--optimizers", nargs="+", choices=["sgd", "adam"], default=["sgd", "adam"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--block", type=int, default=5, help="steps per run and round, one of them an update step")
-    parser.add_argument("--permutation-limit", type=int, default=0, help="see draw_positions")
+    parser.add_argument("--permutation-limit", type=int, help="see draw_positions (default: the library's)")
     parser.add_argument("--memory-steps", type=int, default=4)
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -204,14 +181,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    limit_permutations(args.permutation_limit)
     if args.memory_run:
         result = memory_run(
-            args.memory_run,
-            args.sparsities[0],
-            args.distribution,
-            args.optimizers[0],
-            args.permutation_limit,
-            args.memory_steps,
+            args.memory_run, args.sparsities[0], args.distribution, args.optimizers[0], args.memory_steps
         )
         print(json.dumps(result))
         return
@@ -219,7 +192,7 @@ def main() -> None:
     for sparsity in args.sparsities:
         for optimizer in args.optimizers:
             if not args.skip_timing:
-                timing(sparsity, args.distribution, optimizer, args.rounds, args.block, args.permutation_limit)
+                timing(sparsity, args.distribution, optimizer, args.rounds, args.block)
             if not args.skip_memory:
                 memory(sparsity, args.distribution, optimizer, args.permutation_limit, args.memory_steps)
 

@@ -10,6 +10,8 @@ Compared runs, same model, data and optimizer (SGD with momentum and weight deca
   (d) rigl+monitor: (b) plus SparsityMonitor (FLOPs counted, logging every 50 steps, no table or image)
   (e) rigl-dense, rigl-sparse: (b) with kernels="dense" / "sparse" (every masked Linear on dense / sparse
       kernels), not run by default
+  (f) rigl-compact: (b) with storage="compact" (masked Linear layers hold only their active weights; the
+      CNN's convolutions stay dense), not run by default
 Each fit runs in its own process, as a user's fit does, and the fits take turns: one runs `--block`
 steps while the others wait, then the next one does. The machine's noise comes in bursts of a few
 seconds, so every run meets the same noise; timing them one after the other does not manage that.
@@ -202,7 +204,7 @@ MODELS = {
 #: 32 MiB (glibc's largest mmap threshold) stay in the process instead of going back to the kernel.
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
 
-RUNS = ("dense", "static", "rigl", "pruning", "rigl+monitor", "rigl-dense", "rigl-sparse")
+RUNS = ("dense", "static", "rigl", "pruning", "rigl+monitor", "rigl-dense", "rigl-sparse", "rigl-compact")
 
 
 def callbacks_for(run: str, example_input: torch.Tensor) -> list[Callback]:
@@ -212,8 +214,10 @@ def callbacks_for(run: str, example_input: torch.Tensor) -> list[Callback]:
     if run == "pruning":
         return [PruneAtStart("l1_unstructured", amount=0.9, apply_pruning=False, verbose=0)]
     method = "static" if run == "static" else "rigl"
-    kernels = run.removeprefix("rigl-") if run.startswith("rigl-") else "auto"
-    callbacks: list[Callback] = [RigLCallback(0.9, "erk", method, delta_t=100, t_end=1.0, seed=0, kernels=kernels)]
+    kernels = run.removeprefix("rigl-") if run in ("rigl-dense", "rigl-sparse") else "auto"
+    storage = "compact" if run == "rigl-compact" else "dense"
+    rigl = RigLCallback(0.9, "erk", method, delta_t=100, t_end=1.0, seed=0, kernels=kernels, storage=storage)
+    callbacks: list[Callback] = [rigl]
     if run == "rigl+monitor":
         callbacks.append(lightning_rigl.SparsityMonitor(example_input=example_input, table=False, plot=False))
     return callbacks
@@ -316,7 +320,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--block", type=int, default=10, help="steps a run makes in one turn")
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS[:-2]))
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS[:-3]))
     parser.add_argument("--in-threads", action="store_true", help="every fit in a thread of this process instead")
     parser.add_argument(
         "--keep-freed-memory",

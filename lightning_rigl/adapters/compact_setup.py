@@ -25,9 +25,7 @@ from lightning_rigl.core.sparsity.selection import is_masked_module, select_para
 from lightning_rigl.core.storage.compaction import (
     DrawnMasks,
     check_elementwise_optimizers,
-    draw_compact,
-    materialize_meta,
-    why_not_compact,
+    make_layers_compact,
 )
 from lightning_rigl.core.storage.construct import densify
 from lightning_rigl.core.storage.layer import is_compact
@@ -79,26 +77,9 @@ class CompactStorage:
         params = select_parameters(model, config.include, config.exclude)
         masking = {key: value for key, value in config.masking().items() if key not in ("include", "exclude")}
         self.sparsities = resolve_sparsities({name: tuple(p.shape) for name, p in params.items()}, **masking)
-        refused = {name: why for name, p in params.items() if (why := why_not_compact(model, name, p)) is not None}
-        named = [name for name in refused if name in (config.include or [])]
-        if named:
-            raise ValueError(
-                f"`storage='compact'` cannot serve the layers named in `include`: "
-                f"{', '.join(f'{name} ({refused[name]})' for name in named)}. Leave them out of `include`, or use "
-                "storage='dense'."
-            )
-        if len(refused) == len(params):
-            raise ValueError(
-                f"`storage='compact'` can serve none of the masked layers: {', '.join(map(repr, refused))}. It serves "
-                "nn.Linear, Hugging Face Conv1D and classes given to `register_linear`, in float32 or float64, not "
-                "shared, not sharded. Use storage='dense'."
-            )
-        if refused:
-            listed = "; ".join(f"{name}: {why}" for name, why in refused.items())
-            rank_zero_warn(f"RigLCallback(storage='compact') keeps these masked layers stored densely: {listed}.")
-        self.dense_names = [name for name in params if name in refused]
-        self.drawn = draw_compact(model, params, self.sparsities, [n for n in params if n not in refused], seed)
-        materialize_meta(model)  # a model built on the meta device: the rest of it, initialised
+        self.drawn, self.dense_names = make_layers_compact(
+            model, params, self.sparsities, config.include, seed, rank_zero_warn, "RigLCallback(storage='compact')"
+        )
 
     def run_kwargs(self, model: nn.Module) -> dict[str, Any]:
         """``SparseTraining``'s arguments for the layers drawn in ``setup``: the weights kept dense, the draw.

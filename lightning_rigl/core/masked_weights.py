@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -9,10 +11,12 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import Self
 
+from lightning_rigl.core.config import check_storage
 from lightning_rigl.core.parallel.collectives import check_masks_agree_across_ranks
 from lightning_rigl.core.parallel.sharding import wrap_like_param
 from lightning_rigl.core.sparsity.distributions import resolve_sparsities
 from lightning_rigl.core.sparsity.selection import select_parameters
+from lightning_rigl.core.storage.compaction import make_layers_compact
 from lightning_rigl.core.storage.layer import CompactLayer
 from lightning_rigl.core.storage.run_layers import CompactLayers
 from lightning_rigl.core.topology.masks import LayerMasks
@@ -69,6 +73,7 @@ class MaskedWeights:
         dense_first_layer: bool | None = None,
         custom_sparsity: dict[str, float] | None = None,
         erk_power_scale: float = 1.0,
+        storage: str = "dense",
         **kwargs: Any,
     ) -> Self:
         """Select a model's weights, distribute ``sparsity`` over them and mask them.
@@ -76,7 +81,18 @@ class MaskedWeights:
         ``dense_first_layer=None`` keeps the first masked weight dense for ``"uniform"`` only, as the
         paper does. ``params`` (name to Parameter) skips the selection: the caller selected them already.
         Other keyword arguments go to the constructor.
+
+        ``storage="compact"`` (a :class:`~lightning_rigl.core.SparseTraining`'s) draws the masks and makes
+        the masked Linear-type layers compact in place, as ``RigLCallback(storage="compact")`` does in
+        ``setup``: each then holds only its active values (``weight_values``). Build the optimizer after
+        this call, from ``model.parameters()``. Layers it cannot serve stay dense, listed in one warning.
+
+        Raises:
+            ValueError: ``storage`` not ``"dense"`` or ``"compact"``; with ``"compact"``: SNFS, ``kernels="dense"``,
+                no layer it can serve, or one named in ``include`` that it cannot serve.
         """
+        defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()}
+        check_storage(storage, *(kwargs.get(name, defaults.get(name)) for name in ("method", "kernels")))
         params = kwargs.pop("params", None) or select_parameters(model, include, exclude)
         kwargs.setdefault("model", model)
         shapes = {name: tuple(p.shape) for name, p in params.items()}
@@ -88,6 +104,13 @@ class MaskedWeights:
             custom_sparsity=custom_sparsity,
             erk_power_scale=erk_power_scale,
         )
+        if storage == "compact":
+            owner = f"{cls.__name__}.from_model(storage='compact')"
+            seed = kwargs.get("seed", defaults.get("seed"))
+            kwargs["drawn"], dense = make_layers_compact(
+                model, params, sparsities, include, seed, lambda message: warnings.warn(message, stacklevel=4), owner
+            )
+            params = {name: params[name] for name in dense}
         return cls(params, sparsities, **kwargs)
 
     @property

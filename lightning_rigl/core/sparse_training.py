@@ -15,7 +15,7 @@ from lightning_rigl.core.masked_weights import MaskedWeights, ParamsLike
 from lightning_rigl.core.parallel.collectives import broadcast_from_rank_zero
 from lightning_rigl.core.run_state import load_run_state, run_state_dict
 from lightning_rigl.core.scheduled_updates import ScheduledUpdates
-from lightning_rigl.core.storage.compaction import DrawnMasks
+from lightning_rigl.core.storage.compaction import DrawnMasks, check_elementwise_optimizers
 from lightning_rigl.core.topology.initial_masks import random_masks
 from lightning_rigl.core.topology.methods import Method, get_method
 from lightning_rigl.core.topology.optim_state import check_restartable, unwrap_optimizer
@@ -281,13 +281,13 @@ class SparseTraining(MaskedWeights):
         """Raise a ValueError naming any optimizer whose state cannot be restarted for a regrown connection.
 
         Call it before training and after the first optimizer step (see ``check_restartable``); a static mask
-        needs no restarts.
+        needs no restarts. Compact layers train with elementwise optimizers only (others are named too).
         """
+        optimizers = [unwrap_optimizer(optimizer) for optimizer in optimizers]
+        values = [self.compact.values(name) for name in self.compact]
+        check_elementwise_optimizers(optimizers, values)
         if self.method.updates:
-            values = [self.compact.values(name) for name in self.compact]
-            check_restartable(
-                [unwrap_optimizer(optimizer) for optimizer in optimizers], [*self.params.values(), *values]
-            )
+            check_restartable(optimizers, [*self.params.values(), *values])
 
     def masks_replaced(self) -> None:
         """Forget what the old masks made true: zero the weights they made inactive, restart the optimizer check."""

@@ -8,7 +8,7 @@ run with compact layers starts from the masks a dense run of the same seed start
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +107,64 @@ def draw_compact(
         positions = draw_positions(math.prod(shape), n_active, generator)
         layers[name] = make_compact(module, positions=positions)
     return DrawnMasks(layers, dense, generator.get_state())
+
+
+def make_layers_compact(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    sparsities: Mapping[str, float],
+    include: Iterable[str] | None,
+    seed: int,
+    warn: Callable[[str], object],
+    owner: str,
+) -> tuple[DrawnMasks, list[str]]:
+    """Draw the masks of ``params``, make every layer compact storage can serve compact, initialise meta modules.
+
+    What RigLCallback's ``setup`` and ``SparseTraining.from_model(..., storage="compact")`` do alike, before
+    the optimizer is built. The layers it cannot serve stay dense, listed in one call of ``warn``.
+
+    Args:
+        model: The module holding ``params``.
+        params: The selected weights, by name, in the run's order.
+        sparsities: Name to sparsity, for every one of ``params``.
+        include: The user's ``include`` patterns: a layer named there that cannot be served is an error.
+        seed: The run's seed.
+        warn: Called with the message listing the layers kept dense, if any.
+        owner: Who asked, as the messages name it (``"RigLCallback(storage='compact')"``).
+
+    Returns:
+        The draw, and the names of the weights kept dense (in ``params``' order).
+
+    Raises:
+        ValueError: No layer it can serve, or one named in ``include`` that it cannot serve.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1))
+        >>> params = {name: p for name, p in model.named_parameters() if name.endswith("weight")}
+        >>> drawn, dense = make_layers_compact(model, params, dict.fromkeys(params, 0.5), None, 0, print, "me")
+        me keeps these masked layers stored densely: 1.weight: not a Linear-type layer (Conv1d).
+        >>> list(drawn.compact), dense
+        (['0.weight'], ['1.weight'])
+    """
+    refused = {name: why for name, p in params.items() if (why := why_not_compact(model, name, p)) is not None}
+    named = [name for name in refused if name in (include or [])]
+    if named:
+        raise ValueError(
+            f"{owner} cannot serve the layers named in `include`: "
+            f"{', '.join(f'{name} ({refused[name]})' for name in named)}. Leave them out of `include`, or use "
+            "storage='dense'."
+        )
+    if len(refused) == len(params):
+        raise ValueError(
+            f"{owner} can serve none of the masked layers: {', '.join(map(repr, refused))}. It serves nn.Linear, "
+            "Hugging Face Conv1D and classes given to `register_linear`, in float32 or float64, not shared, not "
+            "sharded. Use storage='dense'."
+        )
+    if refused:
+        warn(f"{owner} keeps these masked layers stored densely: {'; '.join(f'{n}: {w}' for n, w in refused.items())}.")
+    drawn = draw_compact(model, params, sparsities, [name for name in params if name not in refused], seed)
+    materialize_meta(model)  # a model built on the meta device: the rest of it, initialised
+    return drawn, [name for name in params if name in refused]
 
 
 def check_elementwise_optimizers(optimizers: Iterable[torch.optim.Optimizer], values: Iterable[Tensor]) -> None:
