@@ -18,9 +18,11 @@ extra time spread over ``DELTA_T`` steps. The table gives the median figure and 
 
 Peak memory, each run in a fresh process: resident memory (VmHWM) at the end of a few steps that include
 an update step, minus the resident memory just before the model is built (the masks' draw included).
-Below ``PERMUTATION_LIMIT`` weights the draw takes the dense run's ``torch.randperm`` of each layer (the
-16.7 M-weight layer's alone holds 134 MB for a moment); ``--permutation-limit 0`` measures the draw
-without it, as both storages draw above the limit (other masks than the dense run's then).
+The thread pool and the sparse products' library start before that baseline (once a process, whatever
+the model), and glibc's mmap threshold is fixed at 128 KiB (a freed tensor goes back to the kernel at
+once). Below ``PERMUTATION_LIMIT`` weights the draw takes the dense run's ``torch.randperm`` of each layer
+(in int32: the 16.7 M-weight layer's holds 67 MB for a moment); ``--permutation-limit 0`` measures the
+draw without it, as both storages draw above the limit (other masks than the dense run's then).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +40,7 @@ import torch
 from torch import nn
 
 from lightning_rigl import SparseTraining, UpdateSchedule
-from lightning_rigl.core.storage import compaction, draw_positions, is_compact
+from lightning_rigl.core.storage import compaction, draw_positions, is_compact, make_compact
 
 DELTA_T, DROP, BATCH = 100, 0.3, 256
 
@@ -132,6 +135,10 @@ def memory_run(kind: str, sparsity: float, distribution: str, optimizer: str, st
     """One run's resident high-water mark above the resident memory just before its model is built."""
     x, y = data()
     torch.mm(torch.randn(64, 64), torch.randn(64, 64))  # the thread pool starts before the baseline
+    # So do the sparse products' library code and buffers (once a process, whatever the model's size).
+    warm = make_compact(nn.Linear(64, 64), torch.rand(64, 64) < 0.1)
+    warm(torch.randn(8, 64)).sum().backward()
+    del warm
     before = _status_kb("VmRSS")
     run = Run(kind, sparsity, distribution, optimizer)
     run.x, run.y = x, y
@@ -150,7 +157,10 @@ def memory(sparsity: float, distribution: str, optimizer: str, limit: int | None
         command += ["--distribution", distribution, "--optimizers", optimizer]
         command += ["--memory-steps", str(steps), "--threads", str(torch.get_num_threads())]
         command += [] if limit is None else ["--permutation-limit", str(limit)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        # glibc's mmap threshold fixed, as in update_latency.py: a freed tensor goes back to the kernel at once,
+        # so the resident high-water mark follows what is allocated, not what the allocator kept.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
         results[kind] = json.loads(output.strip().splitlines()[-1])
     compact = results["compact"]
     per_active = compact["index_bytes"] / max(compact["nnz"], 1)

@@ -235,3 +235,20 @@ def test_two_optimizers_in_manual_optimization_update_each_layer_alike():
     compact, rigl = fit("compact", model=TwoOptimizers(), steps=14, t_end=13)
     assert rigl.sparse.updates >= 4
     assert_same_run(dense, dense_rigl, compact, rigl)
+
+
+def test_training_never_builds_a_compact_layers_dense_weight(monkeypatch):
+    # `layer.weight` is computed whole at each read: the library's own steps and updates must never read it.
+    from lightning_rigl.core.storage.layer import CompactLayer
+
+    reads = []
+    original = CompactLayer.weight
+
+    def counted(layer):
+        reads.append(tuple(layer.stored_shape))
+        return original.fget(layer)
+
+    monkeypatch.setattr(CompactLayer, "weight", property(counted, original.fset))
+    model, rigl = fit("compact", "adam", steps=6)
+    assert rigl.sparse.updates >= 2 and all(is_compact(model.get_submodule(name)) for name in LINEARS)
+    assert reads == []

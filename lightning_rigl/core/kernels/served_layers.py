@@ -63,6 +63,9 @@ def can_serve(module: nn.Module) -> bool:
 
 def _linear_parameters(module: nn.Module) -> bool:
     """A materialized 2-D ``weight`` and a ``bias`` of one dimension or None: what the sparse op takes."""
+    if isinstance(getattr(type(module), "weight", None), property):
+        # A weight computed at each read (a compact layer's) is no stored weight; reading it would build it whole.
+        return False
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if not isinstance(weight, Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
         return False

@@ -46,8 +46,20 @@ def draw_positions(
     if not 0 <= n_active <= numel:
         raise ValueError(f"`n_active` must be in [0, numel={numel}], got {n_active}.")
     if numel <= permutation_limit:
-        return torch.sort(torch.randperm(numel, generator=generator)[:n_active]).values
+        return torch.sort(permutation(numel, generator)[:n_active]).values.long()
     return _distinct_draws(numel, n_active, generator)
+
+
+def permutation(numel: int, generator: torch.Generator) -> Tensor:
+    """``torch.randperm(numel)`` from ``generator``, in int32 where it fits: the same permutation, half the bytes.
+
+    Example:
+        >>> reference = torch.randperm(9, generator=torch.Generator().manual_seed(1))
+        >>> torch.equal(permutation(9, torch.Generator().manual_seed(1)).long(), reference)
+        True
+    """
+    # The same draws and the same values whatever the dtype (the generator ends in the same state).
+    return torch.randperm(numel, generator=generator, dtype=torch.int32 if numel < 2**31 else torch.int64)
 
 
 def _distinct_draws(numel: int, n_active: int, generator: torch.Generator) -> Tensor:
