@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -253,6 +259,43 @@ def fit_plain_sgd(callbacks, **kwargs):
     pl.seed_everything(0, verbose=False)
     model = PlainSGD()
     make_trainer(callbacks, max_steps=8, use_distributed_sampler=False, **kwargs).fit(model)
+
+
+def run_on_two_ranks(job: Callable[..., Any], *args: Any, timeout: float = 300.0) -> list[Any]:
+    """Runs ``job(*args)`` in two fresh processes started as torchrun starts ranks 0 and 1 of one machine.
+
+    Each process gets ``LOCAL_RANK``, ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, so a Trainer the
+    job builds with ``strategy="ddp"`` (or FSDP2's ModelParallelStrategy) and ``devices=2`` joins the other
+    rank instead of starting processes of its own. A job can then make several fits in one start of two
+    processes: importing Lightning in a fresh process takes far longer than a small fit. (Tests of what
+    ``ddp_spawn`` itself does, such as handing results back to the main process, still use ``ddp_spawn``.)
+
+    Returns what ``job`` returned on rank 0 and on rank 1 (saved with ``torch.save``). A rank that raises
+    fails the run with its traceback; a run past ``timeout`` seconds (a hung collective) is stopped.
+    """
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as directory:
+        context = torch.multiprocessing.start_processes(
+            _rank_main, args=(port, directory, job, args), nprocs=2, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"run_on_two_ranks({job.__name__}) ran past {timeout} s")
+        return [torch.load(Path(directory) / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def _rank_main(local_rank: int, port: int, directory: str, job: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(local_rank))
+    try:
+        result = job(*args)
+    finally:
+        _destroy_process_group()  # as DestroyProcessGroup does, for a job whose last Trainer kept its group
+    torch.save(result, Path(directory) / f"rank{local_rank}.pt")
 
 
 # Checks, recording callbacks and loggers.
