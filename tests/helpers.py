@@ -10,9 +10,11 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +298,24 @@ def _rank_main(local_rank: int, port: int, directory: str, job: Callable[..., An
     finally:
         _destroy_process_group()  # as DestroyProcessGroup does, for a job whose last Trainer kept its group
     torch.save(result, Path(directory) / f"rank{local_rank}.pt")
+
+
+def run_at_once(
+    commands: Mapping[str, tuple[list[str], Path | None]], timeout: float = 240.0
+) -> dict[str, subprocess.CompletedProcess]:
+    """Runs every command (name -> argv and working folder) in a fresh process, as many at a time as there are cores.
+
+    A fresh interpreter spends seconds importing torch and Lightning on one core while the test waits: the
+    cases that each need one (what a process prints, what it imports) run side by side instead.
+    Returns each command's result, text output captured, by name.
+    """
+
+    def run(command: tuple[list[str], Path | None]) -> subprocess.CompletedProcess:
+        argv, cwd = command
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+    with ThreadPoolExecutor(max_workers=min(len(commands), os.cpu_count() or 2)) as pool:
+        return dict(zip(commands, pool.map(run, commands.values()), strict=True))
 
 
 # Checks, recording callbacks and loggers.
