@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
+import queue
 import socket
 import subprocess
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -225,13 +229,18 @@ class DestroyProcessGroup(Callback):
     interpreter exit ("terminate called without an active exception", SIGABRT), about 1 fit in 9 on
     a busy 2-core machine: the test then fails although the fit succeeded. Every multi-process
     Trainer of the suite gets this callback (``make_trainer`` adds it; add it to others by hand).
+    In a TwoRanks process it leaves the group alone: that group lives as long as the process.
     """
 
+    keep_group = False  # True in TwoRanks' processes
+
     def teardown(self, trainer, pl_module, stage):
-        _destroy_process_group()
+        if not self.keep_group:
+            _destroy_process_group()
 
     def on_exception(self, trainer, pl_module, exception):
-        _destroy_process_group()
+        if not self.keep_group:
+            _destroy_process_group()
 
 
 def _destroy_process_group():
@@ -263,41 +272,95 @@ def fit_plain_sgd(callbacks, **kwargs):
     make_trainer(callbacks, max_steps=8, use_distributed_sampler=False, **kwargs).fit(model)
 
 
-def run_on_two_ranks(job: Callable[..., Any], *args: Any, timeout: float = 300.0) -> list[Any]:
-    """Runs ``job(*args)`` in two fresh processes started as torchrun starts ranks 0 and 1 of one machine.
+class TwoRanks:
+    """Two processes, started once and kept, as torchrun starts ranks 0 and 1 of one machine: they run jobs.
 
-    Each process gets ``LOCAL_RANK``, ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, so a Trainer the
-    job builds with ``strategy="ddp"`` (or FSDP2's ModelParallelStrategy) and ``devices=2`` joins the other
-    rank instead of starting processes of its own. A job can then make several fits in one start of two
-    processes: importing Lightning in a fresh process takes far longer than a small fit. (Tests of what
-    ``ddp_spawn`` itself does, such as handing results back to the main process, still use ``ddp_spawn``.)
+    Each process gets ``LOCAL_RANK``, ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, so a Trainer a job
+    builds with ``strategy="ddp"`` (or FSDP2's ModelParallelStrategy) and ``devices=2`` joins the other rank
+    instead of starting processes of its own. Starting a process and importing Lightning takes far longer
+    than a small fit: the suite's two-process fits share one start (the ``two_ranks`` fixture). Tests of
+    what ``ddp_spawn`` itself does, such as handing results back to the main process, still use it.
 
-    Returns what ``job`` returned on rank 0 and on rank 1 (saved with ``torch.save``). A rank that raises
-    fails the run with its traceback; a run past ``timeout`` seconds (a hung collective) is stopped.
+    The processes make their (gloo) process group when they start and keep it: every Trainer finds it
+    made. (A group destroyed and made again on the same port lets the rank that comes back first read
+    the other's old address from the old store: "Connection refused", now and then.)
     """
-    with socket.socket() as s:  # a free port for the ranks' rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as directory:
-        context = torch.multiprocessing.start_processes(
-            _rank_main, args=(port, directory, job, args), nprocs=2, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + timeout
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                raise TimeoutError(f"run_on_two_ranks({job.__name__}) ran past {timeout} s")
-        return [torch.load(Path(directory) / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+    def __init__(self) -> None:
+        self._workers: list[tuple[Any, Any]] | None = None
+        self._done: Any = None
+
+    def __call__(self, job: Callable[..., Any], *args: Any, timeout: float = 300.0) -> list[Any]:
+        """Runs ``job(*args)`` on both ranks; returns what it returned on rank 0 and on rank 1.
+
+        ``job`` and ``args`` must pickle (a module-level function); the results go through ``torch.save``.
+        A rank that raises fails the call with its traceback, and so does a call past ``timeout`` seconds (a
+        hung collective); either way both processes are stopped, and the next call starts two fresh ones.
+        """
+        if self._workers is None:
+            self._start()
+        with tempfile.TemporaryDirectory() as directory:
+            paths = [Path(directory) / f"rank{rank}.pt" for rank in range(2)]
+            for (_, jobs), path in zip(self._workers, paths, strict=True):
+                jobs.put((job, args, path))
+            pending, deadline = {0, 1}, time.monotonic() + timeout
+            while pending:
+                try:
+                    rank, error = self._done.get(timeout=1.0)
+                except queue.Empty:
+                    gone = [rank for rank in pending if not self._workers[rank][0].is_alive()]
+                    if gone or time.monotonic() > deadline:
+                        self.close(kill=True)
+                        why = f"rank {gone[0]} died" if gone else f"it ran past {timeout} s"
+                        raise RuntimeError(f"{job.__name__} did not finish on both ranks: {why}") from None
+                    continue
+                if error is not None:  # the other rank may wait for this one in a collective: stop both
+                    self.close(kill=True)
+                    raise RuntimeError(f"{job.__name__} failed on rank {rank}:\n{error}")
+                pending.discard(rank)
+            return [torch.load(path, weights_only=False) for path in paths]
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        with socket.socket() as s:  # a free port for the ranks' rendezvous, kept for every job
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self._done, self._workers = context.Queue(), []
+        for rank in range(2):
+            jobs = context.Queue()
+            process = context.Process(target=_rank_worker, args=(rank, port, jobs, self._done), daemon=True)
+            process.start()
+            self._workers.append((process, jobs))
+
+    def close(self, kill: bool = False) -> None:
+        """Stops both processes: after their current job, or at once with ``kill``."""
+        if not kill:
+            for _, jobs in self._workers or []:
+                jobs.put(None)
+        for process, _ in self._workers or []:
+            if not kill:
+                process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._workers = None
 
 
-def _rank_main(local_rank: int, port: int, directory: str, job: Callable[..., Any], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(local_rank))
-    try:
-        result = job(*args)
-    finally:
-        _destroy_process_group()  # as DestroyProcessGroup does, for a job whose last Trainer kept its group
-    torch.save(result, Path(directory) / f"rank{local_rank}.pt")
+def _rank_worker(rank: int, port: int, jobs: Any, done: Any) -> None:
+    """A TwoRanks process: runs each job it is given, saves the result, reports its traceback or None."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(rank))
+    # A collective that hangs raises after 2 minutes, with its traceback.
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(minutes=2))
+    DestroyProcessGroup.keep_group = True
+    while (item := jobs.get()) is not None:
+        job, args, path = item
+        error = None
+        try:
+            torch.save(job(*args), path)
+        except BaseException:
+            error = traceback.format_exc()
+        done.put((rank, error))
+    _destroy_process_group()  # before exiting: see DestroyProcessGroup
 
 
 def run_at_once(

@@ -20,7 +20,6 @@ from tests.helpers import (
     digest,
     make_loader,
     make_trainer,
-    run_on_two_ranks,
 )
 
 STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
@@ -77,10 +76,10 @@ def ddp_straight_and_resumed(straight: Path, resumed: Path) -> None:
     _run(resumed, "rigl", "adam", 5, ckpt_path=resumed / "last.ckpt", **ddp)
 
 
-def test_resume_is_bit_exact_under_ddp(tmp_path):
+def test_resume_is_bit_exact_under_ddp(tmp_path, two_ranks):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     straight.mkdir(), resumed.mkdir()
-    run_on_two_ranks(ddp_straight_and_resumed, straight, resumed)  # the three fits share one start of 2 processes
+    two_ranks(ddp_straight_and_resumed, straight, resumed)
     assert_same_run(straight, resumed, ranks=2)
 
 

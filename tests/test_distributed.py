@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_rigl import RigLCallback
 from lightning_rigl.adapters.strategies import check_strategy
 from lightning_rigl.core import num_active
-from tests.helpers import MLP, distributed_rigl, fit_plain_sgd, make_loader, make_trainer, run_on_two_ranks
+from tests.helpers import MLP, distributed_rigl, fit_plain_sgd, make_loader, make_trainer
 
 METHODS = ["rigl", "set", "snfs"]
 
@@ -73,9 +73,9 @@ def ddp_fits() -> dict:
 
 
 @pytest.fixture(scope="module")
-def ddp_ranks():
-    """Each rank's results of ``ddp_fits``: the DDP fits of this module share one start of two processes."""
-    return run_on_two_ranks(ddp_fits)
+def ddp_ranks(two_ranks):
+    """Each rank's results of ``ddp_fits``, run once for the module's tests."""
+    return two_ranks(ddp_fits)
 
 
 @pytest.mark.parametrize("method", METHODS)

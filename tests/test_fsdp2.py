@@ -8,7 +8,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 
 from lightning_rigl.core import num_active
-from tests.helpers import QUIET_TRAINER, PlainSGD, distributed_rigl, fit_plain_sgd, run_on_two_ranks
+from tests.helpers import QUIET_TRAINER, PlainSGD, distributed_rigl, fit_plain_sgd
 
 METHODS = ["rigl", "set"]
 
@@ -63,9 +63,9 @@ def fsdp2_fits() -> dict:
 
 
 @pytest.fixture(scope="module")
-def fsdp2_ranks():
-    """Each rank's results of ``fsdp2_fits``: the fits of every method share one start of two processes."""
-    return run_on_two_ranks(fsdp2_fits)
+def fsdp2_ranks(two_ranks):
+    """Each rank's results of ``fsdp2_fits``, run once for the module's tests."""
+    return two_ranks(fsdp2_fits)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_rigl import RigLCallback
-from tests.helpers import make_loader, make_trainer, run_on_two_ranks
+from tests.helpers import make_loader, make_trainer
 
 
 class Net(pl.LightningModule):
@@ -490,8 +490,8 @@ def comm_hook_fits() -> list:
     return runs
 
 
-def test_a_ddp_communication_hook_sees_the_same_gradients_on_either_kernels():
-    for (masks_s, weights_s), (masks_d, weights_d) in run_on_two_ranks(comm_hook_fits):  # both fits, one start
+def test_a_ddp_communication_hook_sees_the_same_gradients_on_either_kernels(two_ranks):
+    for (masks_s, weights_s), (masks_d, weights_d) in two_ranks(comm_hook_fits):
         assert masks_d and all(torch.equal(masks_s[name], mask) for name, mask in masks_d.items())
         for name, value in weights_d.items():
             torch.testing.assert_close(weights_s[name], value, rtol=1e-10, atol=1e-12)
