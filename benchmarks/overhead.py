@@ -194,9 +194,15 @@ def cnn() -> nn.Module:
     )  # fmt: skip
 
 
+def tiny() -> nn.Module:
+    # Not a benchmark: the tests run the harness's every code path on it, without the big layers' cost.
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
 MODELS = {
     "mlp": (mlp, lambda n: torch.randn(n, 784), 32),
     "cnn": (cnn, lambda n: torch.randn(n, 3, 32, 32), 32),
+    "tiny": (tiny, lambda n: torch.randn(n, 32), 32),
 }
 
 
@@ -308,7 +314,7 @@ def time_rounds(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], help="mlp, cnn; tiny: for tests only")
     parser.add_argument("--rounds", type=int, default=7, help="rounds counted (targets: medians over 7 or more)")
     # A process's first fit runs slower, for a dense one by 1.3-1.5x here: that round is not counted.
     parser.add_argument(

@@ -4,6 +4,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from tests.helpers import TwoRanks
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -17,3 +19,12 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def two_ranks():
+    """Two processes kept for the session, ranks 0 and 1 of a DDP or FSDP2 run: ``two_ranks(job, *args)`` runs
+    a job on both and returns each rank's result (tests.helpers.TwoRanks)."""
+    ranks = TwoRanks()
+    yield ranks
+    ranks.close()

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import multiprocessing
+import os
+import queue
+import socket
+import subprocess
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -217,13 +229,18 @@ class DestroyProcessGroup(Callback):
     interpreter exit ("terminate called without an active exception", SIGABRT), about 1 fit in 9 on
     a busy 2-core machine: the test then fails although the fit succeeded. Every multi-process
     Trainer of the suite gets this callback (``make_trainer`` adds it; add it to others by hand).
+    In a TwoRanks process it leaves the group alone: that group lives as long as the process.
     """
 
+    keep_group = False  # True in TwoRanks' processes
+
     def teardown(self, trainer, pl_module, stage):
-        _destroy_process_group()
+        if not self.keep_group:
+            _destroy_process_group()
 
     def on_exception(self, trainer, pl_module, exception):
-        _destroy_process_group()
+        if not self.keep_group:
+            _destroy_process_group()
 
 
 def _destroy_process_group():
@@ -253,6 +270,115 @@ def fit_plain_sgd(callbacks, **kwargs):
     pl.seed_everything(0, verbose=False)
     model = PlainSGD()
     make_trainer(callbacks, max_steps=8, use_distributed_sampler=False, **kwargs).fit(model)
+
+
+class TwoRanks:
+    """Two processes, started once and kept, as torchrun starts ranks 0 and 1 of one machine: they run jobs.
+
+    Each process gets ``LOCAL_RANK``, ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, so a Trainer a job
+    builds with ``strategy="ddp"`` (or FSDP2's ModelParallelStrategy) and ``devices=2`` joins the other rank
+    instead of starting processes of its own. Starting a process and importing Lightning takes far longer
+    than a small fit: the suite's two-process fits share one start (the ``two_ranks`` fixture). Tests of
+    what ``ddp_spawn`` itself does, such as handing results back to the main process, still use it.
+
+    The processes make their (gloo) process group when they start and keep it: every Trainer finds it
+    made. (A group destroyed and made again on the same port lets the rank that comes back first read
+    the other's old address from the old store: "Connection refused", now and then.)
+    """
+
+    def __init__(self) -> None:
+        self._workers: list[tuple[Any, Any]] | None = None
+        self._done: Any = None
+
+    def __call__(self, job: Callable[..., Any], *args: Any, timeout: float = 300.0) -> list[Any]:
+        """Runs ``job(*args)`` on both ranks; returns what it returned on rank 0 and on rank 1.
+
+        ``job`` and ``args`` must pickle (a module-level function); the results go through ``torch.save``.
+        A rank that raises fails the call with its traceback, and so does a call past ``timeout`` seconds (a
+        hung collective); either way both processes are stopped, and the next call starts two fresh ones.
+        """
+        if self._workers is None:
+            self._start()
+        with tempfile.TemporaryDirectory() as directory:
+            paths = [Path(directory) / f"rank{rank}.pt" for rank in range(2)]
+            for (_, jobs), path in zip(self._workers, paths, strict=True):
+                jobs.put((job, args, path))
+            pending, deadline = {0, 1}, time.monotonic() + timeout
+            while pending:
+                try:
+                    rank, error = self._done.get(timeout=1.0)
+                except queue.Empty:
+                    gone = [rank for rank in pending if not self._workers[rank][0].is_alive()]
+                    if gone or time.monotonic() > deadline:
+                        self.close(kill=True)
+                        why = f"rank {gone[0]} died" if gone else f"it ran past {timeout} s"
+                        raise RuntimeError(f"{job.__name__} did not finish on both ranks: {why}") from None
+                    continue
+                if error is not None:  # the other rank may wait for this one in a collective: stop both
+                    self.close(kill=True)
+                    raise RuntimeError(f"{job.__name__} failed on rank {rank}:\n{error}")
+                pending.discard(rank)
+            return [torch.load(path, weights_only=False) for path in paths]
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        with socket.socket() as s:  # a free port for the ranks' rendezvous, kept for every job
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self._done, self._workers = context.Queue(), []
+        for rank in range(2):
+            jobs = context.Queue()
+            process = context.Process(target=_rank_worker, args=(rank, port, jobs, self._done), daemon=True)
+            process.start()
+            self._workers.append((process, jobs))
+
+    def close(self, kill: bool = False) -> None:
+        """Stops both processes: after their current job, or at once with ``kill``."""
+        if not kill:
+            for _, jobs in self._workers or []:
+                jobs.put(None)
+        for process, _ in self._workers or []:
+            if not kill:
+                process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._workers = None
+
+
+def _rank_worker(rank: int, port: int, jobs: Any, done: Any) -> None:
+    """A TwoRanks process: runs each job it is given, saves the result, reports its traceback or None."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(rank))
+    # A collective that hangs raises after 2 minutes, with its traceback.
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(minutes=2))
+    DestroyProcessGroup.keep_group = True
+    while (item := jobs.get()) is not None:
+        job, args, path = item
+        error = None
+        try:
+            torch.save(job(*args), path)
+        except BaseException:
+            error = traceback.format_exc()
+        done.put((rank, error))
+    _destroy_process_group()  # before exiting: see DestroyProcessGroup
+
+
+def run_at_once(
+    commands: Mapping[str, tuple[list[str], Path | None]], timeout: float = 240.0
+) -> dict[str, subprocess.CompletedProcess]:
+    """Runs every command (name -> argv and working folder) in a fresh process, as many at a time as there are cores.
+
+    A fresh interpreter spends seconds importing torch and Lightning on one core while the test waits: the
+    cases that each need one (what a process prints, what it imports) run side by side instead.
+    Returns each command's result, text output captured, by name.
+    """
+
+    def run(command: tuple[list[str], Path | None]) -> subprocess.CompletedProcess:
+        argv, cwd = command
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+    with ThreadPoolExecutor(max_workers=min(len(commands), os.cpu_count() or 2)) as pool:
+        return dict(zip(commands, pool.map(run, commands.values()), strict=True))
 
 
 # Checks, recording callbacks and loggers.

@@ -67,14 +67,19 @@ def test_resume_is_bit_exact(tmp_path, method, optimizer, accumulate, first_epoc
     assert_same_run(straight, resumed)
 
 
-def test_resume_is_bit_exact_under_ddp(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    straight.mkdir(), resumed.mkdir()
-    ddp = dict(strategy="ddp_spawn", devices=2)
+def ddp_straight_and_resumed(straight: Path, resumed: Path) -> None:
+    """Run on each of 2 ranks: the straight DDP fit, then the interrupted one and its resumption."""
+    ddp = dict(strategy="ddp", devices=2)
     # 2 ranks: 2 steps an epoch; resume after step 4 (updates follow steps 3, 6, 9).
     _run(straight, "rigl", "adam", 5, **ddp)
     _run(resumed, "rigl", "adam", 2, **ddp)
     _run(resumed, "rigl", "adam", 5, ckpt_path=resumed / "last.ckpt", **ddp)
+
+
+def test_resume_is_bit_exact_under_ddp(tmp_path, two_ranks):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    two_ranks(ddp_straight_and_resumed, straight, resumed)
     assert_same_run(straight, resumed, ranks=2)
 
 

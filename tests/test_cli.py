@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_rigl import RigLCallback, SparsityMonitor
-from tests.helpers import CLI_TRAINER_ARGS, MLP, command_line, make_loader
+from tests.helpers import CLI_TRAINER_ARGS, MLP, command_line, make_loader, run_at_once
 
 # Every RigLCallback argument, each away from its default. MLP's weights: net.0, net.2, net.3 (LayerNorm), net.5.
 RIGL_ARGS = {
@@ -160,13 +161,13 @@ LightningCLI(MLP, run=False)
 """
 
 
-def run_script(tmp_path, *args: str, package: str = "lightning.pytorch") -> subprocess.CompletedProcess:
-    """Runs a LightningCLI script on tests.helpers.MLP (on its pytorch_lightning twin for that package)."""
+def script_command(directory: Path, *args: str, package: str = "lightning.pytorch") -> tuple[list[str], Path]:
+    """A LightningCLI script on tests.helpers.MLP (on its pytorch_lightning twin for that package), written to
+    `directory`; returns the command line that runs it there and the folder."""
     model_module = "tests.helpers_pytorch_lightning" if package == "pytorch_lightning" else "tests.helpers"
-    script = tmp_path / "train.py"
+    script = directory / "train.py"
     script.write_text(SCRIPT.format(root=str(Path(__file__).parent.parent), package=package, model_module=model_module))
-    command = [sys.executable, str(script), "--seed_everything=false", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    return [sys.executable, str(script), "--seed_everything=false", *args], directory
 
 
 def assert_one_clean_line(result: subprocess.CompletedProcess, line: str) -> None:
@@ -175,43 +176,68 @@ def assert_one_clean_line(result: subprocess.CompletedProcess, line: str) -> Non
     assert result.stderr.strip().splitlines() == [line]
 
 
-@pytest.mark.parametrize(
-    ("init_args", "message"),
-    [
-        ({"sparsity": 1.5}, "`sparsity` must be in [0, 1), got 1.5."),
-        ({"delta_t": -5}, "`delta_t` must be an int >= 1, got -5."),
-        ({"custom_sparsity": {"x": 1.5}}, "`custom_sparsity['x']` must be in [0, 1), got 1.5."),
-    ],
-    ids=["sparsity", "delta_t", "custom_sparsity"],
-)
-def test_a_refused_value_in_a_yaml_config_is_one_line_naming_the_argument(tmp_path, init_args, message):
-    callbacks = [{"class_path": "lightning_rigl.RigLCallback", "init_args": init_args}]
-    config = tmp_path / "rigl.yaml"
-    config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
-    assert_one_clean_line(run_script(tmp_path, "--config", str(config)), f"train.py: error: RigLCallback: {message}")
+# A refused value in a YAML config: (the callback's init_args, the message).
+YAML_CASES = {
+    "sparsity": ({"sparsity": 1.5}, "`sparsity` must be in [0, 1), got 1.5."),
+    "delta_t": ({"delta_t": -5}, "`delta_t` must be an int >= 1, got -5."),
+    "custom_sparsity": ({"custom_sparsity": {"x": 1.5}}, "`custom_sparsity['x']` must be in [0, 1), got 1.5."),
+}
 
 
-def test_a_refused_value_on_the_command_line_is_one_line_naming_the_argument(tmp_path):
-    result = run_script(tmp_path, "--trainer.callbacks+=lightning_rigl.RigLCallback", "--trainer.callbacks.delta_t=-5")
-    assert_one_clean_line(result, "train.py: error: RigLCallback: `delta_t` must be an int >= 1, got -5.")
-
-
-def test_a_value_sparsity_monitor_refuses_is_one_line_naming_the_argument(tmp_path):
-    result = run_script(
-        tmp_path, "--trainer.callbacks+=lightning_rigl.SparsityMonitor", "--trainer.callbacks.example_batch_size=0"
+@pytest.fixture(scope="module")
+def refused_runs(tmp_path_factory):
+    """The results of the scripts the refused-value tests run: each a fresh process, all started together."""
+    commands = {}
+    for case, (init_args, _) in YAML_CASES.items():
+        directory = tmp_path_factory.mktemp(f"yaml-{case}")
+        callbacks = [{"class_path": "lightning_rigl.RigLCallback", "init_args": init_args}]
+        config = directory / "rigl.yaml"
+        config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+        commands[f"yaml-{case}"] = script_command(directory, "--config", str(config))
+    commands["command-line"] = script_command(
+        tmp_path_factory.mktemp("command-line"),
+        "--trainer.callbacks+=lightning_rigl.RigLCallback",
+        "--trainer.callbacks.delta_t=-5",
     )
+    commands["monitor"] = script_command(
+        tmp_path_factory.mktemp("monitor"),
+        "--trainer.callbacks+=lightning_rigl.SparsityMonitor",
+        "--trainer.callbacks.example_batch_size=0",
+    )
+    if importlib.util.find_spec("pytorch_lightning") is not None:
+        args = [
+            "--trainer.callbacks+=lightning_rigl.pytorch_lightning.RigLCallback",
+            "--trainer.callbacks.sparsity=1.5",
+        ]
+        commands["pytorch_lightning"] = script_command(
+            tmp_path_factory.mktemp("pytorch_lightning"), *args, package="pytorch_lightning"
+        )
+    return run_at_once(commands)
+
+
+@pytest.mark.parametrize("case", list(YAML_CASES))
+def test_a_refused_value_in_a_yaml_config_is_one_line_naming_the_argument(refused_runs, case):
+    _, message = YAML_CASES[case]
+    assert_one_clean_line(refused_runs[f"yaml-{case}"], f"train.py: error: RigLCallback: {message}")
+
+
+def test_a_refused_value_on_the_command_line_is_one_line_naming_the_argument(refused_runs):
+    line = "train.py: error: RigLCallback: `delta_t` must be an int >= 1, got -5."
+    assert_one_clean_line(refused_runs["command-line"], line)
+
+
+def test_a_value_sparsity_monitor_refuses_is_one_line_naming_the_argument(refused_runs):
     line = (
         "train.py: error: SparsityMonitor: `example_batch_size` must be None (dim 0 of the example input) "
         "or an int >= 1, got 0."
     )
-    assert_one_clean_line(result, line)
+    assert_one_clean_line(refused_runs["monitor"], line)
 
 
-def test_a_refused_value_under_pytorch_lightning_cli_is_one_line_naming_the_argument(tmp_path):
+def test_a_refused_value_under_pytorch_lightning_cli_is_one_line_naming_the_argument(refused_runs):
     pytest.importorskip("pytorch_lightning")
-    args = ["--trainer.callbacks+=lightning_rigl.pytorch_lightning.RigLCallback", "--trainer.callbacks.sparsity=1.5"]
-    result = run_script(tmp_path, *args, package="pytorch_lightning")
-    assert_one_clean_line(result, "train.py: error: RigLCallback: `sparsity` must be in [0, 1), got 1.5.")
+    line = "train.py: error: RigLCallback: `sparsity` must be in [0, 1), got 1.5."
+    assert_one_clean_line(refused_runs["pytorch_lightning"], line)
 
 
 def test_a_value_outside_a_literal_is_refused_at_parse_time(capsys):

@@ -1,6 +1,8 @@
 """Data-parallel RigL on CPU with 2 processes (gloo): the masks one device would give, and held by the main
 process after a ddp_spawn fit."""
 
+import re
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -18,22 +20,21 @@ from lightning_rigl.adapters.strategies import check_strategy
 from lightning_rigl.core import num_active
 from tests.helpers import MLP, distributed_rigl, fit_plain_sgd, make_loader, make_trainer
 
+METHODS = ["rigl", "set", "snfs"]
+
 
 class SaveMasks(Callback):
-    """Checks exact counts on every rank after each batch, then saves the rank's masks."""
+    """Checks exact counts on every rank after each batch, then keeps the rank's masks and update count."""
 
-    def __init__(self, rigl, directory):
-        self.rigl, self.directory = rigl, directory
+    def __init__(self, rigl):
+        self.rigl, self.saved = rigl, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         for name, mask in self.rigl.masks.items():
             assert int(mask.sum()) == num_active(mask.numel(), self.rigl.sparse.sparsities[name])
 
     def on_train_end(self, trainer, pl_module):
-        masks = self.rigl.masks
-        torch.save(
-            {"masks": masks, "updates": self.rigl.sparse.updates}, self.directory / f"rank{trainer.global_rank}.pt"
-        )
+        self.saved = {"masks": self.rigl.masks, "updates": self.rigl.sparse.updates}
 
 
 class PlantDivergence(Callback):
@@ -51,25 +52,50 @@ class PlantDivergence(Callback):
             self.rigl.sparse.set_masks(masks)
 
 
-@pytest.mark.parametrize("method", ["rigl", "set", "snfs"])
-def test_ddp_masks_agree_across_ranks_and_with_one_process_on_the_whole_batch(tmp_path, method):
-    rigl = distributed_rigl(method)
-    fit_plain_sgd([rigl, SaveMasks(rigl, tmp_path)], strategy="ddp_spawn", devices=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def ddp_fits() -> dict:
+    """Run on each of 2 ranks: a DDP fit of every method, then one with a divergence planted on rank 1.
+
+    Returns the rank's masks and update count for each method, and the error the planted fit raised.
+    """
+    results = {}
+    for method in METHODS:
+        rigl = distributed_rigl(method)
+        saver = SaveMasks(rigl)
+        fit_plain_sgd([rigl, saver], strategy="ddp", devices=2)
+        results[method] = saver.saved
+    rigl = distributed_rigl("rigl")
+    results["divergence"] = None
+    try:
+        fit_plain_sgd([rigl, PlantDivergence(rigl)], strategy="ddp", devices=2)
+    except Exception as error:  # the test reads what was raised
+        results["divergence"] = f"{type(error).__name__}: {error}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(two_ranks):
+    """Each rank's results of ``ddp_fits``, run once for the module's tests."""
+    return two_ranks(ddp_fits)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_masks_agree_across_ranks_and_with_one_process_on_the_whole_batch(ddp_ranks, method):
+    ranks = [rank[method] for rank in ddp_ranks]
     assert ranks[0]["updates"] == ranks[1]["updates"] == 4
     for name in ranks[0]["masks"]:
         assert torch.equal(ranks[0]["masks"][name], ranks[1]["masks"][name]), name
 
     single = distributed_rigl(method)
     fit_plain_sgd([single])
+    assert list(single.masks) == list(ranks[0]["masks"])
     for name, mask in single.masks.items():
         assert torch.equal(mask, ranks[0]["masks"][name]), name
 
 
-def test_planted_divergence_raises_naming_the_layer(tmp_path):
-    rigl = distributed_rigl("rigl")
-    with pytest.raises(Exception, match=r"masks differ across ranks for \['net.2.weight'\]"):
-        fit_plain_sgd([rigl, PlantDivergence(rigl)], strategy="ddp_spawn", devices=2)
+def test_planted_divergence_raises_naming_the_layer(ddp_ranks):
+    for rank in ddp_ranks:  # the check is collective: every rank raises
+        assert rank["divergence"] is not None, "the planted divergence went unnoticed"
+        assert re.search(r"masks differ across ranks for \['net.2.weight'\]", rank["divergence"]), rank["divergence"]
 
 
 class SaveRankZeroMasks(Callback):

@@ -242,12 +242,17 @@ class SaveRankState(Callback):
         torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
 
 
-def test_ddp_ranks_keep_identical_masks_on_sparse_kernels(tmp_path):
+def ddp_fit_on_sparse_kernels(directory: Path) -> None:
+    """Run on each of 2 ranks: a DDP fit on sparse kernels that saves the rank's state in `directory`."""
     pl.seed_everything(0, verbose=False)
     rigl = RigLCallback(0.8, delta_t=2, t_end=100, alpha=0.5, seed=5, kernels="sparse")
-    make_trainer([rigl, SaveRankState(rigl, tmp_path)], max_steps=8, strategy="ddp_spawn", devices=2).fit(
+    make_trainer([rigl, SaveRankState(rigl, directory)], max_steps=8, strategy="ddp", devices=2).fit(
         MLP(), make_loader()
     )
+
+
+def test_ddp_ranks_keep_identical_masks_on_sparse_kernels(tmp_path, two_ranks):
+    two_ranks(ddp_fit_on_sparse_kernels, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["updates"] == ranks[1]["updates"] == 4
     assert ranks[0]["choices"] == ranks[1]["choices"] == dict.fromkeys(MASKED, "sparse")

@@ -3,13 +3,13 @@
 import json
 import sys
 import warnings
-from datetime import timedelta
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn import functional as F
@@ -472,15 +472,21 @@ class _SaveRankMetrics(Callback):
         (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(metrics))
 
 
-def test_logs_under_two_process_ddp_without_deadlock(tmp_path):
-    # A collective behind rank_zero_only would hang: the timeout turns a hang into an error.
-    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))
+def ddp_fit_with_the_monitor(directory: Path) -> None:
+    """Run on each of 2 ranks: a DDP fit with SparsityMonitor logging to a CSV file in `directory`."""
+    # A collective behind rank_zero_only would hang: the ranks' process group times out (TwoRanks makes it
+    # with a 2-minute timeout), which turns a hang into an error.
+    pl.seed_everything(0, verbose=False)
     rigl = RigLCallback(sparsity=0.8, delta_t=3, t_end=100)
-    callbacks = [SparsityMonitor(), rigl, _SaveRankMetrics(tmp_path)]
+    callbacks = [SparsityMonitor(), rigl, _SaveRankMetrics(directory)]
     trainer = make_trainer(
-        callbacks, devices=2, strategy=strategy, max_steps=8, log_every_n_steps=4, logger=CSVLogger(tmp_path)
+        callbacks, devices=2, strategy="ddp", max_steps=8, log_every_n_steps=4, logger=CSVLogger(directory)
     )
     trainer.fit(example_mlp(), make_loader(256, 16))
+
+
+def test_logs_under_two_process_ddp_without_deadlock(tmp_path, two_ranks):
+    two_ranks(ddp_fit_with_the_monitor, tmp_path)
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and set(ranks[0]) >= SPARSITY_KEYS | FLOPS_KEYS | RIGL_KEYS

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -31,6 +30,7 @@ from tests.helpers import (  # noqa: E402
     QUIET_TRAINER,  # noqa: E402
     DestroyProcessGroup,
     command_line,
+    run_at_once,
 )
 from tests.helpers import RecordingLogger as LightningRecordingLogger  # noqa: E402
 from tests.helpers_pytorch_lightning import MLP  # noqa: E402
@@ -182,8 +182,9 @@ def test_refused_arguments_raise_both_packages_misconfiguration_exception(kwargs
     assert isinstance(error.value, Lightning)
 
 
-def test_lightning_rigl_imports_and_trains_without_pytorch_lightning_installed():
-    code = (
+# Programs for fresh interpreters: what one imports depends on everything imported before it.
+FRESH = {
+    "without-pytorch-lightning": (
         "import sys; sys.modules['pytorch_lightning'] = None; sys.modules['lightning_fabric'] = None\n"
         "import lightning.pytorch as L\n"
         "from lightning_rigl import RigLCallback\n"
@@ -192,14 +193,8 @@ def test_lightning_rigl_imports_and_trains_without_pytorch_lightning_installed()
         "L.Trainer(accelerator='cpu', max_steps=4, logger=False, enable_checkpointing=False,\n"
         "          enable_progress_bar=False, enable_model_summary=False, callbacks=[rigl]).fit(MLP(), make_loader())\n"
         "print(rigl.sparse.updates)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split()[-1] == "1"
-
-
-def test_a_lightning_fit_does_not_import_pytorch_lightning():
-    code = (
+    ),
+    "lightning-fit": (
         "import sys\n"
         "import lightning.pytorch as L\n"
         "from lightning_rigl import RigLCallback, SparsityMonitor\n"
@@ -208,8 +203,24 @@ def test_a_lightning_fit_does_not_import_pytorch_lightning():
         "L.Trainer(accelerator='cpu', max_steps=2, logger=False, enable_checkpointing=False,\n"
         "          callbacks=[RigLCallback(0.8), SparsityMonitor(plot=False, table=False)]).fit(model, make_loader())\n"
         "print('pytorch_lightning' in sys.modules)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def fresh_runs():
+    """The results of the FRESH programs, each in a fresh interpreter, side by side."""
+    return run_at_once({name: ([sys.executable, "-c", code], None) for name, code in FRESH.items()}, timeout=120)
+
+
+def test_lightning_rigl_imports_and_trains_without_pytorch_lightning_installed(fresh_runs):
+    result = fresh_runs["without-pytorch-lightning"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "1"
+
+
+def test_a_lightning_fit_does_not_import_pytorch_lightning(fresh_runs):
+    result = fresh_runs["lightning-fit"]
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "False"
 

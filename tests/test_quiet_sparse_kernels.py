@@ -1,10 +1,11 @@
 """What the sparse kernels print: nothing of torch's that a user cannot act on."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_at_once
 
 ROOT = Path(__file__).parent.parent
 
@@ -42,13 +43,22 @@ print("warnings:", [str(w.message) for w in caught])
 """
 
 
-@pytest.mark.parametrize("case", [TRAIN, SPARSIFY], ids=["fit", "sparsify"])
-def test_the_first_sparse_kernel_call_does_not_print_torchs_beta_warning(case):
-    body = "\n".join(f"    {line}" if line else "" for line in case.strip().splitlines())
-    script = RECORD.format(case=body)
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
-    )
+CASES = {"fit": TRAIN, "sparsify": SPARSIFY}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Each case's output, run in a fresh interpreter (the cases side by side)."""
+    commands = {}
+    for name, case in CASES.items():
+        body = "\n".join(f"    {line}" if line else "" for line in case.strip().splitlines())
+        commands[name] = ([sys.executable, "-c", RECORD.format(case=body)], ROOT)
+    return run_at_once(commands, timeout=120)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_first_sparse_kernel_call_does_not_print_torchs_beta_warning(runs, case):
+    done = runs[case]
     assert done.returncode == 0, done.stderr
     assert "sparse kernels: []" not in done.stdout  # the sparse path ran
     assert "warnings:" in done.stdout

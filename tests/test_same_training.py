@@ -471,19 +471,27 @@ def clip_bucket_then_allreduce(state, bucket):
     return allreduce_hook(state, bucket)
 
 
-def test_a_ddp_communication_hook_sees_the_same_gradients_on_either_kernels():
+def comm_hook_fits() -> list:
+    """Run on each of 2 ranks: a DDP fit whose communication hook reads the gradients, on either kernels.
+
+    Returns the rank's masks and weights after each fit, sparse kernels' first.
+    """
     from lightning.pytorch.strategies import DDPStrategy
 
     runs = []
     for kernels in ("sparse", "dense"):
         pl.seed_everything(0, verbose=False)
         rigl = RigLCallback(0.8, delta_t=3, t_end=100, alpha=0.5, seed=1, kernels=kernels)
-        strategy = DDPStrategy(start_method="spawn", ddp_comm_hook=clip_bucket_then_allreduce)
+        strategy = DDPStrategy(ddp_comm_hook=clip_bucket_then_allreduce)
         model = Net()
         trainer = make_trainer([rigl], max_steps=8, precision="64-true", devices=2, strategy=strategy)
         trainer.fit(model, make_loader(seed=3))
-        runs.append((rigl.masks, model.state_dict()))  # rank 0's, handed back to this process
-    (masks_s, weights_s), (masks_d, weights_d) = runs
-    assert masks_d and all(torch.equal(masks_s[name], mask) for name, mask in masks_d.items())
-    for name, value in weights_d.items():
-        torch.testing.assert_close(weights_s[name], value, rtol=1e-10, atol=1e-12)
+        runs.append((rigl.masks, model.state_dict()))
+    return runs
+
+
+def test_a_ddp_communication_hook_sees_the_same_gradients_on_either_kernels(two_ranks):
+    for (masks_s, weights_s), (masks_d, weights_d) in two_ranks(comm_hook_fits):
+        assert masks_d and all(torch.equal(masks_s[name], mask) for name, mask in masks_d.items())
+        for name, value in weights_d.items():
+            torch.testing.assert_close(weights_s[name], value, rtol=1e-10, atol=1e-12)
