@@ -94,8 +94,8 @@ def test_mask_dtype_times_every_variant(monkeypatch, tmp_path):
     assert {row["bytes_per_weight"] for row in rows.values()} == {1, 2, 4}
 
 
-def test_overhead_times_a_fit_with_compact_storage(tmp_path):
-    args = ("--models", "mlp", "--runs", "dense", "rigl-compact", "--rounds", "1", "--warmup-rounds", "0")
-    result = _run("overhead.py", *args, "--steps", "3", "--warmup", "1", "--block", "2", out=tmp_path / "c.json")
-    rows = result["results"]["mlp"]
+def test_overhead_times_a_fit_with_compact_storage(monkeypatch, tmp_path):
+    args = ("--models", "tiny", "--runs", "dense", "rigl-compact", "--rounds", "1", "--warmup-rounds", "0")
+    args += ("--steps", "3", "--warmup", "1", "--block", "2")
+    rows = run_main(monkeypatch, "overhead", *args, out=tmp_path / "c.json")["results"]["tiny"]
     assert list(rows) == ["dense", "rigl-compact"] and all(row["median_ms"] > 0 for row in rows.values())
