@@ -252,3 +252,18 @@ def test_training_never_builds_a_compact_layers_dense_weight(monkeypatch):
     model, rigl = fit("compact", "adam", steps=6)
     assert rigl.sparse.updates >= 2 and all(is_compact(model.get_submodule(name)) for name in LINEARS)
     assert reads == []
+
+
+def test_sparsity_monitor_counts_compact_layers_flops_as_the_dense_run_does():
+    logged = {}
+    for storage in ("dense", "compact"):
+        torch.manual_seed(0)
+        logger, model = RecordingLogger(), F64Net()
+        model.example_input_array = torch.randn(2, 12, dtype=torch.float64)
+        monitor = SparsityMonitor(table=False, plot=False)
+        make_trainer([compact_rigl(storage), monitor], max_steps=4, logger=logger).fit(model, f64_loader())
+        last = logger.monitored()[max(logger.monitored())]
+        logged[storage] = {key: value for key, value in last.items() if key.startswith("flops/")}
+        assert set(monitor.flops.per_layer) == {f"{name}.weight" for name in LINEARS}
+    assert logged["compact"]["flops/sparse_ratio"] < 0.5  # the masks' zeros counted, not a dense 1.0
+    assert logged["compact"] == pytest.approx(logged["dense"], rel=1e-12)

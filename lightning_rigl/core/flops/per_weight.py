@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,6 +89,27 @@ class FlopsByWeight(TorchDispatchMode):
         # the weight): a freed copy's id may be reused, the reference tells.
         self.casts: dict[int, tuple[weakref.ref, str, nn.Parameter]] = {}
         self.uncounted: list[str] = []
+        # The compact layers (RigLCallback(storage="compact")) whose forward runs: (weight name, density). Their
+        # product multiplies by a sparse tensor made from their active values, no Parameter of the model.
+        self._compact: list[tuple[str, float]] = []
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> FlopsByWeight:
+        for prefix, module in self.model.named_modules():
+            if hasattr(module, "weight_values") and hasattr(module, "compact_structure"):
+                entry = (f"{prefix}.weight" if prefix else "weight", module.nnz / math.prod(module.stored_shape))
+                self._hooks.append(module.register_forward_pre_hook(lambda *_, e=entry: self._compact.append(e)))
+                self._hooks.append(module.register_forward_hook(self._compact_done))
+        return super().__enter__()
+
+    def _compact_done(self, *_: Any) -> None:
+        self._compact.pop()  # returns None: a forward hook's return value would replace the output
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         before = self.counter.get_total_flops()
@@ -100,7 +122,11 @@ class FlopsByWeight(TorchDispatchMode):
                 self.casts[id(out)] = (weakref.ref(out), *weight)
         if counted:
             weight = self._weight_operand(args, kwargs)
-            if weight is not None:
+            if weight is None and self._compact:  # a compact layer's product: charged to its weight's name
+                name, density = self._compact[-1]
+                self.flops[name] = self.flops.get(name, 0) + counted
+                self.density.setdefault(name, density)
+            elif weight is not None:
                 name, param = weight
                 self.flops[name] = self.flops.get(name, 0) + counted
                 if name not in self.density:
