@@ -487,7 +487,6 @@ def ddp_fit_with_the_monitor(directory: Path) -> None:
 
 def test_logs_under_two_process_ddp_without_deadlock(tmp_path, two_ranks):
     two_ranks(ddp_fit_with_the_monitor, tmp_path)
-
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and set(ranks[0]) >= SPARSITY_KEYS | FLOPS_KEYS | RIGL_KEYS
     f_s = ranks[0]["flops/sparse_forward"]
