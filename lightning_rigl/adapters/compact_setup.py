@@ -24,7 +24,6 @@ from lightning_rigl.core.sparsity.distributions import resolve_sparsities
 from lightning_rigl.core.sparsity.selection import is_masked_module, select_parameters
 from lightning_rigl.core.storage.compaction import (
     DrawnMasks,
-    check_elementwise_optimizers,
     make_layers_compact,
 )
 from lightning_rigl.core.storage.construct import densify
@@ -134,8 +133,6 @@ class CompactStorage:
         layers = {id(run.compact.values(name)): layer for name, layer in run.compact.layers.items()}
         for saved, optimizer in zip((checkpoint or {}).get("optimizer_states", []), optimizers, strict=False):
             compact_optimizer_state(saved, unwrap_optimizer(optimizer), layers)
-        values = [run.compact.values(name) for name in run.compact]
-        check_elementwise_optimizers([unwrap_optimizer(optimizer) for optimizer in optimizers], values)
         wrong = {name: str(run.compact.values(name).dtype) for name in run.compact}
         wrong = {name: dtype for name, dtype in wrong.items() if dtype not in ("torch.float32", "torch.float64")}
         if wrong:

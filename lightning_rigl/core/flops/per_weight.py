@@ -14,6 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from lightning_rigl.core.storage.layer import is_compact
+
 
 def count_by_weight(model: nn.Module, example_input: Any) -> FlopsByWeight:
     """One forward pass under ``FlopCounterMode``, its FLOPs charged to the weights.
@@ -96,7 +98,7 @@ class FlopsByWeight(TorchDispatchMode):
 
     def __enter__(self) -> FlopsByWeight:
         for prefix, module in self.model.named_modules():
-            if hasattr(module, "weight_values") and hasattr(module, "compact_structure"):
+            if is_compact(module):
                 entry = (f"{prefix}.weight" if prefix else "weight", module.nnz / math.prod(module.stored_shape))
                 self._hooks.append(module.register_forward_pre_hook(lambda *_, e=entry: self._compact.append(e)))
                 self._hooks.append(module.register_forward_hook(self._compact_done))

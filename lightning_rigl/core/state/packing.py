@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-_BITS = 2 ** torch.arange(8, dtype=torch.uint8)
+#: The value of each bit of a packed byte, bit 0 first (little-endian bit order).
+BIT_VALUES = 2 ** torch.arange(8, dtype=torch.uint8)
 
 
 def pack_bits(mask: Tensor) -> Tensor:
@@ -20,7 +21,7 @@ def pack_bits(mask: Tensor) -> Tensor:
     """
     flat = mask.detach().reshape(-1).to("cpu", torch.uint8)
     flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
-    return (flat.view(-1, 8) * _BITS).sum(dim=1, dtype=torch.uint8)
+    return (flat.view(-1, 8) * BIT_VALUES).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -36,5 +37,5 @@ def unpack_bits(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
         raise ValueError(
             f"A packed mask of shape {tuple(shape)} needs {-(-numel // 8)} uint8 bytes, got {packed.numel()}."
         )
-    bits = packed.reshape(-1, 1).bitwise_and(_BITS).ne(0)
+    bits = packed.reshape(-1, 1).bitwise_and(BIT_VALUES).ne(0)
     return bits.reshape(-1)[:numel].reshape(shape)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_rigl.core.topology.initial_masks import permutation
+
 #: Weights up to which positions come from ``torch.randperm``, as :func:`~lightning_rigl.core.topology.random_mask`.
 PERMUTATION_LIMIT = 2**27
 #: Draws at a time above it: their temporaries (about 40 bytes a draw) stay near 10 MB.
@@ -48,18 +50,6 @@ def draw_positions(
     if numel <= permutation_limit:
         return torch.sort(permutation(numel, generator)[:n_active]).values.long()
     return _distinct_draws(numel, n_active, generator)
-
-
-def permutation(numel: int, generator: torch.Generator) -> Tensor:
-    """``torch.randperm(numel)`` from ``generator``, in int32 where it fits: the same permutation, half the bytes.
-
-    Example:
-        >>> reference = torch.randperm(9, generator=torch.Generator().manual_seed(1))
-        >>> torch.equal(permutation(9, torch.Generator().manual_seed(1)).long(), reference)
-        True
-    """
-    # The same draws and the same values whatever the dtype (the generator ends in the same state).
-    return torch.randperm(numel, generator=generator, dtype=torch.int32 if numel < 2**31 else torch.int64)
 
 
 def _distinct_draws(numel: int, n_active: int, generator: torch.Generator) -> Tensor:

@@ -9,11 +9,10 @@ layer's size is ever made.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from lightning_rigl.core.state.packing import BIT_VALUES
 from lightning_rigl.core.topology.top_k import index_dtype
 
 #: Bytes of bits read at a time to count them: bounds the counting's temporaries.
@@ -76,7 +75,7 @@ class EverActive:
         for start in range(0, self._bits.numel(), _COUNT_CHUNK):
             part = self._bits[start : start + _COUNT_CHUNK]
             at = part.nonzero().flatten()  # the bytes with any bit set, then their bits
-            bits = part.index_select(0, at).reshape(-1, 1).bitwise_and(_bit_values(part.device)).ne(0)
+            bits = part.index_select(0, at).reshape(-1, 1).bitwise_and(BIT_VALUES.to(part.device)).ne(0)
             found.append(((at + start) * 8).reshape(-1, 1).add(torch.arange(8, device=part.device))[bits])
         return torch.cat(found) if found else torch.empty(0, dtype=torch.long)
 
@@ -99,19 +98,15 @@ class EverActive:
 
     def _to_bits_if_smaller(self) -> None:
         assert self._list is not None
-        if self._list.numel() * self._list.element_size() > math.ceil(self.numel / 8):
+        if self._list.numel() * self._list.element_size() > -(-self.numel // 8):
             bits = torch.zeros(-(-self.numel // 8), dtype=torch.uint8, device=self._list.device)
             _set_bits(bits, self._list.long())
             self._bits, self._list = bits, None
 
 
-def _bit_values(device: torch.device) -> Tensor:
-    return (2 ** torch.arange(8, dtype=torch.int16)).to(device, torch.uint8)
-
-
 def _set_bits(bits: Tensor, positions: Tensor) -> int:
     """Set the bits at ``positions`` (distinct, int64); returns how many were not set before."""
-    byte, bit = positions.div(8, rounding_mode="floor"), _bit_values(bits.device).index_select(0, positions % 8)
+    byte, bit = positions.div(8, rounding_mode="floor"), BIT_VALUES.to(bits.device).index_select(0, positions % 8)
     unset = bits.index_select(0, byte).bitwise_and(bit).eq(0)
     byte, bit = byte.masked_select(unset), bit.masked_select(unset)
     # Distinct positions not yet set: adding each bit's value to its byte sets it, as an OR would.

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_rigl.core.topology.top_k import index_dtype
+
 
 def num_active(numel: int, sparsity: float) -> int:
     """Active weights of a layer of ``numel`` weights at ``sparsity``: ``numel - floor(sparsity * numel)``.
@@ -30,10 +32,20 @@ def random_mask(shape: torch.Size | tuple[int, ...], n_active: int, generator: t
     """
     numel = math.prod(shape)
     mask = torch.zeros(numel, dtype=torch.bool)
-    # int32 where it fits: the same permutation as int64 from the same draws, at half the bytes for a moment.
-    order = torch.randperm(numel, generator=generator, dtype=torch.int32 if numel < 2**31 else torch.int64)
-    mask[order[:n_active].long()] = True
+    mask[permutation(numel, generator)[:n_active].long()] = True
     return mask.view(shape)
+
+
+def permutation(numel: int, generator: torch.Generator) -> Tensor:
+    """``torch.randperm(numel)`` from ``generator``, in int32 where it fits: the same permutation, half the bytes.
+
+    Example:
+        >>> reference = torch.randperm(9, generator=torch.Generator().manual_seed(1))
+        >>> torch.equal(permutation(9, torch.Generator().manual_seed(1)).long(), reference)
+        True
+    """
+    # The same draws and the same values whatever the dtype (the generator ends in the same state).
+    return torch.randperm(numel, generator=generator, dtype=index_dtype(numel))
 
 
 def random_masks(
