@@ -24,6 +24,7 @@ from lightning_rigl.core.storage.construct import logical_coordinates
 from lightning_rigl.core.storage.layer import CompactLayer
 from lightning_rigl.core.storage.structure import CompactStructure, csr_rows
 from lightning_rigl.core.topology.candidates import DEFAULT_CHUNK, GrowCandidates, grow_candidates
+from lightning_rigl.core.topology.drop_grow import grow_from_candidates
 from lightning_rigl.core.topology.methods import ScoreFn, gradient_magnitude
 from lightning_rigl.core.topology.optim_state import reset_optimizer_state
 from lightning_rigl.core.topology.top_k import top_k_indices
@@ -199,7 +200,7 @@ def compact_drop_and_grow(
     dropped_at = top_k_indices(magnitude, k, largest=False)  # stored order: ties to the lower flat index
     del magnitude
     dropped = view.flat(dropped_at).to(candidates.index.dtype)
-    grown = _grow(candidates, dropped, k)
+    grown = grow_from_candidates(candidates, dropped)
     new = grown.masked_select(~_members(grown, dropped)).long()
     gone_at = dropped_at.masked_select(~_members(dropped, torch.sort(grown).values))
     gone, gone_slots = view.flat(gone_at), view.slots(gone_at)
@@ -214,20 +215,6 @@ def _members(values: Tensor, ascending: Tensor) -> Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     at = torch.searchsorted(ascending, values).clamp_(max=ascending.numel() - 1)
     return ascending.index_select(0, at) == values
-
-
-def _grow(candidates: GrowCandidates, dropped: Tensor, k: int) -> Tensor:
-    """The ``k`` grown flat positions among the inactive candidates and the dropped positions with a saved score."""
-    saved = candidates.active_index
-    if saved.numel():
-        at = torch.searchsorted(saved, dropped.to(saved.dtype)).clamp_(max=saved.numel() - 1)
-        found = saved.index_select(0, at) == dropped
-    else:
-        # No active position kept a score: none of the dropped is found (`at` is not read, but sized alike).
-        at, found = torch.zeros_like(dropped, dtype=torch.long), torch.zeros_like(dropped, dtype=torch.bool)
-    scores = torch.cat([candidates.values, candidates.active_values.index_select(0, at.masked_select(found))])
-    index = torch.cat([candidates.index, dropped.masked_select(found)])
-    return index.index_select(0, top_k_indices(scores, k, index=index))
 
 
 def _rewrite(layer: CompactLayer, gone: Tensor, new: Tensor, optimizers: Iterable[torch.optim.Optimizer]) -> None:

@@ -90,13 +90,35 @@ def select_drop_grow(
         ([1, 3], [1, 4])
 
     """
-    k = candidates.k
-    dropped = smallest_active(mask, weight, k, chunk_size=chunk_size)
-    # The scores of the dropped positions where saved; an unsaved one loses to k inactive candidates.
+    dropped = smallest_active(mask, weight, candidates.k, chunk_size=chunk_size)
+    return dropped.long(), grow_from_candidates(candidates, dropped).long()
+
+
+def grow_from_candidates(candidates: GrowCandidates, dropped: Tensor) -> Tensor:
+    """The ``k`` grown flat positions, among the inactive candidates and the ``dropped`` ones with a saved score.
+
+    Every storage grows through this one selection, so they grow alike. A dropped position whose score was
+    not saved loses to the ``k`` inactive candidates.
+
+    Args:
+        candidates: The layer's grow candidates, read before its drop.
+        dropped: The flat positions just dropped.
+
+    Returns:
+        ``candidates.k`` flat positions, in a deterministic order (ties to the lower index).
+
+    Example:
+        >>> from lightning_rigl.core.topology.candidates import grow_candidates
+        >>> found = grow_candidates(torch.tensor([0, 1, 0, 1]), 1, lambda a, b: torch.tensor([1.0, 9, 2, 0])[a:b])
+        >>> grow_from_candidates(found, torch.tensor([1])).tolist()  # the dropped one had the best score
+        [1]
+    """
     saved = candidates.active_index
-    at = torch.searchsorted(saved, dropped.to(saved.dtype), out_int32=True).clamp_(max=max(saved.numel() - 1, 0))
-    found = (saved.index_select(0, at) == dropped) if saved.numel() else torch.zeros_like(dropped, dtype=torch.bool)
+    if saved.numel():
+        at = torch.searchsorted(saved, dropped.to(saved.dtype)).clamp_(max=saved.numel() - 1)
+        found = saved.index_select(0, at) == dropped
+    else:  # no active position kept a score: none of the dropped is found (`at`, unread, sized alike)
+        at, found = torch.zeros_like(dropped, dtype=torch.long), torch.zeros_like(dropped, dtype=torch.bool)
     values = torch.cat([candidates.values, candidates.active_values.index_select(0, at.masked_select(found))])
     index = torch.cat([candidates.index, dropped.masked_select(found)])
-    grown = index.index_select(0, top_k_indices(values, k, index=index))
-    return dropped.long(), grown.long()
+    return index.index_select(0, top_k_indices(values, candidates.k, index=index))
