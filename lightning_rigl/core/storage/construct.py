@@ -90,7 +90,7 @@ def make_compact(
         default_init(module, None if init is not None else values, made_bias, fan_in=logical[1], generator=generator)
     else:
         structure = structure.to(weight.device)
-        values = weight.detach().reshape(-1).index_select(0, structure.stored_index(in_out))
+        values = structure.gather(weight, in_out)
     _swap_in(module, nn.Parameter(values, requires_grad=weight.requires_grad), structure, stored_shape, in_out)
     return module  # type: ignore[return-value]
 
@@ -179,6 +179,6 @@ def restructure(module: CompactLayer, mask: Tensor, dense: Tensor | None = None)
     in_out, logical = module.weight_in_out, module.compact_structure.shape
     rows, cols = logical_coordinates(mask.reshape(-1).nonzero().flatten().cpu(), module.stored_shape, in_out)
     structure, _ = CompactStructure.from_coordinates(rows, cols, logical)
-    values = dense.detach().reshape(-1).index_select(0, structure.stored_index(in_out).to(dense.device))
+    values = structure.gather(dense, in_out)
     module.compact_structure = structure.to(module.weight_values.device)
     module.weight_values.copy_(values)

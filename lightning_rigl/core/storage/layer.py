@@ -122,8 +122,7 @@ class CompactLayer(nn.Module):
             # An ordinary (dense) state_dict: the values at this layer's active positions. A weak reference to the
             # dense weight (alive while its checkpoint is) serves a run that resumes the dense run's masks.
             assert isinstance(state_dict, dict)
-            index = self._structure_on(self.weight_values).stored_index(self.weight_in_out).to(dense.device)
-            state_dict[prefix + VALUES] = dense.reshape(-1).index_select(0, index)
+            state_dict[prefix + VALUES] = self._structure_on(self.weight_values).gather(dense, self.weight_in_out)
             state_dict[f"{prefix}_extra_state"] = self.get_extra_state()
             del state_dict[prefix + "weight"]
             self.__dict__["loaded_dense"] = weakref.ref(dense)

@@ -113,7 +113,7 @@ def compact_state_dict(
         logical = mask.t() if in_out else mask
         rows, cols = logical.nonzero().unbind(1)
         structure, _ = CompactStructure.from_coordinates(rows, cols, tuple(logical.shape))
-        result[prefix + VALUES] = value.reshape(-1).index_select(0, structure.stored_index(in_out).to(value.device))
+        result[prefix + VALUES] = structure.gather(value, in_out)
         extras[prefix + _EXTRA] = {
             "format": FORMAT,
             "stored_shape": tuple(value.shape),
@@ -142,7 +142,6 @@ def compact_optimizer_state(saved: Mapping[str, Any], optimizer: Any, layers: Ma
         layer, state = layers.get(id(param)), saved["state"].get(index)
         if layer is None or state is None:
             continue
-        stored = layer.compact_structure.stored_index(layer.weight_in_out)
         for key, value in state.items():
             if isinstance(value, Tensor) and tuple(value.shape) == tuple(layer.stored_shape):
-                state[key] = value.reshape(-1).index_select(0, stored.to(value.device))
+                state[key] = layer.compact_structure.gather(value, layer.weight_in_out)

@@ -151,6 +151,16 @@ class CompactStructure:
         rows, cols = self.rows(), self.col.long()
         return cols * out_features + rows if weight_in_out else rows * in_features + cols
 
+    def gather(self, dense: Tensor, weight_in_out: bool) -> Tensor:
+        """The entries of ``dense`` (the stored weight's shape, or one like it) at the active positions, in CSR order.
+
+        Example:
+            >>> s = CompactStructure.from_sorted(torch.tensor([0, 1]), torch.tensor([1, 0]), (2, 2))
+            >>> s.gather(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), weight_in_out=False).tolist()
+            [2.0, 3.0]
+        """
+        return dense.detach().reshape(-1).index_select(0, self.stored_index(weight_in_out).to(dense.device))
+
 
 def csr_rows(crow: Tensor) -> Tensor:
     """The row of each CSR entry (int64) from the row pointers (``crow[0]`` need not be 0: a slice of rows).
