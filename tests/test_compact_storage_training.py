@@ -267,3 +267,22 @@ def test_sparsity_monitor_counts_compact_layers_flops_as_the_dense_run_does():
         assert set(monitor.flops.per_layer) == {f"{name}.weight" for name in LINEARS}
     assert logged["compact"]["flops/sparse_ratio"] < 0.5  # the masks' zeros counted, not a dense 1.0
     assert logged["compact"] == pytest.approx(logged["dense"], rel=1e-12)
+
+
+class TiedHead(F64Net):
+    """A token embedding tied to the output layer (GPT-2's lm_head), before the Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 12, dtype=torch.float64)
+        self.head = nn.Linear(12, 5, bias=False, dtype=torch.float64)
+        self.head.weight = self.embed.weight  # one Parameter under two names
+
+    def forward(self, x):
+        return self.net(x + self.head(x) @ self.embed.weight)
+
+
+def test_a_head_tied_to_an_embedding_is_not_taken_for_a_layer_made_in_configure_model():
+    model, rigl = fit("compact", model=TiedHead())
+    assert rigl.sparse.updates >= 2 and all(is_compact(model.get_submodule(name)) for name in LINEARS)
+    assert not is_compact(model.head) and model.head.weight is model.embed.weight  # the tie stays dense

@@ -64,7 +64,7 @@ class CompactStorage:
             ValueError: A strategy that shards weights, no layer compact storage can serve, or one named in
                 ``include`` that it cannot serve.
         """
-        self._known = {name for name, _ in model.named_parameters()}
+        self._known = {name for name, _ in model.named_parameters(remove_duplicate=False)}  # tied ones too
         if self.drawn is not None and all(is_compact(layer) for layer in self.drawn.compact.values()):
             if all(any(layer is m for m in model.modules()) for layer in self.drawn.compact.values()):
                 return
