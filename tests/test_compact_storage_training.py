@@ -286,3 +286,41 @@ def test_a_head_tied_to_an_embedding_is_not_taken_for_a_layer_made_in_configure_
     model, rigl = fit("compact", model=TiedHead())
     assert rigl.sparse.updates >= 2 and all(is_compact(model.get_submodule(name)) for name in LINEARS)
     assert not is_compact(model.head) and model.head.weight is model.embed.weight  # the tie stays dense
+
+
+class CompiledNet(F64Net):
+    """F64Net whose layers run through ``torch.compile`` (the compiled module is not registered a second time)."""
+
+    def __init__(self, optimizer="sgd"):
+        super().__init__(optimizer)
+        self.__dict__["compiled"] = torch.compile(self.net, backend="aot_eager")
+
+    def forward(self, x):
+        return self.compiled(x)
+
+
+def test_a_compiled_model_makes_the_updates_and_weights_of_the_eager_one():
+    eager, eager_rigl = fit("compact", steps=8)
+    torch.manual_seed(0)  # the eager model's initial weights
+    compiled, rigl = fit("compact", steps=8, model=CompiledNet())
+    assert rigl.sparse.updates == eager_rigl.sparse.updates >= 2
+    assert_same_run(eager, eager_rigl, compiled, rigl)
+
+
+class TwiceNamed(F64Net):
+    """The same layers registered under a second name (a model kept bare and inside a wrapper)."""
+
+    def __init__(self):
+        super().__init__()
+        self.alias = self.net
+
+
+def test_a_module_under_two_names_is_one_compact_layer_trained_as_dense_storage_trains_it():
+    torch.manual_seed(0)
+    dense, dense_rigl = fit("dense", model=TwiceNamed())
+    torch.manual_seed(0)
+    compact, rigl = fit("compact", model=TwiceNamed())
+    assert rigl.sparse.history == dense_rigl.sparse.history and rigl.sparse.updates >= 2
+    for name in LINEARS:
+        assert is_compact(compact.get_submodule(name)) and compact.get_submodule(name) is compact.alias[int(name[-1])]
+        torch.testing.assert_close(compact.get_submodule(name).weight, dense.get_submodule(name).weight.detach(), **F64)

@@ -63,7 +63,12 @@ def why_not_compact(model: nn.Module, name: str, param: nn.Parameter) -> str | N
         return "sharded (FSDP2)"
     if param.device.type != "meta" and param.dtype not in (torch.float32, torch.float64):
         return f"of dtype {param.dtype} (the sparse kernels take float32 and float64)"
-    shared = [other for other, p in model.named_parameters(remove_duplicate=False) if p is param and other != name]
+    # One module under several names is one layer (made compact once); a weight tied to another module is not.
+    shared = [
+        other
+        for other, p in model.named_parameters(remove_duplicate=False)
+        if p is param and model.get_submodule(other.rpartition(".")[0]) is not module
+    ]
     if shared:
         return f"shared with {shared}"
     return None
@@ -154,14 +159,14 @@ def make_layers_compact(
             f"{', '.join(f'{name} ({refused[name]})' for name in named)}. Leave them out of `include`, or use "
             "storage='dense'."
         )
+    listed = "; ".join(f"{name}: {why}" for name, why in refused.items())
     if len(refused) == len(params):
         raise ValueError(
-            f"{owner} can serve none of the masked layers: {', '.join(map(repr, refused))}. It serves nn.Linear, "
-            "Hugging Face Conv1D and classes given to `register_linear`, in float32 or float64, not shared, not "
-            "sharded. Use storage='dense'."
+            f"{owner} can serve none of the masked layers: {listed}. It serves nn.Linear, Hugging Face Conv1D and "
+            "classes given to `register_linear`, in float32 or float64, not shared, not sharded. Use storage='dense'."
         )
     if refused:
-        warn(f"{owner} keeps these masked layers stored densely: {'; '.join(f'{n}: {w}' for n, w in refused.items())}.")
+        warn(f"{owner} keeps these masked layers stored densely: {listed}.")
     drawn = draw_compact(model, params, sparsities, [name for name in params if name not in refused], seed)
     materialize_meta(model)  # a model built on the meta device: the rest of it, initialised
     return drawn, [name for name in params if name in refused]
