@@ -159,14 +159,14 @@ def make_layers_compact(
             f"{', '.join(f'{name} ({refused[name]})' for name in named)}. Leave them out of `include`, or use "
             "storage='dense'."
         )
-    listed = "; ".join(f"{name}: {why}" for name, why in refused.items())
     if len(refused) == len(params):
+        reasons = "; ".join(f"{name!r} ({why})" for name, why in refused.items())
         raise ValueError(
-            f"{owner} can serve none of the masked layers: {listed}. It serves nn.Linear, Hugging Face Conv1D and "
+            f"{owner} can serve none of the masked layers: {reasons}. It serves nn.Linear, Hugging Face Conv1D and "
             "classes given to `register_linear`, in float32 or float64, not shared, not sharded. Use storage='dense'."
         )
     if refused:
-        warn(f"{owner} keeps these masked layers stored densely: {listed}.")
+        warn(f"{owner} keeps these masked layers stored densely: {'; '.join(f'{n}: {w}' for n, w in refused.items())}.")
     drawn = draw_compact(model, params, sparsities, [name for name in params if name not in refused], seed)
     materialize_meta(model)  # a model built on the meta device: the rest of it, initialised
     return drawn, [name for name in params if name in refused]
